@@ -1,0 +1,248 @@
+"""The `refbench` command line: a thin click group.
+
+Each command parses its options, calls one function of the module that owns the work, and
+prints the outcome. Modules are imported inside the commands, so `refbench --help` imports
+neither torch nor open_clip. User errors (`RefbenchError`, `models.ModelError`) are printed as
+one line, `error: ...` (and `hint: ...`), with exit status 2 and no traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+DATASETS = ("refcoco", "refcoco+", "refcocog")
+SPLIT_BYS = ("unc", "umd", "google")
+VARIANTS = ("tiny", "tiny-vit", "rn50", "rn101", "vitb16", "vitl14")
+
+
+class _Group(click.Group):
+    """A click group that turns user errors into one clear line instead of a traceback."""
+
+    def invoke(self, ctx: click.Context):
+        from models.api import ModelError
+
+        from refbench.errors import RefbenchError
+
+        try:
+            return super().invoke(ctx)
+        except RefbenchError as e:
+            _fail(e.message, e.hint)
+        except ModelError as e:
+            _fail(str(e), None)
+        except KeyboardInterrupt:
+            _fail("interrupted", None, status=130)
+
+
+def _fail(message: str, hint: str | None, status: int = 2) -> None:
+    click.secho(f"error: {message}", fg="red", err=True)
+    if hint:
+        click.echo(f"hint: {hint}", err=True)
+    sys.exit(status)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="refbench")
+def cli() -> None:
+    """refbench: Referring Image Segmentation data, models, training, scoring and leaderboard.
+
+    \b
+    Typical session:
+      refbench quickstart                      # everything, on the embedded synthetic data
+      refbench prepare --all --data data/      # real RefCOCO/RefCOCO+/G-Ref -> shards/
+      refbench train eavl --variant rn101 --pretrained openai
+      refbench eval --checkpoint runs/eavl/best.pt --split testB
+      refbench leaderboard --format html --out leaderboard/index.html
+    """
+
+
+# --------------------------------------------------------------------------------- data
+
+
+@cli.command()
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Folder to write the raw REFER-format dataset into.")
+@click.option("--images", type=click.IntRange(min=20), default=None, help="Number of images (default: small, ~a minute for synth + prepare; 20000 ~ RefCOCO size).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Random seed; the output is byte-identical for a seed.")
+def synth(out: Path, images: int | None, seed: int) -> None:
+    """Write a synthetic referring dataset in exactly the raw REFER layout.
+
+    Writes OUT/refcoco/refs(unc).p, OUT/refcoco+/refs(unc).p, OUT/refcocog/refs(umd).p and
+    refs(google).p, an instances.json per dataset, and JPEGs under OUT/images/train2014/.
+    """
+    from refbench import synth as synth_mod
+
+    synth_mod.main(out=out, images=images, seed=seed)
+
+
+@cli.command()
+@click.option("--dataset", type=click.Choice(DATASETS), default=None, help="Dataset to prepare (or use --all).")
+@click.option("--split-by", "split_by", type=click.Choice(SPLIT_BYS), default=None, help="Split partition: unc (RefCOCO/+), umd or google (G-Ref).")
+@click.option("--all", "all_", is_flag=True, help="Prepare every dataset/partition found under --data.")
+@click.option("--data", type=click.Path(path_type=Path), default=Path("data"), show_default=True, help="Folder holding refcoco/, refcoco+/, refcocog/ raw REFER files.")
+@click.option("--images", type=click.Path(path_type=Path), default=None, help="COCO train2014 JPEG folder [default: <data>/images/train2014].")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("shards"), show_default=True, help="Shard root; writes <out>/<dataset>_<splitby>/.")
+@click.option("--workers", type=click.IntRange(min=1), default=None, help="Parallel worker processes [default: number of cores].")
+@click.option("--skip-bad", is_flag=True, help="Skip bad refs/images (counted and listed in the manifest) instead of stopping.")
+@click.option("--shard-size", type=click.IntRange(min=1), default=None, help="Maximum images per shard tar.")
+def prepare(dataset, split_by, all_, data, images, out, workers, skip_bad, shard_size) -> None:
+    """Convert raw REFER files (refs pickle + instances.json + COCO JPEGs) into webdataset shards.
+
+    Output: OUT/<dataset>_<splitby>/<split>/<split>-NNNNNN.tar and OUT/<dataset>_<splitby>/manifest.json.
+    """
+    from refbench import prepare as prepare_mod
+
+    prepare_mod.main(
+        dataset=dataset, split_by=split_by, all_=all_, data=data, images=images, out=out,
+        workers=workers, skip_bad=skip_bad, shard_size=shard_size,
+    )
+
+
+# --------------------------------------------------------------------------------- models
+
+
+@cli.command("models")
+def models_cmd() -> None:
+    """List the registered models, their variants and config fields."""
+    from refbench import report
+
+    report.print_models()
+
+
+# --------------------------------------------------------------------------------- train
+
+
+@cli.command(context_settings={"ignore_unknown_options": False})
+@click.argument("model")
+@click.option("--variant", type=click.Choice(VARIANTS), default=None, help="Backbone variant [default: the recipe's].")
+@click.option("--dataset", default="refcoco_unc", show_default=True, help="Prepared dataset: <dataset>_<splitby> under --shards.")
+@click.option("--shards", type=click.Path(path_type=Path), default=Path("shards"), show_default=True, help="Shard root written by `refbench prepare`.")
+@click.option("--recipe", type=click.Choice(["paper", "tiny"]), default="paper", show_default=True, help="Training recipe: paper (section 4.1) or tiny (CPU quickstart).")
+@click.option("--epochs", type=click.IntRange(min=1), default=None, help="Epochs (one epoch = one pass over the train refs in expectation).")
+@click.option("--steps", type=click.IntRange(min=1), default=None, help="Total optimizer steps (instead of --epochs).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Global batch size across all ranks.")
+@click.option("--lr", type=float, default=None, help="Peak learning rate.")
+@click.option("--pretrained", default=None, help="open_clip pretrained tag (e.g. openai) or a local weights file.")
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="Run folder [default: runs/<model>-<variant>-<dataset>].")
+@click.option("--resume", is_flag=True, help="Continue from <out>/last.pt.")
+@click.option("--amp", type=click.Choice(["bf16", "fp16", "off"]), default=None, help="Autocast mode [default: bf16 on CUDA, off on CPU].")
+@click.option("--workers", type=click.IntRange(min=0), default=None, help="DataLoader workers per rank.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Random seed.")
+@click.option("--set", "overrides", multiple=True, metavar="FIELD=VALUE", help="Override a model config field, e.g. --set num_queries=8 (repeatable).")
+def train(model, variant, dataset, shards, recipe, epochs, steps, batch_size, lr, pretrained, out, resume, amp, workers, seed, overrides) -> None:
+    """Train MODEL (eavl, cris, blind, ...) on prepared shards, streaming.
+
+    Multi-GPU / multi-node: torchrun --nproc_per_node 8 -m refbench train eavl ...
+    """
+    from refbench import train as train_mod
+
+    train_mod.main(
+        model=model, variant=variant, dataset=dataset, shards=shards, recipe=recipe, epochs=epochs,
+        steps=steps, batch_size=batch_size, lr=lr, pretrained=pretrained, out=out, resume=resume,
+        amp=amp, workers=workers, seed=seed, overrides=overrides,
+    )
+
+
+# --------------------------------------------------------------------------------- eval
+
+
+@cli.command("eval")
+@click.option("--checkpoint", type=click.Path(path_type=Path), required=True, help="Checkpoint written by `refbench train` (best.pt or last.pt).")
+@click.option("--dataset", default=None, help="Prepared dataset <dataset>_<splitby> [default: the one the checkpoint was trained on].")
+@click.option("--split", default="val", show_default=True, help="Split to score, or 'all' for every split of the dataset.")
+@click.option("--shards", type=click.Path(path_type=Path), default=Path("shards"), show_default=True, help="Shard root written by `refbench prepare`.")
+@click.option("--protocol", type=click.Choice(["original", "input"]), default="original", show_default=True, help="original: I/U at the original image size (CRIS); input: at the network input (LAVT-style).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True, help="Sentences per forward pass.")
+@click.option("--workers", type=click.IntRange(min=0), default=None, help="DataLoader workers.")
+@click.option("--vis", type=click.IntRange(min=0), default=0, show_default=True, help="Save N overlay PNGs per split (best, worst, random).")
+@click.option("--results", type=click.Path(path_type=Path), default=Path("leaderboard/results"), show_default=True, help="Where result records are written.")
+@click.option("--run-name", default=None, help="Name of the run in the record [default: the checkpoint's run folder].")
+def eval_cmd(checkpoint, dataset, split, shards, protocol, batch_size, workers, vis, results, run_name) -> None:
+    """Score a checkpoint on a split: every sentence of every ref, mIoU, oIoU, Pr@0.5..0.9."""
+    from refbench import evaluate
+
+    evaluate.main(
+        checkpoint=checkpoint, dataset=dataset, split=split, shards=shards, protocol=protocol,
+        batch_size=batch_size, workers=workers, vis=vis, results=results, run_name=run_name,
+    )
+
+
+@cli.command()
+@click.option("--dataset", default=None, help="Only this dataset (e.g. refcoco_unc).")
+@click.option("--format", "fmt", type=click.Choice(["md", "csv", "json", "html"]), default="md", show_default=True, help="Export format.")
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="Write here instead of printing.")
+@click.option("--results", type=click.Path(path_type=Path), default=Path("leaderboard/results"), show_default=True, help="Folder of measured result records.")
+@click.option("--reported", type=click.Path(path_type=Path), default=None, help="Folder of reported (paper) rows [default: leaderboard/reported].")
+def leaderboard(dataset, fmt, out, results, reported) -> None:
+    """Gather measured records and reported paper rows into one leaderboard table."""
+    from refbench import leaderboard as lb
+
+    lb.main(dataset=dataset, fmt=fmt, out=out, results=results, reported=reported)
+
+
+@cli.command()
+@click.argument("result_a", type=click.Path(path_type=Path))
+@click.argument("result_b", type=click.Path(path_type=Path))
+@click.option("--samples", type=click.IntRange(min=100), default=2000, show_default=True, help="Bootstrap resamples.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Bootstrap seed.")
+def compare(result_a, result_b, samples, seed) -> None:
+    """Paired bootstrap of two result records on the same split: B - A with its 95% interval."""
+    from refbench import results as results_mod
+
+    results_mod.main_compare(result_a, result_b, samples=samples, seed=seed)
+
+
+@cli.command()
+@click.option("--checkpoint", type=click.Path(path_type=Path), required=True, help="Checkpoint written by `refbench train`.")
+@click.option("--image", type=click.Path(path_type=Path), required=True, help="Image file (JPEG/PNG).")
+@click.option("--text", required=True, help="The referring expression.")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("mask.png"), show_default=True, help="Mask PNG; the overlay goes beside it as <out>-overlay.png.")
+def predict(checkpoint, image, text, out) -> None:
+    """Segment what TEXT refers to in one IMAGE: writes the mask PNG and an overlay."""
+    from refbench import visualize
+
+    visualize.main_predict(checkpoint=checkpoint, image=image, text=text, out=out)
+
+
+# --------------------------------------------------------------------------------- end to end
+
+
+@cli.command()
+@click.option("--workdir", type=click.Path(path_type=Path), default=Path("refbench-quickstart"), show_default=True, help="Folder for data, shards, runs and results.")
+@click.option("--fast", is_flag=True, hidden=True, help="A shortened run for tests.")
+def quickstart(workdir, fast) -> None:
+    """Run the whole benchmark on the embedded synthetic dataset, offline, on CPU (<10 min)."""
+    from refbench import quickstart as qs
+
+    qs.main(workdir=workdir, fast=fast)
+
+
+@cli.command()
+@click.option("--workdir", type=click.Path(path_type=Path), default=Path("ablations"), show_default=True, help="Folder for data, runs and the report.")
+@click.option("--steps", type=click.IntRange(min=1), default=None, help="Training steps per ablation run.")
+def ablate(workdir, steps) -> None:
+    """Reproduce the shape of the EAVL paper's ablations (Tables 2-4) on synthetic RefCOCO+."""
+    from refbench import ablate as ablate_mod
+
+    ablate_mod.main(workdir=workdir, steps=steps)
+
+
+@cli.command()
+@click.argument("which", nargs=-1, type=click.Choice(["prepare", "loader", "shards", "model", "eval", "all"]))
+@click.option("--workdir", type=click.Path(path_type=Path), default=Path("bench"), show_default=True, help="Scratch folder for the benchmark data.")
+@click.option("--images", type=click.IntRange(min=20), default=2000, show_default=True, help="Synthetic images for the data benchmarks.")
+@click.option("--log", type=click.Path(path_type=Path), default=Path("bench/bench.jsonl"), show_default=True, help="JSON lines file the results are appended to.")
+def bench(which, workdir, images, log) -> None:
+    """Measure refbench against its baselines side by side and print ratios (default: all)."""
+    from refbench import bench as bench_mod
+
+    bench_mod.main(which=which or ("all",), workdir=workdir, images=images, log=log)
+
+
+def main() -> None:
+    cli(prog_name="refbench")
+
+
+if __name__ == "__main__":
+    main()
