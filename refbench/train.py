@@ -1,0 +1,456 @@
+"""The one training loop: `refbench train MODEL`, from one CPU process to multi-node GPUs.
+
+Read top to bottom, a run is:
+
+    setup_distributed()            torchrun env -> rank/world/device (NCCL on GPU, gloo on CPU)
+    load the dataset manifest      refbench.prepare.load_manifest (errors name the prepare command)
+    build the model                models.build(name, variant, **overrides)
+    resume?                        last.pt -> model, optimiser, scaler, RNG, (epoch, step_in_epoch)
+    for each epoch:
+        stream train batches       refbench.data.train_loader(epoch, skip=step_in_epoch * accum)
+        step                       lr = get_lr(step) (pure), autocast, grad accumulation, clip
+        every ckpt_every steps     last.pt (atomic)
+        validate                   refbench.evaluate.score_split on val, every sentence, the same
+                                   metric code as `refbench eval`; best.pt chosen on val mIoU only
+        log                        rich progress, log.jsonl, curves.png
+
+Batch size semantics: `batch_size` is the GLOBAL batch per optimiser step. Each rank takes
+batch_size / (world_size * grad_accum) samples per micro-batch, so changing the number of GPUs
+(or adding accumulation) keeps the optimisation identical in expectation. An epoch is
+ceil(train refs / global batch) optimiser steps on every rank (the train stream is resampled, so
+all ranks run the same number of steps).
+
+Resume: checkpoints hold the training position (epoch, step_in_epoch), the RNG states and the
+optimiser. The train stream of an epoch is a pure function of (seed, epoch, rank, worker), so
+`--resume` replays the epoch's stream and skips the batches already used (their JPEGs are
+decoded again, which costs at most one epoch of data loading, never model compute). On CPU a
+resumed run ends with bitwise the same weights as an uninterrupted one (tests/test_train.py).
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from refbench import __version__
+from refbench.errors import RefbenchError
+from refbench.recipes import Recipe, get_lr, get_recipe
+
+
+@dataclass
+class TrainConfig:
+    model: str  # registry name: eavl, cris, blind, ...
+    variant: str  # model variant (backbone): tiny, rn50, rn101, vitb16, vitl14, ...
+    dataset: str  # prepared dataset folder name under `shards`, e.g. refcoco_unc
+    shards: Path  # shard root written by `refbench prepare`
+    recipe: Recipe  # optimiser / schedule / batch / cadence (refbench.recipes)
+    out: Path  # run folder: last.pt, best.pt, log.jsonl, curves.png, config.json
+    resume: bool = False  # continue from out/last.pt
+    seed: int = 0  # seeds the model init and the data stream
+    model_overrides: dict = field(default_factory=dict)  # model config fields, e.g. {"num_queries": 8}
+    stop_after: int | None = None  # stop (after a checkpoint) once this process has run N steps; for tests/preemption
+    quiet: bool = False  # no progress bar (logs still written)
+
+
+# ------------------------------------------------------------------------------ entry point
+
+
+def main(model: str, variant: str | None, dataset: str, shards: Path, recipe: str, epochs: int | None,
+         steps: int | None, batch_size: int | None, lr: float | None, pretrained: str | None,
+         out: Path | None, resume: bool, amp: str | None, workers: int | None, seed: int,
+         overrides: tuple[str, ...] = ()) -> Path:
+    """CLI entry: turn flags into a TrainConfig and train. Returns the run folder."""
+    import models
+
+    if model not in models.MODELS:
+        raise RefbenchError(f"unknown model {model!r}; registered models: {', '.join(models.names())}")
+    rec = get_recipe(recipe, epochs=epochs, steps=steps, batch_size=batch_size, lr=lr, amp=amp, workers=workers)
+    if pretrained is not None:
+        rec = dataclasses.replace(rec, pretrained=None if pretrained.lower() in ("none", "") else pretrained)
+    variant = variant or rec.variant
+    cfg = TrainConfig(
+        model=model, variant=variant, dataset=dataset, shards=Path(shards), recipe=rec,
+        out=Path(out) if out else Path("runs") / f"{model}-{variant}-{dataset}",
+        resume=resume, seed=seed, model_overrides=parse_overrides(overrides),
+    )
+    return train(cfg)
+
+
+def parse_overrides(items: tuple[str, ...] | list[str]) -> dict[str, Any]:
+    """`("num_queries=8", "aligner=fixed")` -> `{"num_queries": 8, "aligner": "fixed"}`."""
+    parsed: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise RefbenchError(f"--set {item!r}: expected FIELD=VALUE, e.g. --set num_queries=8")
+        try:
+            parsed[key.strip()] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            parsed[key.strip()] = value  # a bare word is a string: aligner=fixed
+    return parsed
+
+
+# ------------------------------------------------------------------------------ distributed
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int  # global rank
+    world: int  # number of processes
+    local_rank: int  # rank on this node (GPU index)
+    device: Any  # torch.device
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed() -> Dist:
+    """Initialise torch.distributed when launched by torchrun (WORLD_SIZE > 1)."""
+    import torch
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = torch.cuda.is_available()
+    if world > 1 and not dist.is_initialized():
+        if cuda:
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group(backend="nccl" if cuda else "gloo")
+    rank = dist.get_rank() if world > 1 else 0
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    return Dist(rank=rank, world=world, local_rank=local_rank, device=device)
+
+
+def _barrier(d: Dist) -> None:
+    if d.world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def autocast_dtype(amp: str, device) -> Any:
+    """The autocast dtype for an `amp` setting on a device (None = full precision)."""
+    import torch
+
+    if amp == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[amp]
+
+
+# ------------------------------------------------------------------------------ the loop
+
+
+def train(cfg: TrainConfig) -> Path:
+    """Train `cfg.model` on `cfg.dataset`; returns the run folder holding last.pt and best.pt."""
+    import torch
+
+    import models
+    from refbench import checkpoint, data, evaluate
+    from refbench.prepare import load_manifest
+    from refbench.progress import TrainProgress
+
+    d = setup_distributed()
+    rec = cfg.recipe
+    manifest = load_manifest(cfg.shards, cfg.dataset)
+    dataset_dir = Path(cfg.shards) / cfg.dataset
+    train_refs = manifest["splits"].get("train", {}).get("refs", 0)
+    if train_refs == 0:
+        raise RefbenchError(f"{dataset_dir / 'manifest.json'}: the dataset has no train split")
+
+    micro = _micro_batch(rec, d.world)
+    steps_per_epoch = math.ceil(train_refs / rec.batch_size)
+    total_steps = rec.steps or rec.epochs * steps_per_epoch
+    num_epochs = math.ceil(total_steps / steps_per_epoch)
+
+    # --- model and optimiser (the same init on every rank: seed before building)
+    torch.manual_seed(cfg.seed)
+    overrides = {**cfg.model_overrides, "pretrained": rec.pretrained}
+    net = models.build(cfg.model, cfg.variant, **overrides)
+    net.to(d.device)
+    if d.device.type == "cuda":
+        net = net.to(memory_format=torch.channels_last)
+    optimizer = _optimizer(net, rec)
+    amp_dtype = autocast_dtype(rec.amp, d.device)
+    scaler = torch.amp.GradScaler(d.device.type, enabled=amp_dtype == torch.float16)
+
+    step, epoch, step_in_epoch = 0, 0, 0
+    best = {"metric": "val mIoU (original protocol)", "value": None, "step": None}
+    last_path, best_path = cfg.out / "last.pt", cfg.out / "best.pt"
+    if cfg.resume:
+        ckpt = checkpoint.load(last_path)
+        _check_resumable(ckpt, cfg, last_path)
+        net.load_state_dict(ckpt["state_dict"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["scaler"])
+        checkpoint.set_rng_state(ckpt["rng"])
+        step, epoch, step_in_epoch = ckpt["step"], ckpt["epoch"], ckpt["step_in_epoch"]
+        best = ckpt["best"]
+    elif d.main and last_path.exists():
+        raise RefbenchError(f"{cfg.out}: a run already exists here", hint="add --resume to continue it, or choose another --out")
+
+    ddp = net
+    if d.world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        ddp = DistributedDataParallel(net, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
+
+    context = {
+        "cfg": cfg, "dist": d, "manifest": manifest, "total_steps": total_steps,
+        "steps_per_epoch": steps_per_epoch,
+    }
+    if d.main:
+        cfg.out.mkdir(parents=True, exist_ok=True)
+        _write_run_config(cfg, manifest, context)
+        _trim_log(cfg.out / "log.jsonl", step)
+
+    def save_last(metrics: dict | None = None) -> None:
+        if d.main:
+            checkpoint.save(last_path, _payload(net, optimizer, scaler, cfg, manifest, step, epoch, step_in_epoch, best, metrics))
+
+    progress = TrainProgress(total_steps=total_steps, start_step=step, enabled=d.main and not cfg.quiet,
+                             title=f"train {cfg.model}/{cfg.variant} on {cfg.dataset}")
+    log = _JsonlLog(cfg.out / "log.jsonl", enabled=d.main)
+    ran_here = 0
+    with progress:
+        while step < total_steps:
+            batches = data.train_loader(
+                dataset_dir, manifest, split="train", image_size=net.image_size, batch_size=micro,
+                seed=cfg.seed, epoch=epoch, num_batches=steps_per_epoch * rec.grad_accum,
+                skip_batches=step_in_epoch * rec.grad_accum, workers=rec.workers, rank=d.rank, world=d.world,
+            )
+            it = iter(batches)
+            window = _Window()
+            while step_in_epoch < steps_per_epoch and step < total_steps:
+                lr = get_lr(step, total_steps, rec.lr, rec.warmup_steps, rec.lr_power, rec.min_lr)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr * group["lr_scale"]
+                net.train()
+                terms = _optimizer_step(ddp, net, optimizer, scaler, it, rec, d, amp_dtype, window)
+                step += 1
+                step_in_epoch += 1
+                ran_here += 1
+                progress.update(step, epoch=epoch, loss=terms["loss"], lr=lr, samples_per_s=window.samples_per_s(d.world))
+                if step % rec.log_every == 0 or step == total_steps:
+                    log.write({"step": step, "epoch": epoch, "lr": lr, **terms,
+                               "samples_per_s": window.samples_per_s(d.world), "data_wait": window.data_wait_share()})
+                    window.reset()
+                end_of_epoch = step_in_epoch == steps_per_epoch or step == total_steps
+                validate_now = (rec.val_every and step % rec.val_every == 0) or (rec.val_every is None and end_of_epoch)
+                if validate_now:
+                    metrics = evaluate.validate(net, dataset_dir, manifest, d, batch_size=micro * 2,
+                                                workers=rec.workers, amp_dtype=amp_dtype, max_batches=rec.val_max_batches)
+                    log.write({"step": step, "epoch": epoch, "val": metrics})
+                    progress.note(f"step {step}: val mIoU {metrics['mIoU']:.4f}, oIoU {metrics['oIoU']:.4f} "
+                                  f"({cfg.dataset} val, original protocol, n={metrics['n']})")
+                    if best["value"] is None or metrics["mIoU"] > best["value"]:
+                        best = {**best, "value": metrics["mIoU"], "step": step}
+                        if d.main:
+                            checkpoint.save(best_path, _payload(net, None, None, cfg, manifest, step, epoch,
+                                                                step_in_epoch, best, metrics))
+                    if end_of_epoch:
+                        epoch, step_in_epoch = epoch + 1, 0
+                    save_last(metrics)
+                    if d.main:
+                        from refbench.plots import plot_curves
+
+                        plot_curves(cfg.out / "log.jsonl", cfg.out / "curves.png", title=f"{cfg.model}/{cfg.variant} on {cfg.dataset}")
+                elif end_of_epoch:
+                    epoch, step_in_epoch = epoch + 1, 0
+                    save_last()
+                elif step % rec.ckpt_every == 0:
+                    save_last()
+                if cfg.stop_after is not None and ran_here >= cfg.stop_after:
+                    save_last()
+                    _barrier(d)
+                    return cfg.out
+            del it, batches
+    _check_ranks_agree(net, d, log)
+    _barrier(d)
+    return cfg.out
+
+
+def _micro_batch(rec: Recipe, world: int) -> int:
+    per_step = world * rec.grad_accum
+    if rec.batch_size % per_step:
+        raise RefbenchError(
+            f"global batch {rec.batch_size} does not split over {world} rank(s) x {rec.grad_accum} accumulation step(s)",
+            hint="choose --batch-size divisible by world_size * grad_accum",
+        )
+    return rec.batch_size // per_step
+
+
+def _optimizer(net, rec: Recipe):
+    """Adam(W) with the CLIP encoders' parameters at lr * backbone_lr_scale."""
+    import torch
+
+    backbone, head = [], []
+    for name, p in net.named_parameters():
+        if not p.requires_grad:
+            continue
+        (backbone if name.startswith("backbone.") else head).append(p)
+    groups = [{"params": head, "lr_scale": 1.0}]
+    if backbone:
+        groups.append({"params": backbone, "lr_scale": rec.backbone_lr_scale})
+    for g in groups:
+        g["lr"] = rec.lr * g["lr_scale"]
+    if rec.weight_decay:
+        return torch.optim.AdamW(groups, lr=rec.lr, weight_decay=rec.weight_decay)
+    return torch.optim.Adam(groups, lr=rec.lr)
+
+
+def _optimizer_step(ddp, net, optimizer, scaler, it, rec: Recipe, d: Dist, amp_dtype, window) -> dict:
+    """One optimiser step over `grad_accum` micro-batches; returns the mean loss terms."""
+    import contextlib
+
+    import torch
+
+    optimizer.zero_grad(set_to_none=True)
+    totals: dict[str, float] = {}
+    for k in range(rec.grad_accum):
+        t0 = time.perf_counter()
+        try:
+            batch = next(it)
+        except StopIteration:
+            raise RuntimeError("the train stream ended early: the loader yielded fewer batches than an epoch needs") from None
+        t1 = time.perf_counter()
+        image = batch["image"].to(d.device, non_blocking=True)
+        tokens = batch["tokens"].to(d.device, non_blocking=True)
+        mask = batch["mask"].to(d.device, non_blocking=True)
+        if d.device.type == "cuda":
+            image = image.contiguous(memory_format=torch.channels_last)
+        last = k == rec.grad_accum - 1
+        sync = contextlib.nullcontext() if last or ddp is net else ddp.no_sync()
+        with sync:
+            with torch.autocast(d.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                out = ddp(image, tokens)
+                terms = net.loss(out, mask)
+            scaler.scale(terms["loss"] / rec.grad_accum).backward()
+        for name, value in terms.items():
+            totals[name] = totals.get(name, 0.0) + float(value.detach()) / rec.grad_accum
+        window.add(samples=image.shape[0], wait=t1 - t0, total=time.perf_counter() - t0)
+    if not math.isfinite(totals["loss"]):
+        raise RefbenchError(f"the training loss became {totals['loss']} at this step", hint="lower --lr or use --amp off")
+    if rec.grad_clip:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(net.parameters(), rec.grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    return totals
+
+
+class _Window:
+    """Throughput and data-wait accounting over a logging window."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.samples, self.wait, self.total = 0, 0.0, 0.0
+
+    def add(self, samples: int, wait: float, total: float) -> None:
+        self.samples += samples
+        self.wait += wait
+        self.total += total
+
+    def samples_per_s(self, world: int) -> float:
+        return world * self.samples / self.total if self.total else 0.0
+
+    def data_wait_share(self) -> float:
+        return self.wait / self.total if self.total else 0.0
+
+
+def _payload(net, optimizer, scaler, cfg: TrainConfig, manifest: dict, step: int, epoch: int,
+             step_in_epoch: int, best: dict, metrics: dict | None) -> dict:
+    from refbench import checkpoint
+    from refbench.fsutil import sha256_file
+
+    return {
+        "model": {"name": net.model_name, "variant": net.variant, "config": dataclasses.asdict(net.config)},
+        "state_dict": net.state_dict(),
+        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "scaler": scaler.state_dict() if scaler is not None else None,
+        "step": step, "epoch": epoch, "step_in_epoch": step_in_epoch,
+        "recipe": dataclasses.asdict(cfg.recipe),
+        "train": {"dataset": cfg.dataset, "seed": cfg.seed, "overrides": cfg.model_overrides, "run": cfg.out.name},
+        "rng": checkpoint.rng_state(),
+        "dataset": {"name": cfg.dataset, "manifest_sha256": sha256_file(cfg.shards / cfg.dataset / "manifest.json"),
+                    "context_length": manifest["tokenizer"]["context_length"]},
+        "best": best,
+        "metrics": metrics,
+    }
+
+
+def _check_resumable(ckpt: dict, cfg: TrainConfig, path: Path) -> None:
+    """Refuse to resume a checkpoint of another model, variant or dataset."""
+    want = (cfg.model, cfg.variant, cfg.dataset)
+    have = (ckpt["model"]["name"], ckpt["model"]["variant"], ckpt.get("dataset", {}).get("name"))
+    if want != have:
+        raise RefbenchError(
+            f"{path}: checkpoint is for {have[0]}/{have[1]} on {have[2]}, not {want[0]}/{want[1]} on {want[2]}",
+            hint="resume with the same MODEL, --variant and --dataset, or choose another --out",
+        )
+    if ckpt.get("optimizer") is None:
+        raise RefbenchError(f"{path}: checkpoint holds weights only (no optimiser state); it cannot be resumed")
+
+
+def _write_run_config(cfg: TrainConfig, manifest: dict, context: dict) -> None:
+    from refbench.fsutil import atomic_write_json
+
+    atomic_write_json(cfg.out / "config.json", {
+        "model": cfg.model, "variant": cfg.variant, "dataset": cfg.dataset, "shards": str(cfg.shards),
+        "recipe": dataclasses.asdict(cfg.recipe), "seed": cfg.seed, "overrides": cfg.model_overrides,
+        "world_size": context["dist"].world, "total_steps": context["total_steps"],
+        "steps_per_epoch": context["steps_per_epoch"], "refbench_version": __version__,
+    })
+
+
+class _JsonlLog:
+    """Append-only JSON-lines metrics log (rank 0 only)."""
+
+    def __init__(self, path: Path, enabled: bool) -> None:
+        self.path, self.enabled = path, enabled
+
+    def write(self, record: dict) -> None:
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps({"time": round(time.time(), 3), **record}) + "\n")
+
+
+def _trim_log(path: Path, step: int) -> None:
+    """On resume, drop log lines written after the checkpoint we resume from."""
+    from refbench.fsutil import atomic_write_text
+
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                kept.append(line)
+        except json.JSONDecodeError:
+            pass  # a torn last line from a killed writer
+    atomic_write_text(path, "".join(f"{line}\n" for line in kept))
+
+
+def _check_ranks_agree(net, d: Dist, log: _JsonlLog) -> None:
+    """After DDP training, every rank must hold the same weights; record the checksum."""
+    checksum = float(sum(p.detach().double().sum() for p in net.parameters()))
+    sums = [checksum]
+    if d.world > 1:
+        import torch.distributed as dist
+
+        gathered: list = [None] * d.world
+        dist.all_gather_object(gathered, checksum)
+        sums = gathered
+    agree = all(s == sums[0] for s in sums)
+    log.write({"event": "end", "param_checksums": sums, "ranks_agree": agree})
+    if not agree:
+        raise RuntimeError(f"ranks diverged: parameter checksums {sums}")
