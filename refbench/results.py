@@ -1,0 +1,471 @@
+"""Result records: the versioned, append-only files `refbench eval` publishes, and `refbench compare`.
+
+One record = one model scored on one split of one dataset under one protocol. It is two files
+in `<results_root>/<dataset>/<split>/`:
+
+    <model>-<run>-<time>.json                 the record (below)
+    <model>-<run>-<time>.sentences.parquet    one row per sentence (the sidecar)
+
+`<time>` is the UTC time to the microsecond plus a random hex suffix, so two processes
+writing at once never pick the same name. The sidecar is written first and the JSON last,
+each atomically (temp file + rename, `refbench.fsutil`): a record whose JSON exists is
+complete, and readers only ever look for `*.json`.
+
+Schema v1 (`"schema": "refbench-result", "schema_version": 1`), also in docs/results.md:
+
+    dataset        "refcoco_unc" (<dataset>_<splitby>, as the shard folder)
+    split          "testB"
+    protocol       {name, version, threshold, description}   see refbench.metrics.PROTOCOLS
+    metrics        {n, mIoU, oIoU, Pr@0.5 .. Pr@0.9,          fractions in [0, 1]
+                    ci95: {mIoU: [lo, hi], oIoU: [lo, hi]},
+                    bootstrap: {samples, seed, level}}
+    model          {name, variant, config, run, checkpoint, checkpoint_sha256, step}
+    data           {manifest_sha256, sentences_expected}
+    provenance     {refbench_version, git_commit (null outside a git checkout),
+                    date (UTC ISO 8601), command}
+    breakdowns     {length, category, location_words}          see refbench.metrics.breakdowns
+    sentences      {file, format: "parquet", sha256, rows, columns}
+                   columns: sent_id, ref_id, image_id, category_id, sent, I, U, IoU
+
+`write_record` refuses (RefbenchError, nothing written) a record whose sentence count differs
+from `sentences_expected`, whose sent_ids repeat, or whose I/U are not valid pixel counts.
+`load_record` checks the schema, the sidecar's presence and hash, and recomputes every metric
+from the sidecar's I/U: a record that disagrees with its own sentences is refused.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import re
+import secrets
+import shlex
+import subprocess
+import sys
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import numpy as np
+import polars as pl
+
+from refbench import fsutil, metrics
+from refbench.errors import RefbenchError
+
+SCHEMA = "refbench-result"
+SCHEMA_VERSION = 1
+SIDECAR_SUFFIX = ".sentences.parquet"
+CI_LEVEL = 0.95  # the record's confidence intervals (metrics.ci95)
+
+# The sidecar's columns and their types; `IoU` is computed here from I and U.
+SENTENCE_COLUMNS: dict[str, Any] = {
+    "sent_id": pl.Int64,
+    "ref_id": pl.Int64,
+    "image_id": pl.Int64,
+    "category_id": pl.Int64,
+    "sent": pl.String,
+    "I": pl.Int64,
+    "U": pl.Int64,
+    "IoU": pl.Float64,
+}
+INPUT_COLUMNS = tuple(c for c in SENTENCE_COLUMNS if c != "IoU")  # what callers hand in
+
+_TOP_KEYS = ("dataset", "split", "protocol", "metrics", "model", "data", "provenance", "breakdowns", "sentences")
+_SAFE = re.compile(r"[^A-Za-z0-9_.+-]")
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str  # registry name, e.g. "eavl"
+    variant: str  # variant the model was built from, e.g. "tiny", "rn101"
+    config: dict = field(default_factory=dict)  # the full model config (dataclasses.asdict), enough to rebuild it
+    run: str = "run"  # run name (default in `refbench eval`: the checkpoint's run folder)
+    checkpoint: str | None = None  # checkpoint path as given on the command line
+    checkpoint_sha256: str | None = None  # hex sha256 of the checkpoint file's bytes
+    step: int | None = None  # optimizer step the checkpoint was saved at
+
+
+@dataclass(frozen=True)
+class DataInfo:
+    manifest_sha256: str  # sha256 of the prepared dataset's manifest.json
+    sentences_expected: int  # sentences in this split according to the manifest
+
+
+@dataclass(frozen=True)
+class Record:
+    """A loaded, validated result record."""
+
+    path: Path  # the record's JSON file
+    meta: dict  # the parsed JSON (schema v1, see the module docstring)
+    sentences: pl.DataFrame  # the sidecar, columns SENTENCE_COLUMNS, one row per sentence
+
+    @property
+    def dataset(self) -> str:
+        return self.meta["dataset"]
+
+    @property
+    def split(self) -> str:
+        return self.meta["split"]
+
+    @property
+    def protocol(self) -> dict:
+        return self.meta["protocol"]
+
+    @property
+    def metrics(self) -> dict:
+        return self.meta["metrics"]
+
+    @property
+    def model(self) -> dict:
+        return self.meta["model"]
+
+    @property
+    def date(self) -> str:
+        return self.meta["provenance"]["date"]
+
+    def describe(self) -> str:
+        """`dataset/split protocol vN` for messages and titles."""
+        p = self.protocol
+        return f"{self.dataset}/{self.split} protocol {p['name']} v{p['version']}"
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def sentence_frame(sentences: pl.DataFrame | Mapping[str, Any]) -> pl.DataFrame:
+    """The sidecar table from per-sentence columns (a polars DataFrame or a dict of sequences).
+
+    Needs the columns sent_id, ref_id, image_id, category_id, sent, I, U; adds IoU (0 for an
+    empty union). Raises RefbenchError if a column is missing or I/U are not valid counts.
+    """
+    df = sentences if isinstance(sentences, pl.DataFrame) else pl.DataFrame(dict(sentences))
+    missing = [c for c in INPUT_COLUMNS if c not in df.columns]
+    if missing:
+        raise RefbenchError(f"per-sentence records lack column(s) {', '.join(missing)}")
+    try:
+        df = df.select([pl.col(c).cast(SENTENCE_COLUMNS[c], strict=True) for c in INPUT_COLUMNS])
+    except pl.exceptions.PolarsError as e:
+        raise RefbenchError(f"per-sentence records have a column of the wrong type: {str(e).splitlines()[0]}") from e
+    inter, union = metrics.as_counts(df["I"].to_numpy(), df["U"].to_numpy())
+    return df.with_columns(pl.Series("IoU", metrics.iou(inter, union), dtype=pl.Float64))
+
+
+def build_record(
+    *,
+    dataset: str,
+    split: str,
+    protocol: str,
+    threshold: float,
+    model: ModelInfo,
+    data: DataInfo,
+    sentences: pl.DataFrame,
+    command: str | None = None,
+    samples: int = 1000,
+    seed: int = 0,
+    date: datetime | None = None,
+) -> dict:
+    """The record's JSON object for a `sentence_frame` table (no file written, no checks on counts).
+
+    The `sentences` entry gets its file name and hash from `write_record`.
+    """
+    proto = metrics.get_protocol(protocol)
+    inter = sentences["I"].to_numpy()
+    union = sentences["U"].to_numpy()
+    ci = metrics.bootstrap_ci(inter, union, samples=samples, seed=seed, level=CI_LEVEL)
+    date = date or datetime.now(timezone.utc)
+    return {
+        "schema": SCHEMA,
+        "schema_version": SCHEMA_VERSION,
+        "dataset": dataset,
+        "split": split,
+        "protocol": {
+            "name": proto.name,
+            "version": proto.version,
+            "threshold": float(threshold),
+            "description": proto.description,
+        },
+        "metrics": {
+            **metrics.summarize(inter, union),
+            "ci95": {k: list(v) for k, v in ci.items()},
+            "bootstrap": {"samples": samples, "seed": seed, "level": CI_LEVEL},
+        },
+        "model": asdict(model),
+        "data": asdict(data),
+        "provenance": {
+            "refbench_version": _refbench_version(),
+            "git_commit": git_commit(),
+            "date": date.isoformat(timespec="microseconds"),
+            "command": command if command is not None else shlex.join(sys.argv),
+        },
+        "breakdowns": metrics.breakdowns(
+            sentences["sent"].to_list(), sentences["category_id"].to_list(), inter, union
+        ),
+        "sentences": None,  # filled in by write_record
+    }
+
+
+def write_record(
+    results_root: str | Path,
+    *,
+    dataset: str,
+    split: str,
+    protocol: str,
+    threshold: float,
+    model: ModelInfo,
+    data: DataInfo,
+    sentences: pl.DataFrame | Mapping[str, Any],
+    command: str | None = None,
+    samples: int = 1000,
+    seed: int = 0,
+) -> Path:
+    """Publish a result record; returns the path of its JSON file.
+
+    `sentences`: per-sentence columns sent_id, ref_id, image_id, category_id, sent, I, U (a
+    polars DataFrame or a dict of equal-length sequences), every sentence of the split once.
+    Refuses (RefbenchError, nothing written) if the count differs from
+    `data.sentences_expected`, if a sent_id repeats, or if I/U are not valid counts.
+    Writes `<results_root>/<dataset>/<split>/<model>-<run>-<time>.json` and its sidecar:
+    sidecar first, JSON last, both atomic.
+    """
+    for what, value in (("dataset", dataset), ("split", split)):
+        if not value or _SAFE.search(value):
+            raise RefbenchError(f"{what} name {value!r} is not usable as a folder name")
+    df = sentence_frame(sentences)
+    where = f"{model.name}/{model.run} on {dataset}/{split}"
+    if df.height != data.sentences_expected:
+        raise RefbenchError(
+            f"refusing to publish {where}: {df.height} sentences scored, the manifest lists "
+            f"{data.sentences_expected}",
+            hint="every sentence of every ref must be scored exactly once; check the shards",
+        )
+    dup = df.filter(pl.col("sent_id").is_duplicated())["sent_id"].unique().sort()
+    if dup.len():
+        raise RefbenchError(
+            f"refusing to publish {where}: {dup.len()} sent_id(s) scored more than once "
+            f"(first: {dup[0]})",
+            hint="every sentence of every ref must be scored exactly once",
+        )
+
+    date = datetime.now(timezone.utc)
+    record = build_record(
+        dataset=dataset, split=split, protocol=protocol, threshold=threshold, model=model,
+        data=data, sentences=df, command=command, samples=samples, seed=seed, date=date,
+    )
+    folder = Path(results_root) / dataset / split
+    while True:  # the random suffix makes a clash vanishingly rare; never overwrite one anyway
+        stem = f"{_safe(model.name)}-{_safe(model.run)}-{date.strftime('%Y%m%dT%H%M%S%fZ')}-{secrets.token_hex(4)}"
+        json_path = folder / f"{stem}.json"
+        sidecar = folder / f"{stem}{SIDECAR_SUFFIX}"
+        if not json_path.exists() and not sidecar.exists():
+            break
+
+    buf = io.BytesIO()
+    df.write_parquet(buf)
+    payload = buf.getvalue()
+    record["sentences"] = {
+        "file": sidecar.name,
+        "format": "parquet",
+        "sha256": fsutil.sha256_bytes(payload),
+        "rows": df.height,
+        "columns": list(SENTENCE_COLUMNS),
+    }
+    fsutil.atomic_write_bytes(sidecar, payload)  # first: the JSON must never point at nothing
+    fsutil.atomic_write_json(json_path, record)  # last: its presence means the record is complete
+    return json_path
+
+
+def _safe(name: str) -> str:
+    return _SAFE.sub("_", str(name)) or "_"
+
+
+def _refbench_version() -> str:
+    import refbench
+
+    return refbench.__version__
+
+
+def git_commit() -> str | None:
+    """The commit of the checkout refbench runs from, or None (not a git checkout, no git)."""
+    here = Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(here), "rev-parse", "HEAD"],
+            capture_output=True, text=True, timeout=10, check=False,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    commit = out.stdout.strip()
+    return commit if out.returncode == 0 and re.fullmatch(r"[0-9a-f]{40,64}", commit) else None
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def load_record(path: str | Path) -> Record:
+    """Read and validate one record; every problem is one line naming the file.
+
+    Checks: JSON parses, schema and version, required keys, sidecar present with the stored
+    sha256 and columns, sent_ids unique, and every stored metric (n, mIoU, oIoU, Pr@X and the
+    breakdowns) equal to the value recomputed from the sidecar's I and U.
+    """
+    path = Path(path)
+
+    def bad(what: str) -> RefbenchError:
+        return RefbenchError(f"result record {path}: {what}")
+
+    try:
+        meta = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise bad("no such file") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise bad(f"not readable JSON ({e})") from None
+    if not isinstance(meta, dict) or meta.get("schema") != SCHEMA:
+        raise bad(f"not a refbench result (schema is not {SCHEMA!r})")
+    version = meta.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise bad(
+            f"schema version {version!r}, this refbench reads version {SCHEMA_VERSION}"
+        )
+    missing = [k for k in _TOP_KEYS if not isinstance(meta.get(k), (dict, str))]
+    if missing:
+        raise bad(f"missing or malformed field(s) {', '.join(missing)}")
+
+    side = meta["sentences"]
+    if not isinstance(side, dict) or not isinstance(side.get("file"), str) or Path(side["file"]).name != side["file"]:
+        raise bad("the 'sentences' field does not name a sidecar file")
+    sidecar = path.parent / side["file"]
+    try:
+        payload = sidecar.read_bytes()
+    except FileNotFoundError:
+        raise bad(f"its per-sentence sidecar {sidecar.name} is missing") from None
+    if side.get("sha256") != fsutil.sha256_bytes(payload):
+        raise bad(f"its per-sentence sidecar {sidecar.name} does not match the stored sha256")
+    try:
+        df = pl.read_parquet(io.BytesIO(payload))
+    except Exception as e:  # polars raises several types for a bad parquet file
+        raise bad(f"its sidecar {sidecar.name} is not readable parquet ({type(e).__name__})") from None
+    if list(df.columns) != list(SENTENCE_COLUMNS):
+        raise bad(f"sidecar columns {df.columns}, expected {list(SENTENCE_COLUMNS)}")
+    if df["sent_id"].is_duplicated().any():
+        raise bad("sidecar has repeated sent_ids")
+
+    try:
+        recomputed = metrics.summarize(df["I"].to_numpy(), df["U"].to_numpy())
+        recomputed_breakdowns = metrics.breakdowns(
+            df["sent"].to_list(), df["category_id"].to_list(), df["I"].to_numpy(), df["U"].to_numpy()
+        )
+    except RefbenchError as e:
+        raise bad(f"sidecar I/U invalid: {e.message}") from None
+    stored = meta["metrics"]
+    for key, value in recomputed.items():
+        if not _agree(stored.get(key), value):
+            raise bad(f"stored {key} = {stored.get(key)!r} but its sentences give {value!r}")
+    ci = stored.get("ci95")
+    for key in ("mIoU", "oIoU"):
+        pair = ci.get(key) if isinstance(ci, dict) else None
+        if not (isinstance(pair, list) and len(pair) == 2 and 0.0 <= pair[0] <= pair[1] <= 1.0):
+            raise bad(f"metrics.ci95.{key} is not an interval [lo, hi] within [0, 1]")
+    if not _agree_tree(meta["breakdowns"], recomputed_breakdowns):
+        raise bad("stored breakdowns disagree with its sentences")
+    if not np.allclose(df["IoU"].to_numpy(), metrics.iou(df["I"].to_numpy(), df["U"].to_numpy()), rtol=0, atol=1e-12):
+        raise bad("sidecar IoU column disagrees with its I and U")
+    return Record(path=path, meta=meta, sentences=df)
+
+
+def _agree(stored: Any, value: Any) -> bool:
+    if isinstance(value, int):
+        return isinstance(stored, int) and stored == value
+    return isinstance(stored, (int, float)) and math.isclose(stored, value, rel_tol=1e-12, abs_tol=1e-12)
+
+
+def _agree_tree(stored: Any, value: Any) -> bool:
+    if isinstance(value, dict):
+        return isinstance(stored, dict) and stored.keys() == value.keys() and all(
+            _agree_tree(stored[k], value[k]) for k in value
+        )
+    return _agree(stored, value)
+
+
+def iter_records(results_root: str | Path) -> Iterator[Record]:
+    """Every record under `results_root` (any depth), validated, in path order.
+
+    Temporary files of writers in progress are skipped; a bad record raises RefbenchError
+    naming it. A missing root yields nothing.
+    """
+    root = Path(results_root)
+    if not root.is_dir():
+        return
+    for path in sorted(root.rglob("*.json")):
+        if path.name.startswith(fsutil.TMP_PREFIX):
+            continue
+        yield load_record(path)
+
+
+# --------------------------------------------------------------------------- compare
+
+
+def compare_records(a: Record, b: Record, samples: int = 2000, seed: int = 0) -> dict[str, Any]:
+    """Paired bootstrap B - A on the sentences both records scored (paired by sent_id).
+
+    Refuses records of a different dataset, split or protocol (name or version), or records
+    that scored different sentences. Returns {"n", "mIoU": paired result, "oIoU": paired result}
+    (see `metrics.paired_bootstrap`).
+    """
+    key_a = (a.dataset, a.split, a.protocol["name"], a.protocol["version"])
+    key_b = (b.dataset, b.split, b.protocol["name"], b.protocol["version"])
+    if key_a != key_b:
+        raise RefbenchError(
+            f"cannot compare {a.path.name} ({a.describe()}) with {b.path.name} ({b.describe()}): "
+            "dataset, split and protocol must match"
+        )
+    cols = ["sent_id", "I", "U", "IoU"]
+    joined = a.sentences.select(cols).join(b.sentences.select(cols), on="sent_id", how="inner", suffix="_b")
+    only_a = a.sentences.height - joined.height
+    only_b = b.sentences.height - joined.height
+    if only_a or only_b:
+        raise RefbenchError(
+            f"cannot compare {a.path.name} with {b.path.name}: they scored different sentences "
+            f"({only_a} only in A, {only_b} only in B)"
+        )
+    joined = joined.sort("sent_id")
+    miou = metrics.paired_bootstrap(joined["IoU"].to_numpy(), joined["IoU_b"].to_numpy(), samples=samples, seed=seed)
+    oiou = metrics.paired_bootstrap_oiou(
+        joined["I"].to_numpy(), joined["U"].to_numpy(), joined["I_b"].to_numpy(), joined["U_b"].to_numpy(),
+        samples=samples, seed=seed,
+    )
+    return {"n": joined.height, "mIoU": miou, "oIoU": oiou}
+
+
+def main_compare(result_a: str | Path, result_b: str | Path, samples: int = 2000, seed: int = 0) -> dict[str, Any]:
+    """`refbench compare A B`: print mIoU/oIoU of A and B, B - A and its 95% paired-bootstrap interval."""
+    from rich.console import Console
+    from rich.table import Table
+
+    a, b = load_record(result_a), load_record(result_b)
+    out = compare_records(a, b, samples=samples, seed=seed)
+    console = Console()
+    table = Table(
+        title=f"{a.describe()}, n = {out['n']} sentences paired by sent_id; "
+        f"paired bootstrap, {samples} resamples, seed {seed}; values in %",
+    )
+    table.add_column("metric")
+    table.add_column(f"A: {a.model['name']}/{a.model['run']}", justify="right")
+    table.add_column(f"B: {b.model['name']}/{b.model['run']}", justify="right")
+    table.add_column("B - A", justify="right")
+    table.add_column("95% CI of B - A", justify="right")
+    table.add_column("reading")
+    for metric in ("mIoU", "oIoU"):
+        r = out[metric]
+        lo, hi = r["ci"]
+        reading = "B better" if lo > 0 else "A better" if hi < 0 else "no clear difference"
+        table.add_row(
+            f"{metric} (%)", f"{100 * r['a']:.2f}", f"{100 * r['b']:.2f}", f"{100 * r['diff']:+.2f}",
+            f"[{100 * lo:+.2f}, {100 * hi:+.2f}]", reading,
+        )
+    console.print(table)
+    console.print(f"A: {a.path}\nB: {b.path}")
+    if a.meta["data"].get("manifest_sha256") != b.meta["data"].get("manifest_sha256"):
+        console.print("note: A and B were scored on shards with different manifests (same sent_ids).")
+    return out
