@@ -1,0 +1,503 @@
+"""The leaderboard: measured result records and reported paper rows in one polars table.
+
+`refbench leaderboard` gathers every record under `leaderboard/results/` (validated by
+`refbench.results.load_record`) and the reported rows of `leaderboard/reported/*.csv`
+(format: leaderboard/reported/README.md) into one wide table:
+
+    source | method | variant | run | dataset | protocol | protocol_version |
+    <split> <metric> (%, <protocol>) ... | date | reference | note
+
+- one row per (source, method, variant, run, dataset, protocol, protocol_version); `source`
+  is "measured" or "reported";
+- every value column names its split, its metric and its protocol, e.g.
+  "testB mIoU (%, original)": mIoU and oIoU never share a column, nor do two protocols;
+- values are percent (0-100); an empty cell means "not measured / not published";
+- each measured run of a model gets its own row (runs are told apart by `run`); when the same
+  run was scored several times on a split under a protocol, the latest record (by its UTC
+  date) fills the cell and `reference` lists the record files used.
+
+Exports: md, csv, json (rows plus a header saying what the numbers are) and html (one
+self-contained page: inline CSS and JS, no network, columns sortable by clicking). With no
+`--out`, md prints as a rich table and the other formats print their text; with `--out` the
+file is written atomically.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+from refbench import fsutil, metrics
+from refbench.errors import RefbenchError
+
+KEY = ("source", "method", "variant", "run", "dataset", "protocol", "protocol_version")
+SPLIT_ORDER = ("val", "testA", "testB", "test")  # others follow, alphabetically
+DATASET_ORDER = ("refcoco_unc", "refcoco+_unc", "refcocog_umd", "refcocog_google")  # others follow
+METRICS = ("mIoU", "oIoU")
+UNITS = "percent (0-100)"
+REPO_REPORTED = Path(__file__).resolve().parents[1] / "leaderboard" / "reported"
+
+# The reported-rows CSV schema (leaderboard/reported/README.md).
+REPORTED_SCHEMA: dict[str, Any] = {
+    "method": pl.String,
+    "variant": pl.String,
+    "dataset": pl.String,
+    "split": pl.String,
+    "metric": pl.String,
+    "protocol": pl.String,
+    "value": pl.Float64,
+    "source": pl.String,
+    "note": pl.String,
+}
+ABLATION_SCHEMA: dict[str, Any] = {
+    "table": pl.Int64,
+    "num_queries": pl.Int64,
+    "aligner": pl.String,
+    "global_feature": pl.Boolean,
+    "mqe": pl.Boolean,
+    "method": pl.String,
+    "variant": pl.String,
+    "dataset": pl.String,
+    "split": pl.String,
+    "epochs": pl.Int64,
+    "protocol": pl.String,
+    **{m: pl.Float64 for m in ("mIoU", *metrics.PR_KEYS)},
+    "source": pl.String,
+    "note": pl.String,
+}
+
+
+VALUE_COLUMN = "{} {} (%, {})"  # split, metric, protocol: "testB mIoU (%, original)"
+
+
+def value_column(split: str, metric: str, protocol: str) -> str:
+    """The leaderboard column of one number: "testB mIoU (%, original)"."""
+    return VALUE_COLUMN.format(split, metric, protocol)
+
+
+# --------------------------------------------------------------------------- reported rows
+
+
+def default_reported() -> Path:
+    """leaderboard/reported of this checkout (or of the working directory)."""
+    for candidate in (REPO_REPORTED, Path("leaderboard/reported")):
+        if candidate.is_dir():
+            return candidate
+    raise RefbenchError(
+        "cannot find the reported rows folder leaderboard/reported",
+        hint="pass --reported PATH",
+    )
+
+
+def _read_csv(path: Path, schema: dict[str, Any]) -> pl.DataFrame:
+    try:
+        df = pl.read_csv(path, infer_schema=False)  # every column as text; cast below
+    except (OSError, pl.exceptions.PolarsError) as e:
+        raise RefbenchError(f"reported rows {path}: not readable CSV ({str(e).splitlines()[0]})") from None
+    if list(df.columns) != list(schema):
+        raise RefbenchError(f"reported rows {path}: columns {df.columns}, expected {list(schema)}")
+    for col, dtype in schema.items():
+        if dtype == pl.String:
+            continue
+        if dtype == pl.Boolean:
+            cast = pl.col(col).str.to_lowercase().replace_strict({"true": True, "false": False}, default=None)
+        else:
+            cast = pl.col(col).cast(dtype, strict=False)
+        bad = df.with_row_index("row").filter(cast.is_null() | pl.col(col).is_null())
+        if bad.height:
+            line = bad["row"][0] + 2  # 1-based, after the header
+            raise RefbenchError(f"reported rows {path}, line {line}: {col} = {bad[col][0]!r} is not a {dtype}")
+        df = df.with_columns(cast.cast(dtype).alias(col))
+    empty = [c for c in ("method", "variant", "dataset", "split", "protocol", "source") if df[c].str.len_chars().min() == 0 or df[c].null_count()]
+    if empty:
+        raise RefbenchError(f"reported rows {path}: empty value(s) in column(s) {', '.join(empty)}")
+    unknown = sorted(set(df["protocol"]) - set(metrics.PROTOCOLS))
+    if unknown:
+        raise RefbenchError(f"reported rows {path}: unknown protocol(s) {unknown}; known: {list(metrics.PROTOCOLS)}")
+    return df
+
+
+def _check_percent(path: Path, df: pl.DataFrame, columns: tuple[str, ...]) -> None:
+    for col in columns:
+        bad = df.with_row_index("row").filter((pl.col(col) < 0) | (pl.col(col) > 100))
+        if bad.height:
+            raise RefbenchError(
+                f"reported rows {path}, line {bad['row'][0] + 2}: {col} = {bad[col][0]} is not a percentage in [0, 100]"
+            )
+
+
+def load_reported(folder: str | Path | None = None) -> pl.DataFrame:
+    """All reported rows of `folder/*.csv` (default: leaderboard/reported), validated.
+
+    Columns as REPORTED_SCHEMA, one published number per row, values in percent.
+    """
+    folder = Path(folder) if folder is not None else default_reported()
+    if not folder.is_dir():
+        raise RefbenchError(f"reported rows folder {folder} does not exist")
+    frames = []
+    for path in sorted(folder.glob("*.csv")):
+        df = _read_csv(path, REPORTED_SCHEMA)
+        metric_bad = sorted(set(df["metric"]) - set(METRICS))
+        if metric_bad:
+            raise RefbenchError(f"reported rows {path}: metric(s) {metric_bad}; a row is exactly one of {list(METRICS)}")
+        _check_percent(path, df, ("value",))
+        frames.append(df)
+    if not frames:
+        return pl.DataFrame(schema=REPORTED_SCHEMA)
+    out = pl.concat(frames)
+    ident = ["method", "variant", "dataset", "split", "metric", "protocol"]
+    dup = out.filter(pl.struct(ident).is_duplicated())
+    if dup.height:
+        r = dup.row(0, named=True)
+        raise RefbenchError(
+            f"reported rows in {folder}: {r['method']} {r['variant']} {r['dataset']}/{r['split']} "
+            f"{r['metric']} ({r['protocol']}) appears more than once"
+        )
+    return out
+
+
+def load_ablations(path: str | Path | None = None) -> pl.DataFrame:
+    """The EAVL paper's ablation rows (Tables 2-4), validated; see leaderboard/reported/README.md.
+
+    Default path: leaderboard/reported/ablations/eavl.csv. Values in percent.
+    """
+    path = Path(path) if path is not None else default_reported() / "ablations" / "eavl.csv"
+    if not path.is_file():
+        raise RefbenchError(f"ablation rows {path} do not exist")
+    df = _read_csv(path, ABLATION_SCHEMA)
+    _check_percent(path, df, ("mIoU", *metrics.PR_KEYS))
+    bad = sorted(set(df["aligner"]) - {"dynamic", "fixed"})
+    if bad:
+        raise RefbenchError(f"ablation rows {path}: aligner must be 'dynamic' or 'fixed', got {bad}")
+    return df
+
+
+# --------------------------------------------------------------------------- the table
+
+
+def _measured_long(results_root: Path) -> pl.DataFrame:
+    from refbench.results import iter_records
+
+    rows = []
+    for rec in iter_records(results_root):
+        for metric in METRICS:
+            rows.append(
+                {
+                    "source": "measured",
+                    "method": rec.model["name"],
+                    "variant": rec.model["variant"],
+                    "run": rec.model["run"],
+                    "dataset": rec.dataset,
+                    "protocol": rec.protocol["name"],
+                    "protocol_version": rec.protocol["version"],
+                    "split": rec.split,
+                    "metric": metric,
+                    "value": 100.0 * rec.metrics[metric],
+                    "date": rec.date,
+                    "reference": str(rec.path.relative_to(results_root)),
+                    "note": f"n={rec.metrics['n']} sentences; threshold {rec.protocol['threshold']:g}",
+                }
+            )
+    return pl.DataFrame(rows, schema=_LONG_SCHEMA)
+
+
+_LONG_SCHEMA = {
+    "source": pl.String,
+    "method": pl.String,
+    "variant": pl.String,
+    "run": pl.String,
+    "dataset": pl.String,
+    "protocol": pl.String,
+    "protocol_version": pl.Int64,
+    "split": pl.String,
+    "metric": pl.String,
+    "value": pl.Float64,
+    "date": pl.String,
+    "reference": pl.String,
+    "note": pl.String,
+}
+
+
+def _reported_long(reported: pl.DataFrame) -> pl.DataFrame:
+    return reported.select(
+        pl.lit("reported").alias("source"),
+        "method",
+        "variant",
+        pl.lit(None, pl.String).alias("run"),
+        "dataset",
+        "protocol",
+        pl.lit(None, pl.Int64).alias("protocol_version"),  # computed by the authors' code, not ours
+        "split",
+        "metric",
+        "value",
+        pl.lit(None, pl.String).alias("date"),
+        pl.col("source").alias("reference"),
+        "note",
+    )
+
+
+def _split_rank(split: str) -> tuple[int, str]:
+    return (SPLIT_ORDER.index(split), "") if split in SPLIT_ORDER else (len(SPLIT_ORDER), split)
+
+
+def build_table(
+    results_root: str | Path, reported: str | Path | None = None, dataset: str | None = None
+) -> pl.DataFrame:
+    """The leaderboard as a wide polars DataFrame (see the module docstring for its columns)."""
+    results_root = Path(results_root)
+    long = pl.concat([_measured_long(results_root), _reported_long(load_reported(reported))])
+    if dataset is not None:
+        known = sorted(set(long["dataset"]))
+        long = long.filter(pl.col("dataset") == dataset)
+        if long.is_empty():
+            raise RefbenchError(
+                f"no leaderboard rows for dataset {dataset!r}; datasets with rows: {', '.join(known) or 'none'}"
+            )
+    if long.is_empty():
+        raise RefbenchError(f"no result records under {results_root} and no reported rows")
+
+    long = long.with_columns(
+        pl.format(VALUE_COLUMN, "split", "metric", "protocol").alias("column")
+    )
+    # the latest record wins where one run was scored several times on the same split
+    latest = long.sort("date", descending=True, nulls_last=True).unique(
+        subset=[*KEY, "column"], keep="first", maintain_order=True
+    )
+    wide = latest.pivot(on="column", index=list(KEY), values="value")
+    meta = latest.group_by(list(KEY)).agg(
+        pl.col("date").max(),
+        pl.col("reference").unique().sort().str.join("; "),
+        pl.col("note").unique().sort().str.join("; "),
+    )
+    wide = wide.join(meta, on=list(KEY), how="left", nulls_equal=True)
+
+    protocol_rank = {name: i for i, name in enumerate(metrics.PROTOCOLS)}
+    cells = latest.select("column", "split", "metric", "protocol").unique()
+    ordered = sorted(
+        cells.iter_rows(named=True),
+        key=lambda c: (protocol_rank.get(c["protocol"], 99), _split_rank(c["split"]), METRICS.index(c["metric"])),
+    )
+    value_cols = [c["column"] for c in ordered]
+    return (
+        wide.with_columns(
+            pl.col("dataset").replace_strict({d: i for i, d in enumerate(DATASET_ORDER)}, default=99).alias("_d"),
+            pl.col("protocol").replace_strict(protocol_rank, default=99).alias("_p"),
+        )
+        .sort(["_d", "dataset", "_p", "source", "method", "variant", "run"], nulls_last=True)
+        .select(*KEY, *value_cols, "date", "reference", "note")
+    )
+
+
+def value_columns(table: pl.DataFrame) -> list[str]:
+    """The value columns of a leaderboard table (each names split, metric and protocol)."""
+    return [c for c in table.columns if c.endswith(")") and " (%, " in c]
+
+
+# --------------------------------------------------------------------------- exports
+
+
+def _legend() -> list[str]:
+    lines = [
+        f"Values are {UNITS}. mIoU = mean of per-sentence IoU; oIoU = sum of intersections / sum of unions.",
+        "source: measured = a refbench result record; reported = as published (see reference).",
+        "Each column names its split, metric and protocol; measured cells hold the latest record of the run.",
+    ]
+    lines += [f"protocol {p.name} (v{p.version}): {p.description}." for p in metrics.PROTOCOLS.values()]
+    return lines
+
+
+def _display(table: pl.DataFrame) -> pl.DataFrame:
+    """All cells as text: values with 2 decimals, empty cells as '-'."""
+    vals = value_columns(table)
+    return table.select(
+        [
+            (pl.col(c).round(2).map_elements(lambda v: f"{v:.2f}", return_dtype=pl.String) if c in vals else pl.col(c).cast(pl.String))
+            .fill_null("-")
+            .alias(c)
+            for c in table.columns
+        ]
+    )
+
+
+def to_markdown(table: pl.DataFrame, title: str) -> str:
+    shown = _display(table)
+    vals = set(value_columns(table))
+
+    def line(cells: list[str]) -> str:
+        return "| " + " | ".join(c.replace("|", "/") for c in cells) + " |"
+
+    rows = [line(shown.columns), "|" + "|".join("---:" if c in vals else "---" for c in shown.columns) + "|"]
+    rows += [line(list(r)) for r in shown.iter_rows()]
+    legend = "\n".join(f"- {text}" for text in _legend())
+    return f"# {title}\n\n{legend}\n\n" + "\n".join(rows) + "\n"
+
+
+def to_csv(table: pl.DataFrame) -> str:
+    return table.write_csv()
+
+
+def to_json(table: pl.DataFrame, title: str) -> str:
+    doc = {
+        "schema": "refbench-leaderboard",
+        "schema_version": 1,
+        "title": title,
+        "units": UNITS,
+        "legend": _legend(),
+        "protocols": {p.name: {"version": p.version, "description": p.description} for p in metrics.PROTOCOLS.values()},
+        "columns": table.columns,
+        "rows": table.to_dicts(),
+    }
+    return json.dumps(doc, indent=2) + "\n"
+
+
+_HTML = """<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<title>{title}</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 2em; color: #222; }}
+table {{ border-collapse: collapse; font-size: 14px; }}
+th, td {{ border: 1px solid #ccc; padding: 4px 8px; }}
+th {{ background: #f0f0f0; cursor: pointer; user-select: none; position: sticky; top: 0; }}
+th.asc::after {{ content: " \\25B2"; }}
+th.desc::after {{ content: " \\25BC"; }}
+td.num {{ text-align: right; font-variant-numeric: tabular-nums; }}
+tr.reported td {{ color: #555; font-style: italic; }}
+ul {{ color: #444; }}
+</style>
+</head>
+<body>
+<h1>{title}</h1>
+<ul>
+{legend}
+</ul>
+<table id="board">
+<thead><tr>{head}</tr></thead>
+<tbody>
+{body}
+</tbody>
+</table>
+<script>
+// Click a column header to sort by it; click again to reverse. Empty cells sort last.
+(function () {{
+  var table = document.getElementById("board");
+  var heads = table.tHead.rows[0].cells;
+  Array.prototype.forEach.call(heads, function (th, col) {{
+    th.addEventListener("click", function () {{
+      var asc = !th.classList.contains("asc");
+      Array.prototype.forEach.call(heads, function (h) {{ h.classList.remove("asc", "desc"); }});
+      th.classList.add(asc ? "asc" : "desc");
+      var rows = Array.prototype.slice.call(table.tBodies[0].rows);
+      rows.sort(function (a, b) {{
+        var x = a.cells[col].getAttribute("data-v"), y = b.cells[col].getAttribute("data-v");
+        if (x === "" || y === "") return (x === "") - (y === "");
+        var nx = parseFloat(x), ny = parseFloat(y);
+        var c = (!isNaN(nx) && !isNaN(ny)) ? nx - ny : x.localeCompare(y);
+        return asc ? c : -c;
+      }});
+      rows.forEach(function (r) {{ table.tBodies[0].appendChild(r); }});
+    }});
+  }});
+}})();
+</script>
+</body>
+</html>
+"""
+
+
+def to_html(table: pl.DataFrame, title: str) -> str:
+    vals = set(value_columns(table))
+    esc = html.escape
+    head = "".join(f"<th>{esc(c)}</th>" for c in table.columns)
+    body = []
+    for row in table.iter_rows(named=True):
+        cells = []
+        for c in table.columns:
+            v = row[c]
+            if c in vals:
+                text = "-" if v is None else f"{v:.2f}"
+                cells.append(f'<td class="num" data-v="{"" if v is None else repr(float(v))}">{text}</td>')
+            else:
+                text = "-" if v is None else str(v)
+                cells.append(f'<td data-v="{esc("" if v is None else str(v))}">{esc(text)}</td>')
+        body.append(f'<tr class="{esc(row["source"])}">' + "".join(cells) + "</tr>")
+    legend = "\n".join(f"<li>{esc(line)}</li>" for line in _legend())
+    return _HTML.format(title=esc(title), legend=legend, head=head, body="\n".join(body))
+
+
+def print_table(table: pl.DataFrame, title: str) -> None:
+    """The table on the terminal: one rich table per (dataset, protocol), sources as footnotes."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    console.print(f"[bold]{title}[/bold]")
+    for line in _legend():
+        console.print(f"  {line}", highlight=False)
+    notes: list[str] = []
+    for (dataset, protocol), part in table.group_by(["dataset", "protocol"], maintain_order=True):
+        suffix = value_column("", "", protocol).strip()  # "(%, <protocol>)"
+        cols = [c for c in value_columns(part) if c.endswith(suffix) and part[c].null_count() < part.height]
+        rt = Table(title=f"{dataset}, protocol {protocol}: values in %")
+        for c in ("source", "method", "variant", "run"):
+            rt.add_column(c)
+        for c in cols:
+            split, metric = c.split(" ")[:2]
+            rt.add_column(f"{split}\n{metric}", justify="right")
+        rt.add_column("ref")
+        for row in part.iter_rows(named=True):
+            text = "; ".join(t for t in (row["reference"], row["note"]) if t)
+            if text and text not in notes:
+                notes.append(text)
+            rt.add_row(
+                row["source"], row["method"], row["variant"], row["run"] or "-",
+                *("-" if row[c] is None else f"{row[c]:.2f}" for c in cols),
+                f"[{notes.index(text) + 1}]" if text else "",
+            )
+        console.print(rt)
+    for i, text in enumerate(notes, 1):
+        console.print(f"[{i}] {text}", highlight=False, markup=False)
+
+
+def render(table: pl.DataFrame, fmt: str, title: str) -> str:
+    """The table as text in `fmt` (md, csv, json or html)."""
+    renderers = {
+        "md": lambda: to_markdown(table, title),
+        "csv": lambda: to_csv(table),
+        "json": lambda: to_json(table, title),
+        "html": lambda: to_html(table, title),
+    }
+    if fmt not in renderers:
+        raise RefbenchError(f"unknown leaderboard format {fmt!r}; formats: {', '.join(renderers)}")
+    return renderers[fmt]()
+
+
+def main(
+    dataset: str | None = None,
+    fmt: str = "md",
+    out: str | Path | None = None,
+    results: str | Path = "leaderboard/results",
+    reported: str | Path | None = None,
+) -> pl.DataFrame:
+    """`refbench leaderboard`: build the table; print it, or write it to `out` atomically.
+
+    Returns the table (a polars DataFrame) for callers such as the quickstart.
+    """
+    table = build_table(results, reported, dataset)
+    title = f"refbench leaderboard: {dataset or 'all datasets'}"
+    if out is None:
+        if fmt == "md":
+            print_table(table, title)
+        else:
+            print(render(table, fmt, title), end="")
+        return table
+    fsutil.atomic_write_text(out, render(table, fmt, title))
+    from rich.console import Console
+
+    Console().print(f"leaderboard ({fmt}, {table.height} rows, values in %) written to {out}")
+    return table
