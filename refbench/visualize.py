@@ -1,0 +1,243 @@
+"""Pictures of predictions: overlays, EAVL's per-query masks, and which sentences to draw.
+
+- `overlay(image, gt_mask, pred_mask, sentence, iou)`: the image with the prediction filled
+  (semi-transparent), the GT outlined, and a caption band below it with the IoU and the
+  sentence. Output size: (W, H + caption_height(W)).
+- `query_grid(image, query_masks, weights)`: one tile per EAVL query mask (the Multi-Mask
+  Generator's outputs) with its Multi-Query Estimator weight, sorted by weight, largest first.
+- `pick_examples(ious, n, seed)`: which sentences `refbench eval --vis N` draws: the best,
+  the worst and a seeded random few.
+- `save_png(image, path)`: atomic PNG write (refbench.fsutil).
+
+PIL and numpy only. The `refbench predict` command (`main_predict`) is added to this module
+by the predict work; it reuses `overlay` (with `gt_mask=None`, `iou=None`) and `save_png`.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFilter, ImageFont
+
+from refbench import fsutil
+from refbench.errors import RefbenchError
+
+
+@dataclass(frozen=True)
+class Style:
+    pred_color: tuple[int, int, int] = (255, 64, 32)  # fill of the predicted mask (RGB)
+    pred_alpha: float = 0.45  # opacity of that fill, 0..1
+    gt_color: tuple[int, int, int] = (0, 255, 0)  # outline of the GT mask (RGB)
+    gt_width_frac: float = 1 / 150  # outline thickness as a share of min(H, W) (at least 1 px)
+    caption_lines: int = 2  # text lines in the caption band; longer sentences end with "..."
+    caption_bg: tuple[int, int, int] = (20, 20, 20)  # caption band colour
+    caption_fg: tuple[int, int, int] = (240, 240, 240)  # caption text colour
+    tile_width: int = 160  # width of one query tile in query_grid, pixels
+    grid_cols: int = 6  # query tiles per row
+    heat_color: tuple[int, int, int] = (255, 32, 32)  # colour of a query mask's probability
+    heat_alpha: float = 0.7  # opacity of a query mask at probability 1
+
+
+STYLE = Style()
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _rgb(image: Any) -> Image.Image:
+    """A PIL RGB image from a PIL image or a uint8 array [H, W] / [H, W, 3]."""
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    arr = np.asarray(image)
+    if arr.dtype != np.uint8 or arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[2] != 3):
+        raise RefbenchError(f"image must be a PIL image or uint8 [H, W(, 3)], got {arr.dtype} {arr.shape}")
+    return Image.fromarray(arr).convert("RGB")
+
+
+def _mask(mask: Any, size: tuple[int, int], what: str) -> np.ndarray:
+    """A boolean [H, W] array (nonzero = foreground) that must match the image size (W, H)."""
+    arr = np.asarray(mask)
+    if arr.shape != (size[1], size[0]):
+        raise RefbenchError(f"{what} has shape {arr.shape}, the image is {size[1]}x{size[0]} (HxW)")
+    return arr.astype(bool)
+
+
+def _font(px: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    return ImageFont.load_default(size=px)
+
+
+def _font_px(width: int) -> int:
+    return int(min(18, max(10, width // 32)))
+
+
+def caption_height(width: int, style: Style = STYLE) -> int:
+    """Height in pixels of the caption band `overlay` adds under an image `width` wide."""
+    px = _font_px(width)
+    return style.caption_lines * (px + 4) + 8
+
+
+def _wrap(text: str, font: Any, width: int, max_lines: int) -> list[str]:
+    """Greedy word wrap to `width` pixels; the last kept line ends with '...' if text was cut."""
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength
+    lines: list[str] = []
+    line = ""
+    for word in text.split():
+        candidate = f"{line} {word}".strip()
+        if measure(candidate, font=font) <= width or not line:
+            line = candidate
+        else:
+            lines.append(line)
+            line = word
+    if line:
+        lines.append(line)
+    if len(lines) > max_lines:
+        lines = lines[:max_lines]
+        last = lines[-1]
+        while last and measure(last + "...", font=font) > width:
+            last = last[:-1]
+        lines[-1] = last.rstrip() + "..."
+    return lines
+
+
+def _caption(image: Image.Image, text: str, style: Style) -> Image.Image:
+    w, h = image.size
+    band = caption_height(w, style)
+    px = _font_px(w)
+    font = _font(px)
+    out = Image.new("RGB", (w, h + band), style.caption_bg)
+    out.paste(image, (0, 0))
+    draw = ImageDraw.Draw(out)
+    for i, line in enumerate(_wrap(text, font, w - 8, style.caption_lines)):
+        draw.text((4, h + 4 + i * (px + 4)), line, fill=style.caption_fg, font=font)
+    return out
+
+
+def _outline(mask: np.ndarray, thickness: int) -> np.ndarray:
+    """Boundary pixels of a boolean mask [H, W], `thickness` pixels wide (inside the mask)."""
+    img = Image.fromarray(mask.astype(np.uint8) * 255)
+    eroded = np.asarray(img.filter(ImageFilter.MinFilter(2 * thickness + 1))) > 0
+    return mask & ~eroded
+
+
+# --------------------------------------------------------------------------- overlay
+
+
+def overlay(
+    image: Any,
+    gt_mask: Any | None,
+    pred_mask: Any,
+    sentence: str,
+    iou: float | None,
+    style: Style = STYLE,
+) -> Image.Image:
+    """The image with the prediction filled, the GT outlined, and an IoU + sentence caption.
+
+    image: PIL image or uint8 [H, W, 3]; masks: [H, W], nonzero = foreground, at the image's
+    size (`gt_mask=None` draws no outline, `iou=None` leaves the IoU out, as for `predict`).
+    Returns an RGB image of size (W, H + caption_height(W)).
+    """
+    base = _rgb(image)
+    pred = _mask(pred_mask, base.size, "prediction mask")
+    arr = np.asarray(base, dtype=np.float32)  # [H, W, 3]
+    fill = np.asarray(style.pred_color, dtype=np.float32)  # [3]
+    arr[pred] = (1 - style.pred_alpha) * arr[pred] + style.pred_alpha * fill
+    if gt_mask is not None:
+        gt = _mask(gt_mask, base.size, "GT mask")
+        thickness = max(1, round(min(base.size) * style.gt_width_frac))
+        arr[_outline(gt, thickness)] = style.gt_color
+    drawn = Image.fromarray(arr.round().clip(0, 255).astype(np.uint8))
+    text = sentence if iou is None else f"IoU {iou:.3f} | {sentence}"
+    return _caption(drawn, text, style)
+
+
+# --------------------------------------------------------------------------- query grid
+
+
+def query_grid(image: Any, query_masks: Any, weights: Any, style: Style = STYLE) -> Image.Image:
+    """EAVL's per-query masks as tiles, sorted by their estimator weight (largest first).
+
+    query_masks: [Q, h, w] probabilities in [0, 1] (sigmoid of the per-query logits, any
+    resolution; resized to the tile); weights: [Q] the Multi-Query Estimator's weights.
+    Each tile is the image with the mask as a heat overlay and "q<index> w=<weight>" below.
+    Returns an RGB image of size (cols * tile_w, rows * (tile_h + label_h)), with
+    cols = min(Q, style.grid_cols), tile_w = style.tile_width, tile_h keeping the aspect ratio
+    and label_h = caption band of one line (see `grid_size`).
+    """
+    base = _rgb(image)
+    masks = np.asarray(query_masks, dtype=np.float32)  # [Q, h, w]
+    w = np.asarray(weights, dtype=np.float64).reshape(-1)  # [Q]
+    if masks.ndim != 3 or masks.shape[0] != w.shape[0] or masks.shape[0] == 0:
+        raise RefbenchError(
+            f"query masks must be [Q, h, w] with one weight per query, got masks {masks.shape} and weights {w.shape}"
+        )
+    if not np.isfinite(masks).all() or masks.min() < 0 or masks.max() > 1:
+        raise RefbenchError("query masks must be probabilities in [0, 1] (apply sigmoid to the logits)")
+    cols, rows, tile_w, tile_h, label_h = _grid_geometry(base.size, masks.shape[0], style)
+    thumb = np.asarray(base.resize((tile_w, tile_h), Image.BILINEAR), dtype=np.float32)  # [th, tw, 3]
+    heat = np.asarray(style.heat_color, dtype=np.float32)  # [3]
+    one_line = replace(style, caption_lines=1)
+    out = Image.new("RGB", (cols * tile_w, rows * (tile_h + label_h)), style.caption_bg)
+    order = np.argsort(-w, kind="stable")  # largest weight first
+    for slot, q in enumerate(order):
+        m = Image.fromarray(masks[q]).resize((tile_w, tile_h), Image.BILINEAR)  # mode F
+        alpha = np.asarray(m, dtype=np.float32)[..., None].clip(0, 1) * style.heat_alpha  # [th, tw, 1]
+        tile = Image.fromarray(((1 - alpha) * thumb + alpha * heat).round().clip(0, 255).astype(np.uint8))
+        tile = _caption(tile, f"q{q} w={w[q]:.3f}", one_line)
+        out.paste(tile, ((slot % cols) * tile_w, (slot // cols) * (tile_h + label_h)))
+    return out
+
+
+def _grid_geometry(size: tuple[int, int], queries: int, style: Style) -> tuple[int, int, int, int, int]:
+    width, height = size
+    cols = min(queries, style.grid_cols)
+    rows = math.ceil(queries / cols)
+    tile_w = style.tile_width
+    tile_h = max(1, round(height * tile_w / width))
+    label_h = caption_height(tile_w, replace(style, caption_lines=1))
+    return cols, rows, tile_w, tile_h, label_h
+
+
+def grid_size(image_size: tuple[int, int], queries: int, style: Style = STYLE) -> tuple[int, int]:
+    """The (width, height) `query_grid` returns for an image of `image_size` (W, H) and Q queries."""
+    cols, rows, tile_w, tile_h, label_h = _grid_geometry(image_size, queries, style)
+    return cols * tile_w, rows * (tile_h + label_h)
+
+
+# --------------------------------------------------------------------------- choosing and saving
+
+
+def pick_examples(ious: Any, n: int, seed: int = 0) -> dict[str, list[int]]:
+    """Indices of sentences to draw: {"best": [...], "worst": [...], "random": [...]}.
+
+    n is shared out best, worst, random (n = 5: 2 best, 2 worst, 1 random); no index appears
+    twice; with n >= len(ious) every index is used. Best is by IoU descending, worst ascending,
+    ties broken by index; random is drawn (seeded) from the rest.
+    """
+    values = np.asarray(ious, dtype=np.float64).reshape(-1)  # [S]
+    if n < 0:
+        raise RefbenchError(f"number of examples must be >= 0, got {n}")
+    n = min(n, values.size)
+    n_best = n // 3 + (n % 3 >= 1)
+    n_worst = n // 3 + (n % 3 >= 2)
+    n_random = n - n_best - n_worst
+    idx = np.arange(values.size)
+    best = np.lexsort((idx, -values))[:n_best]  # IoU descending, then index
+    rest = np.setdiff1d(idx, best)
+    worst = rest[np.lexsort((rest, values[rest]))][:n_worst]  # IoU ascending, then index
+    rest = np.setdiff1d(rest, worst)
+    rng = np.random.default_rng(seed)
+    random = np.sort(rng.choice(rest, size=n_random, replace=False)) if n_random else rest[:0]
+    return {"best": best.tolist(), "worst": worst.tolist(), "random": random.tolist()}
+
+
+def save_png(image: Image.Image, path: str | Path) -> Path:
+    """Write `image` as PNG atomically (temp file + rename); returns the path."""
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    fsutil.atomic_write_bytes(path, buf.getvalue())
+    return Path(path)
