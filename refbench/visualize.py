@@ -9,8 +9,10 @@
   the worst and a seeded random few.
 - `save_png(image, path)`: atomic PNG write (refbench.fsutil).
 
-PIL and numpy only. The `refbench predict` command (`main_predict`) is added to this module
-by the predict work; it reuses `overlay` (with `gt_mask=None`, `iou=None`) and `save_png`.
+- `render_examples(...)`: `refbench eval --vis N`, the chosen sentences re-run and drawn.
+- `main_predict(...)`: `refbench predict`, one image and one sentence -> mask PNG + overlay.
+
+Drawing is PIL and numpy only; the last two run a model (torch imported inside them).
 """
 
 from __future__ import annotations
@@ -241,3 +243,105 @@ def save_png(image: Image.Image, path: str | Path) -> Path:
     image.save(buf, format="PNG")
     fsutil.atomic_write_bytes(path, buf.getvalue())
     return Path(path)
+
+
+# --------------------------------------------------------------------------- running a model for pictures
+
+
+def _predict_one(net: Any, image: Image.Image, tokens: Any, device: Any) -> dict[str, Any]:
+    """Run `net` on one PIL image and one token row; maps back to the original size.
+
+    Returns {"prob": float [H, W] in [0, 1], "query_probs": float [Q, H, W] or None,
+    "query_weights": float [Q] or None}.
+    """
+    import torch
+
+    from refbench import transforms
+
+    x, box = transforms.image_to_tensor(image, net.image_size)  # [3, S, S]
+    t = torch.as_tensor(np.asarray(tokens), dtype=torch.int64).reshape(1, -1).to(device)
+    with torch.inference_mode():
+        out = net(x[None].to(device), t)
+    prob = transforms.to_original(torch.sigmoid(out["logits"].float()), [box])[0].cpu().numpy()
+    result = {"prob": prob, "query_probs": None, "query_weights": None}
+    if "query_masks" in out and "query_weights" in out:
+        q = torch.sigmoid(out["query_masks"][0].float())[:, None]  # [Q, 1, h, w]
+        result["query_probs"] = np.stack([m.cpu().numpy() for m in transforms.to_original(q, [box] * q.shape[0])])
+        result["query_weights"] = out["query_weights"][0].float().cpu().numpy()
+    return result
+
+
+def render_examples(net: Any, dataset_dir: Path, manifest: dict, split: str, scores: Any, n: int,
+                    out_dir: Path, device: Any, seed: int = 0) -> list[Path]:
+    """`refbench eval --vis N`: overlays of the best, worst and random sentences of a split.
+
+    `scores` is the split's `evaluate.SplitScores`; the chosen sentences are found again in the
+    split's shards (JSON parsed, only their JPEGs decoded), re-run through the model, and drawn
+    as `<out_dir>/<kind>-<k>-sent<sent_id>.png`, plus `...-queries.png` for models that expose
+    per-query masks (EAVL).
+    """
+    import json
+
+    import webdataset as wds
+
+    from refbench import data, metrics, refer
+
+    cols = scores.columns
+    ious = metrics.iou(cols["I"], cols["U"])
+    picks = pick_examples(ious, n, seed=seed)
+    wanted = {cols["sent_id"][i]: (kind, k, float(ious[i])) for kind, idx in picks.items() for k, i in enumerate(idx)}
+    urls = [e["url"] for e in data.split_shards(manifest, dataset_dir, split)]
+    written: list[Path] = []
+    net.eval()
+    for sample in wds.WebDataset(urls, shardshuffle=False, empty_check=False):
+        meta = json.loads(sample["json"])
+        hits = [(ref, s) for ref in meta["refs"] for s in ref["sentences"] if s["sent_id"] in wanted]
+        if not hits:
+            continue
+        image = Image.open(io.BytesIO(sample["jpg"])).convert("RGB")
+        for ref, s in hits:
+            kind, k, iou_value = wanted[s["sent_id"]]
+            pred = _predict_one(net, image, s["tokens"], device)
+            gt = refer.decode_mask(ref["mask"])
+            stem = f"{kind}-{k}-sent{s['sent_id']}"
+            written.append(save_png(overlay(image, gt, pred["prob"] > net.threshold, s["sent"], iou_value),
+                                    out_dir / f"{stem}.png"))
+            if pred["query_probs"] is not None:
+                written.append(save_png(query_grid(image, pred["query_probs"], pred["query_weights"]),
+                                        out_dir / f"{stem}-queries.png"))
+    return written
+
+
+def main_predict(checkpoint: Path, image: Path, text: str, out: Path) -> dict[str, Path]:
+    """`refbench predict`: one image, one sentence -> the mask PNG and an overlay beside it."""
+    from refbench import checkpoint as ckpt_mod
+    from refbench import text as text_mod
+
+    ckpt = ckpt_mod.load(checkpoint)
+    net = ckpt_mod.build_model(ckpt, checkpoint)
+    try:
+        picture = Image.open(image)
+        picture.load()
+    except FileNotFoundError:
+        raise RefbenchError(f"{image}: image not found") from None
+    except (OSError, ValueError) as e:
+        raise RefbenchError(f"{image}: not a readable image ({e})") from None
+    picture = picture.convert("RGB")
+    if not text.strip():
+        raise RefbenchError("--text is empty: give the referring expression, e.g. --text \"the man in black\"")
+    length = ckpt.get("dataset", {}).get("context_length") or 77
+    tokens = text_mod.tokenize([text.lower().strip()], length)[0]
+    pred = _predict_one(net, picture, tokens, "cpu")
+    mask = pred["prob"] > net.threshold
+    out = Path(out)
+    paths = {"mask": save_png(Image.fromarray((mask * 255).astype(np.uint8), mode="L"), out)}
+    paths["overlay"] = save_png(overlay(picture, None, mask, text, None), out.with_name(f"{out.stem}-overlay.png"))
+    if pred["query_probs"] is not None:
+        paths["queries"] = save_png(query_grid(picture, pred["query_probs"], pred["query_weights"]),
+                                    out.with_name(f"{out.stem}-queries.png"))
+    from rich.console import Console
+
+    area = float(mask.mean())
+    Console().print(f"predicted mask for {text!r}: {mask.sum()} px ({100 * area:.1f}% of the image, "
+                    f"threshold {net.threshold} on sigmoid) -> {paths['mask']}, overlay {paths['overlay']}")
+    return paths

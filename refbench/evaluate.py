@@ -1,0 +1,216 @@
+"""`refbench eval`: score a checkpoint on a split, every sentence of every ref exactly once.
+
+    checkpoint.load -> build the model -> data.eval_loader (this rank's shards)
+    -> forward -> sigmoid -> map back (protocol) -> binarise at the model's threshold
+    -> I and U per sentence -> gather over ranks -> results.write_record -> rich table
+
+The same `score_split` serves training-time validation (`validate`), so the numbers a run
+selects its best checkpoint on are computed exactly as the published ones.
+
+Protocols (refbench.metrics.PROTOCOLS):
+- `original` (default; CRIS/EAVL): the probability map over the letterboxed input is mapped
+  back to the original image (crop the letterbox, bilinear resize) and compared with the
+  original-size GT (the union of the annotation's polygons).
+- `input` (LAVT-style): the probability map is resized to the network input (S x S) and
+  compared with the GT moved into the same letterboxed frame (nearest).
+
+Under torchrun every rank scores its own shards and rank 0 gathers the per-sentence I/U, so
+the metrics are exact at any world size. A record missing any sentence is never published.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from refbench.errors import RefbenchError
+
+COLUMNS = ("sent_id", "ref_id", "image_id", "category_id", "sent")  # per-sentence keys kept with I and U
+
+
+@dataclass
+class SplitScores:
+    """Per-sentence I/U of one split (all ranks gathered) and where the time went."""
+
+    columns: dict[str, list] = field(default_factory=lambda: {k: [] for k in (*COLUMNS, "I", "U")})
+    seconds_total: float = 0.0  # wall time of the scoring loop on this rank
+    seconds_metric: float = 0.0  # of which: mapping predictions back, binarising, counting I and U
+
+    def __len__(self) -> int:
+        return len(self.columns["sent_id"])
+
+    def extend(self, other: "SplitScores") -> None:
+        for k, v in other.columns.items():
+            self.columns[k].extend(v)
+
+
+def probabilities(net, image, tokens, amp_dtype=None):
+    """sigmoid(logits) of the model: float32 [B,1,h,w] over the square input."""
+    import torch
+
+    with torch.inference_mode(), torch.autocast(image.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        logits = net(image, tokens)["logits"]
+    return torch.sigmoid(logits.float())
+
+
+def count_iu(probs, batch: dict, threshold: float, protocol: str) -> tuple[np.ndarray, np.ndarray]:
+    """I and U (int64 [B]) of one batch of probability maps against its GT masks."""
+    import torch
+    import torch.nn.functional as F
+
+    from refbench import metrics, transforms
+
+    metrics.get_protocol(protocol)
+    boxes = batch["letterbox"]
+    if protocol == "original":
+        maps = transforms.to_original(probs, boxes)  # B x float [H_b, W_b]
+        pairs = [metrics.intersection_union(m.cpu().numpy() > threshold, gt.numpy().astype(bool))
+                 for m, gt in zip(maps, batch["gt_mask"])]
+        inter, union = zip(*pairs) if pairs else ((), ())
+        return np.asarray(inter, dtype=np.int64), np.asarray(union, dtype=np.int64)
+    size = boxes[0].size
+    pred = F.interpolate(probs, size=(size, size), mode="bilinear", align_corners=False)[:, 0] > threshold  # [B,S,S]
+    gt = np.stack([transforms.mask_to_input(g.numpy(), b) for g, b in zip(batch["gt_mask"], boxes)])  # [B,S,S]
+    return metrics.intersection_union_batch(pred.cpu(), torch.from_numpy(gt).bool())
+
+
+def score_split(net, dataset_dir: Path, manifest: dict, split: str, d, *, batch_size: int = 16,
+                workers: int = 0, amp_dtype=None, protocol: str = "original",
+                max_batches: int | None = None) -> SplitScores:
+    """I/U of every sentence of `split` (this rank's shards; gathered on every rank when distributed)."""
+    import torch
+
+    from refbench import data
+
+    loader = data.eval_loader(dataset_dir, manifest, split=split, image_size=net.image_size,
+                              batch_size=batch_size, workers=workers, rank=d.rank, world=d.world)
+    was_training = net.training
+    net.eval()
+    scores = SplitScores()
+    start = time.perf_counter()
+    for b, batch in enumerate(loader):
+        if max_batches is not None and b >= max_batches:
+            break
+        probs = probabilities(net, batch["image"].to(d.device), batch["tokens"].to(d.device), amp_dtype)
+        t0 = time.perf_counter()
+        inter, union = count_iu(probs, batch, net.threshold, protocol)
+        scores.seconds_metric += time.perf_counter() - t0
+        for k in COLUMNS:
+            scores.columns[k].extend(batch[k])
+        scores.columns["I"].extend(inter.tolist())
+        scores.columns["U"].extend(union.tolist())
+    scores.seconds_total = time.perf_counter() - start
+    net.train(was_training)
+    if d.world > 1:
+        gathered: list = [None] * d.world
+        torch.distributed.all_gather_object(gathered, scores.columns)
+        merged = SplitScores(seconds_total=scores.seconds_total, seconds_metric=scores.seconds_metric)
+        for cols in gathered:
+            merged.extend(SplitScores(columns=cols))
+        scores = merged
+    return scores
+
+
+def validate(net, dataset_dir: Path, manifest: dict, d, *, batch_size: int, workers: int, amp_dtype=None,
+             max_batches: int | None = None) -> dict:
+    """Training-time validation: mIoU, oIoU, Pr@X on the val split (original protocol)."""
+    from refbench import metrics
+
+    scores = score_split(net, dataset_dir, manifest, "val", d, batch_size=batch_size, workers=workers,
+                         amp_dtype=amp_dtype, max_batches=max_batches)
+    return metrics.summarize(scores.columns["I"], scores.columns["U"])
+
+
+# ------------------------------------------------------------------------------ `refbench eval`
+
+
+def main(checkpoint: Path, dataset: str | None, split: str, shards: Path, protocol: str, batch_size: int,
+         workers: int | None, vis: int, results: Path, run_name: str | None) -> list[Path]:
+    """Score a checkpoint on one split (or all), publish result records, print the table."""
+    from refbench import checkpoint as ckpt_mod
+    from refbench import data, metrics
+    from refbench import results as results_mod
+    from refbench.fsutil import sha256_file
+    from refbench.train import autocast_dtype, setup_distributed
+
+    metrics.get_protocol(protocol)
+    d = setup_distributed()
+    ckpt = ckpt_mod.load(checkpoint)
+    net = ckpt_mod.build_model(ckpt, checkpoint).to(d.device)
+    dataset = dataset or ckpt.get("dataset", {}).get("name")
+    if not dataset:
+        raise RefbenchError(f"{checkpoint}: the checkpoint names no dataset", hint="pass --dataset, e.g. refcoco_unc")
+    dataset_dir = Path(shards) / dataset
+    manifest = data.load_manifest(dataset_dir)
+    splits = list(manifest["splits"]) if split == "all" else [split]
+    for s in splits:
+        if s not in manifest["splits"]:
+            raise RefbenchError(f"{dataset_dir / 'manifest.json'}: no split {s!r}; splits: {', '.join(manifest['splits'])} (or 'all')")
+    workers = 2 if workers is None else workers
+    amp = autocast_dtype("auto", d.device)
+    model_info = results_mod.ModelInfo(
+        name=ckpt["model"]["name"], variant=ckpt["model"]["variant"], config=ckpt["model"]["config"],
+        run=run_name or Path(checkpoint).resolve().parent.name, checkpoint=str(checkpoint),
+        checkpoint_sha256=sha256_file(checkpoint), step=ckpt.get("step"),
+    )
+    manifest_sha = sha256_file(dataset_dir / "manifest.json")
+    written, summaries = [], []
+    for s in splits:
+        scores = score_split(net, dataset_dir, manifest, s, d, batch_size=batch_size, workers=workers,
+                             amp_dtype=amp, protocol=protocol)
+        if d.rank != 0:
+            continue
+        path = results_mod.write_record(
+            results, dataset=dataset, split=s, protocol=protocol, threshold=net.threshold, model=model_info,
+            data=results_mod.DataInfo(manifest_sha256=manifest_sha, sentences_expected=manifest["splits"][s]["sentences"]),
+            sentences=scores.columns,
+        )
+        written.append(path)
+        summaries.append((s, path, scores))
+        if vis:
+            from refbench.visualize import render_examples
+
+            render_examples(net, dataset_dir, manifest, s, scores, vis, results_dir_for(path), d.device)
+    if d.rank == 0:
+        print_scores(dataset, protocol, model_info, summaries)
+    return written
+
+
+def results_dir_for(record_path: Path) -> Path:
+    """Folder for the pictures of a record: `<record stem>-vis/` beside it."""
+    return record_path.with_name(record_path.stem + "-vis")
+
+
+def print_scores(dataset: str, protocol: str, model_info, summaries: list[tuple[str, Path, SplitScores]]) -> None:
+    """The rich table of `refbench eval`: one row per split, every number named."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from refbench import metrics
+    from refbench import results as results_mod
+
+    console = Console()
+    table = Table(title=f"{model_info.name}/{model_info.variant} ({model_info.run}) on {dataset}, "
+                        f"protocol {protocol}: {metrics.get_protocol(protocol).description}",
+                  title_justify="left")
+    for col in ("dataset", "split", "protocol", "n", "mIoU % [95% CI]", "oIoU % [95% CI]", *[f"{k} %" for k in metrics.PR_KEYS]):
+        table.add_column(col, justify="right" if col not in ("dataset", "split", "protocol") else "left")
+    for split, path, _ in summaries:
+        rec = results_mod.load_record(path).meta
+        m = rec["metrics"]
+        ci = m["ci95"]
+        table.add_row(
+            dataset, split, protocol, str(m["n"]),
+            f"{100 * m['mIoU']:.2f} [{100 * ci['mIoU'][0]:.2f}, {100 * ci['mIoU'][1]:.2f}]",
+            f"{100 * m['oIoU']:.2f} [{100 * ci['oIoU'][0]:.2f}, {100 * ci['oIoU'][1]:.2f}]",
+            *[f"{100 * m[k]:.2f}" for k in metrics.PR_KEYS],
+        )
+    console.print(table)
+    for split, path, scores in summaries:
+        share = scores.seconds_metric / scores.seconds_total if scores.seconds_total else 0.0
+        console.print(f"{split}: record {path} ({len(scores)} sentences, {scores.seconds_total:.1f} s, "
+                      f"{100 * share:.1f}% in metric code)")
