@@ -1,0 +1,405 @@
+"""The webdataset loaders: train stream (shapes, determinism, resume, ranks), eval (every
+sentence exactly once, GT masks, order) and corrupt shards, on a tiny hand-written dataset
+(tests/_tiny_shards.py) and, when available, on the prepared synthetic datasets."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from pycocotools import mask as mask_utils
+
+from _tiny_shards import write_tiny_dataset
+from refbench import data, transforms
+from refbench.errors import RefbenchError
+from refbench.fsutil import sha256_file
+
+EOT = 49407
+SIZE = 64  # input side for the tiny dataset (its images are 33..90 px)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """(dataset folder, ground truth): train 7 images / 4 shards, val 5 images / 3 shards."""
+    return write_tiny_dataset(tmp_path_factory.mktemp("shards"))
+
+
+@pytest.fixture
+def tiny_copy(tiny, tmp_path):
+    """A private copy of the tiny dataset that a test may corrupt."""
+    ds, truth = tiny
+    dst = tmp_path / ds.name
+    shutil.copytree(ds, dst)
+    return dst, truth
+
+
+def _sentences(ds: Path, split: str) -> dict[int, dict]:
+    """sent_id -> {"tokens", "ref_id"} read straight from the shards' JSON."""
+    import tarfile
+
+    out = {}
+    for tar_path in sorted((ds / split).glob("*.tar")):
+        with tarfile.open(tar_path) as tar:
+            for m in tar.getmembers():
+                if m.name.endswith(".json"):
+                    meta = json.loads(tar.extractfile(m).read())
+                    for ref in meta["refs"]:
+                        for s in ref["sentences"]:
+                            out[s["sent_id"]] = {"tokens": s["tokens"], "ref_id": ref["ref_id"]}
+    return out
+
+
+def _batches(loader) -> list[dict]:
+    return list(loader)
+
+
+def _assert_same_batches(a: list[dict], b: list[dict]) -> None:
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert x.keys() == y.keys()
+        for k in x:
+            assert torch.equal(x[k], y[k]), k
+
+
+# --------------------------------------------------------------------------------- train
+
+
+def test_train_batches_are_well_formed_and_match_the_shards(tiny):
+    ds, truth = tiny
+    sents = _sentences(ds, "train")
+    loader = data.train_loader(ds, batch_size=3, image_size=SIZE, seed=1)
+    n_refs = len(truth.refs["train"])
+    assert len(loader) == loader.steps_per_epoch == -(-n_refs // 3)
+    batches = _batches(loader)
+    assert len(batches) == len(loader)
+    for b in batches:
+        assert b["image"].shape == (3, 3, SIZE, SIZE) and b["image"].dtype == torch.float32
+        assert b["tokens"].shape == (3, 17) and b["tokens"].dtype == torch.int64
+        assert b["mask"].shape == (3, 1, SIZE, SIZE) and b["mask"].dtype == torch.float32
+        assert set(b["mask"].unique().tolist()) <= {0.0, 1.0}
+        assert torch.all(b["mask"].flatten(1).sum(1) > 0)
+        assert torch.all((b["tokens"] == EOT).sum(1) == 1)
+        assert torch.equal(b["tokens"].argmax(1), (b["tokens"] == EOT).int().argmax(1))
+        for i in range(3):
+            sent, ref_id = int(b["sent_id"][i]), int(b["ref_id"][i])
+            assert sents[sent]["ref_id"] == ref_id  # the sentence belongs to the ref
+            assert b["tokens"][i].tolist() == sents[sent]["tokens"]
+            box = transforms.Letterbox.fit(truth.masks[ref_id].shape[1], truth.masks[ref_id].shape[0], SIZE)
+            expected = transforms.mask_to_tensor(truth.masks[ref_id], box)
+            assert torch.equal(b["mask"][i], expected)  # the mask is the ref's, letterboxed
+            pad = expected[0] == 0
+            pad[box.pad_y : box.pad_y + box.new_h, box.pad_x : box.pad_x + box.new_w] = False
+            assert torch.all(b["image"][i][:, pad] == 0)  # letterbox padding reads 0
+
+
+def test_train_stream_draws_sentences_at_random(tiny):
+    """Over several epochs every sentence of a multi-sentence ref gets drawn."""
+    ds, truth = tiny
+    sents = _sentences(ds, "train")
+    seen = set()
+    for epoch in range(6):
+        for b in data.train_loader(ds, batch_size=4, image_size=32, epoch=epoch):
+            seen.update(b["sent_id"].tolist())
+    assert len(seen) >= 0.8 * len(sents)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_train_stream_is_deterministic_for_a_seed(tiny, workers):
+    ds, _ = tiny
+    kw = dict(batch_size=2, image_size=SIZE, workers=workers)
+    a = _batches(data.train_loader(ds, seed=7, **kw))
+    b = _batches(data.train_loader(ds, seed=7, **kw))
+    _assert_same_batches(a, b)
+    other_seed = _batches(data.train_loader(ds, seed=8, **kw))
+    other_epoch = _batches(data.train_loader(ds, seed=7, epoch=1, **kw))
+    ids = [x["sent_id"].tolist() for x in a]
+    assert ids != [x["sent_id"].tolist() for x in other_seed]
+    assert ids != [x["sent_id"].tolist() for x in other_epoch]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_train_resume_skips_to_the_same_batches(tiny, workers):
+    ds, _ = tiny
+    kw = dict(batch_size=2, image_size=SIZE, workers=workers, seed=3, epoch=2)
+    full = _batches(data.train_loader(ds, **kw))
+    for k in (1, 5, len(full)):
+        resumed = data.train_loader(ds, skip_batches=k, **kw)
+        assert len(resumed) == len(full) - k
+        _assert_same_batches(_batches(resumed), full[k:])
+
+
+def test_train_ranks_run_the_same_number_of_steps(tiny):
+    ds, truth = tiny
+    n_refs = len(truth.refs["train"])
+    streams = [_batches(data.train_loader(ds, batch_size=2, image_size=32, rank=r, world=2)) for r in (0, 1)]
+    assert len(streams[0]) == len(streams[1]) == -(-n_refs // 4)  # ceil(refs / global batch of 4)
+    assert [b["sent_id"].tolist() for b in streams[0]] != [b["sent_id"].tolist() for b in streams[1]]
+
+
+def test_train_takes_num_batches_and_more_workers_than_shards(tmp_path):
+    ds, _ = write_tiny_dataset(tmp_path, images={"train": 2}, shard_size=2)  # one shard
+    loader = data.train_loader(ds, batch_size=2, image_size=32, workers=2, num_batches=5)
+    assert len(loader) == 5 and len(_batches(loader)) == 5
+    with pytest.raises(ValueError):
+        data.train_loader(ds, batch_size=2, num_batches=5, skip_batches=6)
+
+
+def test_dist_info_defaults_and_checks():
+    assert data.dist_info() == (0, 1)
+    assert data.dist_info(1, 2) == (1, 2)
+    with pytest.raises(ValueError):
+        data.dist_info(2, 2)
+
+
+# --------------------------------------------------------------------------------- eval
+
+
+@pytest.mark.parametrize("workers", [0, 2, 5])
+def test_eval_yields_every_sentence_exactly_once(tiny, workers):
+    ds, truth = tiny
+    loader = data.eval_loader(ds, split="val", image_size=SIZE, batch_size=4, workers=workers)
+    assert loader.workers == min(workers, 3)  # clamped to the 3 val shards
+    batches = _batches(loader)
+    assert len(batches) == len(loader)
+    ids = [i for b in batches for i in b["sent_id"]]
+    assert len(ids) == len(set(ids)) == loader.sentences
+    assert set(ids) == set(truth.sentences["val"])
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_eval_ranks_together_cover_every_sentence_once(tiny, workers):
+    ds, truth = tiny
+    ids = []
+    for rank in (0, 1):
+        loader = data.eval_loader(ds, split="val", image_size=SIZE, batch_size=3, workers=workers, rank=rank, world=2)
+        got = [i for b in _batches(loader) for i in b["sent_id"]]
+        assert len(got) == loader.sentences
+        ids += got
+    assert sorted(ids) == sorted(truth.sentences["val"])
+
+
+def test_eval_rank_without_shards_yields_nothing(tiny):
+    ds, _ = tiny
+    loader = data.eval_loader(ds, split="val", rank=3, world=4, workers=2)  # 3 val shards
+    assert len(loader) == 0 and loader.sentences == 0 and _batches(loader) == []
+
+
+def test_eval_items_carry_what_scoring_needs(tiny):
+    ds, truth = tiny
+    sents = _sentences(ds, "val")
+    batches = _batches(data.eval_loader(ds, split="val", image_size=SIZE, batch_size=5))
+    first_image = {}
+    for b in batches:
+        n = len(b["sent_id"])
+        assert b["image"].shape == (n, 3, SIZE, SIZE) and b["tokens"].shape == (n, 17)
+        assert all(len(b[k]) == n for k in data.EVAL_LISTS)
+        for i in range(n):
+            sid, rid = b["sent_id"][i], b["ref_id"][i]
+            assert sents[sid]["ref_id"] == rid and b["tokens"][i].tolist() == sents[sid]["tokens"]
+            gt, box = b["gt_mask"][i], b["letterbox"][i]
+            assert gt.dtype == torch.uint8 and gt.shape == (b["height"][i], b["width"][i])
+            assert np.array_equal(gt.numpy(), truth.masks[rid])  # the RLE decodes to the drawn mask
+            assert (box.orig_w, box.orig_h, box.size) == (b["width"][i], b["height"][i], SIZE)
+            expected, _ = transforms.decode_image(truth.jpeg[b["image_id"][i]], SIZE)
+            assert torch.equal(b["image"][i], transforms.normalize(expected, box))
+            first_image.setdefault(b["image_id"][i], b["image"][i])
+            assert torch.equal(first_image[b["image_id"][i]], b["image"][i])
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_eval_order_is_deterministic(tiny, workers):
+    ds, truth = tiny
+    runs = [[b["sent_id"] for b in data.eval_loader(ds, split="val", batch_size=4, image_size=32, workers=workers)]
+            for _ in range(2)]
+    assert runs[0] == runs[1]
+    if workers == 0:  # one stream: the file order of the shards
+        assert [i for b in runs[0] for i in b] == truth.sentences["val"]
+
+
+# --------------------------------------------------------------------------------- bad input
+
+
+def _truncate(path: Path, size: int) -> None:
+    path.write_bytes(path.read_bytes()[:size])
+
+
+def _flip(path: Path, offset: int) -> None:
+    raw = bytearray(path.read_bytes())
+    raw[offset] ^= 0x5A
+    path.write_bytes(bytes(raw))
+
+
+def _members(path: Path) -> list[tuple[str, int, int, int]]:
+    """(name, header offset, data offset, data size) of each member of a tar, in order."""
+    import tarfile
+
+    with tarfile.open(path) as tar:
+        return [(m.name, m.offset, m.offset_data, m.size) for m in tar.getmembers()]
+
+
+def _silent_jpeg_flip(shard: Path) -> int:
+    """An offset inside the first JPEG where a flipped byte still decodes without error in PIL."""
+    import io
+
+    from PIL import Image
+
+    _, _, start, size = _members(shard)[0]
+    raw = bytearray(shard.read_bytes())
+    for offset in range(start + 300, start + size - 2, 7):
+        raw[offset] ^= 0x5A
+        jpg = bytes(raw[start : start + size])
+        raw[offset] ^= 0x5A
+        try:
+            Image.open(io.BytesIO(jpg)).load()
+            return offset
+        except Exception:
+            continue
+    raise AssertionError("no silently decodable flip found")
+
+
+def _damage(shard: Path, how: str) -> None:
+    members = _members(shard)  # [jpg 1, json 1, jpg 2, json 2]
+    jpg, js, second_sample = members[0][2], members[1][2], members[2][1]
+    {
+        "truncated mid-member": lambda: _truncate(shard, jpg + 100),
+        "truncated between samples": lambda: _truncate(shard, second_sample),  # tarfile alone sees a clean end
+        "flipped byte in a header": lambda: _flip(shard, second_sample + 10),  # tarfile alone stops silently
+        "flipped byte in the JPEG": lambda: _flip(shard, _silent_jpeg_flip(shard)),  # PIL alone decodes it
+        "flipped byte in the JSON": lambda: _flip(shard, js + 5),
+    }[how]()
+
+
+DAMAGE = ["truncated mid-member", "truncated between samples", "flipped byte in a header",
+          "flipped byte in the JPEG", "flipped byte in the JSON"]
+
+
+@pytest.mark.parametrize("how", DAMAGE)
+@pytest.mark.parametrize("workers", [0, 2])
+def test_corrupt_shard_raises_naming_the_shard_in_eval(tiny_copy, how, workers):
+    ds, _ = tiny_copy
+    shard = ds / "val" / "val-000001.tar"
+    _damage(shard, how)
+    with pytest.raises(RefbenchError) as e:
+        _batches(data.eval_loader(ds, split="val", image_size=32, batch_size=4, workers=workers))
+    assert str(shard) in e.value.message and "\n" not in e.value.message
+    assert multiprocessing.active_children() == []  # the workers were stopped, not left hanging
+    with pytest.raises(RefbenchError, match="val-000001.tar"):
+        data.verify_shards(data.load_manifest(ds), ds, "val")
+
+
+@pytest.mark.parametrize("how", ["truncated mid-member", "flipped byte in the JPEG"])
+def test_corrupt_shard_raises_naming_the_shard_in_train(tiny_copy, how):
+    ds, _ = tiny_copy
+    shard = ds / "train" / "train-000000.tar"
+    _damage(shard, how)
+    with pytest.raises(RefbenchError) as e:  # resampled: read all shards over enough batches
+        _batches(data.train_loader(ds, batch_size=2, image_size=32, workers=2, num_batches=200))
+    assert str(shard) in e.value.message and "\n" not in e.value.message
+
+
+def test_sample_count_is_checked_without_sha256(tiny_copy):
+    ds, _ = tiny_copy
+    shard = ds / "val" / "val-000000.tar"
+    _damage(shard, "truncated between samples")
+    with pytest.raises(RefbenchError, match="val-000000.tar is corrupt: it holds 1 samples, the manifest says 2"):
+        _batches(data.eval_loader(ds, split="val", image_size=32, verify=False))
+
+
+def _rewrite_sample(ds: Path, shard_rel: str, edit) -> Path:
+    """Rewrite one shard with `edit(name, bytes) -> bytes` applied, and re-sign it in the manifest
+    (a consistent but wrong shard, as a buggy writer would make)."""
+    import io
+    import tarfile
+
+    path = ds / shard_rel
+    members = []
+    with tarfile.open(path) as tar:
+        for m in tar.getmembers():
+            members.append((m.name, edit(m.name, tar.extractfile(m).read())))
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for name, payload in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    manifest = json.loads((ds / "manifest.json").read_text())
+    for s in manifest["shards"]:
+        if s["path"] == shard_rel:
+            s["sha256"], s["bytes"] = sha256_file(path), path.stat().st_size
+    (ds / "manifest.json").write_text(json.dumps(manifest))
+    return path
+
+
+@pytest.mark.parametrize(
+    "what,edit,message",
+    [
+        ("bad JPEG", lambda n, b: b[:200] if n.endswith(".jpg") else b, "JPEG does not decode"),
+        ("bad JSON", lambda n, b: b[:-3] if n.endswith(".json") else b, "bad JSON"),
+        ("JSON without refs", lambda n, b: json.dumps({**json.loads(b), "refs": None}).encode() if n.endswith(".json") else b, "bad JSON"),
+        ("short tokens", lambda n, b: b.replace(b', 0, 0]', b']') if n.endswith(".json") else b, "tokens"),
+        ("bad RLE", lambda n, b: b.replace(b'"counts": "', b'"counts": "\\u0001') if n.endswith(".json") else b, "bad RLE"),
+    ],
+)
+def test_bad_sample_in_a_consistent_shard_names_shard_and_sample(tiny_copy, what, edit, message):
+    ds, _ = tiny_copy
+    shard = _rewrite_sample(ds, "val/val-000002.tar", edit)
+    with pytest.raises(RefbenchError, match=message) as e:
+        _batches(data.eval_loader(ds, split="val", image_size=32, workers=2))
+    assert str(shard) in e.value.message and "sample" in e.value.message
+
+
+def test_missing_shard_manifest_and_split(tiny_copy, tmp_path):
+    ds, _ = tiny_copy
+    with pytest.raises(RefbenchError, match="manifest.json not found"):
+        data.load_manifest(tmp_path / "elsewhere" / "refcoco_unc")
+    with pytest.raises(RefbenchError, match="split 'testA'.*splits: train, val"):
+        data.eval_loader(ds, split="testA")
+    (ds / "val" / "val-000000.tar").unlink()
+    with pytest.raises(RefbenchError, match="val-000000.tar"):
+        _batches(data.eval_loader(ds, split="val"))
+    with pytest.raises(RefbenchError, match="val-000000.tar is missing"):
+        data.verify_shards(data.load_manifest(ds), ds, "val")
+    manifest = json.loads((ds / "manifest.json").read_text())
+    (ds / "manifest.json").write_text(json.dumps({**manifest, "schema_version": 2}))
+    with pytest.raises(RefbenchError, match="v2"):
+        data.load_manifest(ds)
+
+
+def test_verify_shards_passes_on_good_shards(tiny):
+    ds, _ = tiny
+    assert data.verify_shards(data.load_manifest(ds), ds, "train") == 4
+
+
+# --------------------------------------------------------------------------------- prepared synthetic data
+
+
+def test_pipelines_on_prepared_synthetic_data(request):
+    """On `refbench synth` + `refbench prepare` output: eval yields exactly the sentences of the
+    raw refs pickle, split by split; train batches are well formed."""
+    from refbench import refer
+
+    try:
+        root = Path(request.getfixturevalue("shards_root"))
+        raw = Path(request.getfixturevalue("synth_root"))
+    except pytest.FixtureLookupError:
+        pytest.skip("no shards_root/synth_root fixtures (refbench.prepare not landed)")
+    names = sorted(p.name for p in root.iterdir() if (p / "manifest.json").is_file())
+    assert names, root
+    for name in names:
+        ds = root / name
+        manifest = data.load_manifest(ds)
+        L = manifest["tokenizer"]["context_length"]
+        refs = refer.load_refs(raw / manifest["dataset"] / f"refs({manifest['split_by']}).p")
+        for split in manifest["splits"]:
+            expected = sorted(s["sent_id"] for r in refs if r["split"] == split for s in r["sentences"])
+            loader = data.eval_loader(ds, manifest, split=split, image_size=64, batch_size=32, workers=2)
+            got = [i for b in loader for i in b["sent_id"]]
+            assert sorted(got) == expected, (name, split)
+        train = data.train_loader(ds, manifest, batch_size=4, image_size=64, num_batches=3, workers=2)
+        for b in train:
+            assert b["tokens"].shape == (4, L) and torch.all((b["tokens"] == EOT).sum(1) == 1)
+            assert torch.all(b["mask"].flatten(1).sum(1) > 0)
