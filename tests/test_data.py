@@ -159,6 +159,7 @@ def test_dist_info_defaults_and_checks():
 # --------------------------------------------------------------------------------- eval
 
 
+@pytest.mark.filterwarnings("ignore:This DataLoader will create")  # 3 workers on a 2-core machine
 @pytest.mark.parametrize("workers", [0, 2, 5])
 def test_eval_yields_every_sentence_exactly_once(tiny, workers):
     ds, truth = tiny
