@@ -29,6 +29,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -108,11 +109,19 @@ def _reachable(url: str, timeout: float = 3.0) -> bool:
     from urllib.parse import urlparse
 
     host = urlparse(url).hostname or url
-    try:
-        socket.create_connection((host, 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
+    answers: list[bool] = []
+
+    def probe() -> None:  # in a thread, so a slow DNS lookup cannot hold us past `timeout`
+        try:
+            socket.create_connection((host, 443), timeout=timeout).close()
+            answers.append(True)
+        except OSError:
+            pass
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return bool(answers)
 
 
 def _cached_weights(cfg: dict) -> str | None:
@@ -166,12 +175,12 @@ def resolve_pretrained(arch: str, pretrained: str | None) -> tuple[str | None, b
         why = "HF_HUB_OFFLINE=1" if _offline() else "no network"
         raise ModelError(
             f"open_clip weights {arch}/{pretrained} are not in the local cache and we are offline ({why}); "
-            f"download them where there is network and pass the file: pretrained=/path/to/{arch}.pt"
+            f"download them where there is network and pass the file instead (--pretrained /path/to/{arch}.pt)"
         )
     try:
         return open_clip.download_pretrained(cfg), quick_gelu
     except Exception as e:  # network errors, hub errors: one line
-        raise ModelError(f"could not download open_clip weights {arch}/{pretrained}: {e}") from None
+        raise ModelError(f"could not download open_clip weights {arch}/{pretrained}: {str(e).splitlines()[0]}") from None
 
 
 def create_clip(cfg: BackboneConfig):
@@ -182,6 +191,8 @@ def create_clip(cfg: BackboneConfig):
     if cfg.clip_arch not in open_clip.list_models():
         raise ModelError(f"unknown open_clip architecture {cfg.clip_arch!r}")
     path, tag_quick_gelu = resolve_pretrained(cfg.clip_arch, cfg.pretrained)
+    if tag_quick_gelu:  # recorded in the config, so a rebuild from a checkpoint (pretrained=None) matches
+        cfg.quick_gelu = True
     previous = logging.root.manager.disable
     logging.disable(logging.WARNING)  # open_clip warns on every random init, which is our default
     try:

@@ -1,0 +1,140 @@
+"""The CLIP backbone (models/clip_backbone.py): features equal open_clip's own where they
+should, shapes at any input size, and pretrained weights that fail fast offline."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import huggingface_hub.constants
+import open_clip
+import pytest
+import torch
+
+import models
+from _model_helpers import make_tokens
+from models.clip_backbone import (
+    CONFIG_DIR,
+    BackboneConfig,
+    ClipBackbone,
+    TextEncoder,
+    create_clip,
+    dense_attention_pool,
+    resize_pos_embed,
+    vit_tokens,
+)
+
+
+@pytest.fixture(scope="module")
+def tiny_rn():
+    torch.manual_seed(0)
+    return create_clip(BackboneConfig(clip_arch="refbench-tiny-rn")).eval()
+
+
+@pytest.fixture(scope="module")
+def tiny_vit():
+    torch.manual_seed(0)
+    return create_clip(BackboneConfig(clip_arch="refbench-tiny-vit")).eval()
+
+
+def test_dense_attention_pool_matches_clip_pooled_token(tiny_rn):
+    visual = tiny_rn.visual
+    image = torch.randn(2, 3, 128, 128)
+    with torch.no_grad():
+        x4 = visual.layer4(visual.layer3(visual.layer2(visual.layer1(visual.stem(image)))))
+        z_bar, z = dense_attention_pool(visual.attnpool, x4)
+        torch.testing.assert_close(z_bar, visual.attnpool(x4), rtol=1e-4, atol=1e-5)
+    assert z.shape == (2, visual.attnpool.c_proj.out_features, 4, 4)
+    # every position is a query: the spatial outputs differ from each other
+    assert z.flatten(2).std(dim=2).mean() > 0
+
+
+def test_vit_class_token_matches_clip_image_feature(tiny_vit):
+    image = torch.randn(2, 3, 128, 128)
+    with torch.no_grad():
+        z_bar, z = vit_tokens(tiny_vit.visual, image)
+        torch.testing.assert_close(z_bar, tiny_vit.visual(image), rtol=1e-4, atol=1e-5)
+    assert z.shape == (2, tiny_vit.visual.proj.shape[1], 8, 8)
+
+
+def test_resize_pos_embed():
+    pos = torch.randn(1 + 4 * 4, 8)
+    assert resize_pos_embed(pos, (4, 4)) is pos
+    resized = resize_pos_embed(pos, (7, 5))
+    assert resized.shape == (1 + 35, 8)
+    assert torch.equal(resized[0], pos[0])  # the global / class slot is kept
+
+
+def test_text_features_match_clip_at_any_length(tiny_rn):
+    text = TextEncoder(tiny_rn).eval()
+    for length in (17, 22):
+        tokens = make_tokens(3, length)
+        padded = torch.cat([tokens, torch.zeros(3, 77 - length, dtype=torch.long)], dim=1)
+        with torch.no_grad():
+            feats = text(tokens)
+            torch.testing.assert_close(feats.sentence, tiny_rn.encode_text(padded), rtol=1e-4, atol=1e-5)
+        assert feats.words.shape == (3, length, 128)
+        assert torch.equal(feats.pad, tokens == 0)
+
+
+@pytest.mark.parametrize("arch", ["refbench-tiny-rn", "refbench-tiny-vit"])
+@pytest.mark.parametrize("size", [128, 192])
+def test_image_feature_shapes(arch, size):
+    torch.manual_seed(0)
+    backbone = ClipBackbone(BackboneConfig(clip_arch=arch), text=False).eval()
+    with torch.no_grad():
+        f = backbone.image_encoder(torch.randn(1, 3, size, size))
+    s = size // 8
+    assert f.v2.shape == (1, 64, s, s) and f.v3.shape == (1, 128, s // 2, s // 2)
+    assert f.v4.shape == (1, 128, s // 4, s // 4) and f.vg.shape == (1, 128)
+
+
+def test_vit_grid_that_is_not_stride_16(tmp_path):
+    """A patch-14 ViT (like ViT-L/14, whose 480 px grid is 34 x 34) still yields the H/8, H/16,
+    H/32 maps: the patch map is resized to H/16 first."""
+    cfg = json.loads((CONFIG_DIR / "refbench-tiny-vit.json").read_text())
+    cfg["vision_cfg"]["patch_size"] = 14
+    path = tmp_path / "refbench-test-vit14.json"
+    path.write_text(json.dumps(cfg))
+    open_clip.add_model_config(path)
+    torch.manual_seed(0)
+    backbone = ClipBackbone(BackboneConfig(clip_arch="refbench-test-vit14"), text=False).eval()
+    with torch.no_grad():
+        z_bar, z = vit_tokens(backbone.image_encoder.visual, torch.randn(1, 3, 128, 128))
+        f = backbone.image_encoder(torch.randn(1, 3, 128, 128))
+    assert z.shape[-2:] == (9, 9)
+    assert f.v2.shape[-2:] == (16, 16) and f.v3.shape[-2:] == (8, 8) and f.v4.shape[-2:] == (4, 4)
+
+
+def test_pretrained_tag_offline_fails_fast_with_one_line(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.cache/clip download
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))  # empty hub cache
+    start = time.perf_counter()
+    with pytest.raises(models.ModelError) as err:
+        models.build("eavl", "rn50", pretrained="openai")
+    assert time.perf_counter() - start < 5.0
+    message = str(err.value)
+    assert "\n" not in message
+    assert "offline" in message and "RN50/openai" in message and "--pretrained /path/to/RN50.pt" in message
+
+
+def test_pretrained_unknown_tag_or_missing_file():
+    with pytest.raises(models.ModelError, match="tags: openai"):
+        models.build("cris", "rn50", pretrained="no-such-tag")
+    with pytest.raises(models.ModelError, match="neither a file"):
+        models.build("eavl", "tiny", pretrained="/no/such/weights.pt")
+
+
+def test_pretrained_local_file_is_loaded(tmp_path):
+    torch.manual_seed(1)
+    source = open_clip.create_model("refbench-tiny-rn")
+    path = tmp_path / "tiny-clip.pt"
+    torch.save(source.state_dict(), path)
+    model = models.build("eavl", "tiny", pretrained=str(path))
+    assert torch.equal(model.backbone.image_encoder.visual.layer3[0].conv2.weight, source.visual.layer3[0].conv2.weight)
+    assert torch.equal(model.backbone.text_encoder.token_embedding.weight, source.token_embedding.weight)
+    bad = tmp_path / "not-weights.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(models.ModelError, match="could not load weights"):
+        models.build("eavl", "tiny", pretrained=str(bad))
