@@ -43,7 +43,9 @@ def test_contract(name, variant):
         losses["loss"].backward()
         grads = [p.grad for p in model.parameters() if p.grad is not None]
         assert grads and all(torch.isfinite(g_).all() for g_ in grads)
-        encoders = {"image": model.backbone.image_encoder, "text": model.backbone.text_encoder}
+        # models on the shared CLIP backbone expose both encoders; any other model is checked whole
+        backbone = getattr(model, "backbone", None)
+        encoders = {"image": backbone.image_encoder, "text": backbone.text_encoder} if backbone else {"model": model}
         for which, encoder in encoders.items():
             if encoder is None:  # the blind control has no text tower
                 continue
