@@ -150,7 +150,7 @@ def train(model, variant, dataset, shards, recipe, epochs, steps, batch_size, lr
 @cli.command("eval")
 @click.option("--checkpoint", type=click.Path(path_type=Path), required=True, help="Checkpoint written by `refbench train` (best.pt or last.pt).")
 @click.option("--dataset", default=None, help="Prepared dataset <dataset>_<splitby> [default: the one the checkpoint was trained on].")
-@click.option("--split", default="val", show_default=True, help="Split to score, or 'all' for every split of the dataset.")
+@click.option("--split", default="val", show_default=True, help="Split to score (val, testA, testB, test), or 'all' for every split but train.")
 @click.option("--shards", type=click.Path(path_type=Path), default=Path("shards"), show_default=True, help="Shard root written by `refbench prepare`.")
 @click.option("--protocol", type=click.Choice(["original", "input"]), default="original", show_default=True, help="original: I/U at the original image size (CRIS); input: at the network input (LAVT-style).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True, help="Sentences per forward pass.")

@@ -128,9 +128,40 @@ def validate(net, dataset_dir: Path, manifest: dict, d, *, batch_size: int, work
 # ------------------------------------------------------------------------------ `refbench eval`
 
 
+EVAL_SPLITS_EXCLUDE = ("train",)  # `--split all` scores every split but these
+
+
 def main(checkpoint: Path, dataset: str | None, split: str, shards: Path, protocol: str, batch_size: int,
          workers: int | None, vis: int, results: Path, run_name: str | None) -> list[Path]:
-    """Score a checkpoint on one split (or all), publish result records, print the table."""
+    """`refbench eval`: score a checkpoint on one split (or all), publish records, print the table."""
+    done = evaluate_checkpoint(checkpoint, dataset=dataset, splits=[split], shards=shards, protocol=protocol,
+                               batch_size=batch_size, workers=workers, vis=vis, results=results, run_name=run_name)
+    if done:
+        print_scores(done)
+    return [e.path for e in done]
+
+
+@dataclass
+class Evaluated:
+    """One published record: where it is, what it says, and the scoring loop's timings."""
+
+    dataset: str
+    split: str
+    protocol: str
+    model: Any  # results.ModelInfo
+    path: Path  # the record's JSON file
+    scores: SplitScores
+    pictures: list[Path] = field(default_factory=list)
+
+
+def evaluate_checkpoint(checkpoint: Path, *, dataset: str | None = None, splits: list[str] = ("val",),
+                        shards: Path = Path("shards"), protocol: str = "original", batch_size: int = 16,
+                        workers: int | None = None, vis: int = 0, results: Path = Path("leaderboard/results"),
+                        run_name: str | None = None) -> list[Evaluated]:
+    """Score a checkpoint on `splits` ("all" = every split but train) and publish one record each.
+
+    Returns the published records on rank 0 (an empty list on other ranks).
+    """
     from refbench import checkpoint as ckpt_mod
     from refbench import data, metrics
     from refbench import results as results_mod
@@ -146,10 +177,12 @@ def main(checkpoint: Path, dataset: str | None, split: str, shards: Path, protoc
         raise RefbenchError(f"{checkpoint}: the checkpoint names no dataset", hint="pass --dataset, e.g. refcoco_unc")
     dataset_dir = Path(shards) / dataset
     manifest = data.load_manifest(dataset_dir)
-    splits = list(manifest["splits"]) if split == "all" else [split]
+    if list(splits) == ["all"]:
+        splits = [s for s in manifest["splits"] if s not in EVAL_SPLITS_EXCLUDE]
     for s in splits:
         if s not in manifest["splits"]:
-            raise RefbenchError(f"{dataset_dir / 'manifest.json'}: no split {s!r}; splits: {', '.join(manifest['splits'])} (or 'all')")
+            raise RefbenchError(f"{dataset_dir / 'manifest.json'}: no split {s!r}; splits: "
+                                f"{', '.join(manifest['splits'])} (or 'all')")
     workers = 2 if workers is None else workers
     amp = autocast_dtype("auto", d.device)
     model_info = results_mod.ModelInfo(
@@ -158,7 +191,7 @@ def main(checkpoint: Path, dataset: str | None, split: str, shards: Path, protoc
         checkpoint_sha256=sha256_file(checkpoint), step=ckpt.get("step"),
     )
     manifest_sha = sha256_file(dataset_dir / "manifest.json")
-    written, summaries = [], []
+    done: list[Evaluated] = []
     for s in splits:
         scores = score_split(net, dataset_dir, manifest, s, d, batch_size=batch_size, workers=workers,
                              amp_dtype=amp, protocol=protocol)
@@ -169,15 +202,13 @@ def main(checkpoint: Path, dataset: str | None, split: str, shards: Path, protoc
             data=results_mod.DataInfo(manifest_sha256=manifest_sha, sentences_expected=manifest["splits"][s]["sentences"]),
             sentences=scores.columns,
         )
-        written.append(path)
-        summaries.append((s, path, scores))
+        item = Evaluated(dataset=dataset, split=s, protocol=protocol, model=model_info, path=path, scores=scores)
         if vis:
             from refbench.visualize import render_examples
 
-            render_examples(net, dataset_dir, manifest, s, scores, vis, results_dir_for(path), d.device)
-    if d.rank == 0:
-        print_scores(dataset, protocol, model_info, summaries)
-    return written
+            item.pictures = render_examples(net, dataset_dir, manifest, s, scores, vis, results_dir_for(path), d.device)
+        done.append(item)
+    return done
 
 
 def results_dir_for(record_path: Path) -> Path:
@@ -185,8 +216,8 @@ def results_dir_for(record_path: Path) -> Path:
     return record_path.with_name(record_path.stem + "-vis")
 
 
-def print_scores(dataset: str, protocol: str, model_info, summaries: list[tuple[str, Path, SplitScores]]) -> None:
-    """The rich table of `refbench eval`: one row per split, every number named."""
+def print_scores(done: list[Evaluated]) -> None:
+    """The rich table of `refbench eval`: one row per record, every number named."""
     from rich.console import Console
     from rich.table import Table
 
@@ -194,23 +225,24 @@ def print_scores(dataset: str, protocol: str, model_info, summaries: list[tuple[
     from refbench import results as results_mod
 
     console = Console()
-    table = Table(title=f"{model_info.name}/{model_info.variant} ({model_info.run}) on {dataset}, "
-                        f"protocol {protocol}: {metrics.get_protocol(protocol).description}",
-                  title_justify="left")
+    first = done[0]
+    table = Table(title=f"{first.model.name}/{first.model.variant} ({first.model.run}): "
+                        f"{metrics.get_protocol(first.protocol).description}", title_justify="left")
     for col in ("dataset", "split", "protocol", "n", "mIoU % [95% CI]", "oIoU % [95% CI]", *[f"{k} %" for k in metrics.PR_KEYS]):
         table.add_column(col, justify="right" if col not in ("dataset", "split", "protocol") else "left")
-    for split, path, _ in summaries:
-        rec = results_mod.load_record(path).meta
-        m = rec["metrics"]
+    for e in done:
+        m = results_mod.load_record(e.path).meta["metrics"]
         ci = m["ci95"]
         table.add_row(
-            dataset, split, protocol, str(m["n"]),
+            e.dataset, e.split, e.protocol, str(m["n"]),
             f"{100 * m['mIoU']:.2f} [{100 * ci['mIoU'][0]:.2f}, {100 * ci['mIoU'][1]:.2f}]",
             f"{100 * m['oIoU']:.2f} [{100 * ci['oIoU'][0]:.2f}, {100 * ci['oIoU'][1]:.2f}]",
             *[f"{100 * m[k]:.2f}" for k in metrics.PR_KEYS],
         )
     console.print(table)
-    for split, path, scores in summaries:
-        share = scores.seconds_metric / scores.seconds_total if scores.seconds_total else 0.0
-        console.print(f"{split}: record {path} ({len(scores)} sentences, {scores.seconds_total:.1f} s, "
-                      f"{100 * share:.1f}% in metric code)")
+    for e in done:
+        share = e.scores.seconds_metric / e.scores.seconds_total if e.scores.seconds_total else 0.0
+        console.print(f"{e.split}: record {e.path} ({len(e.scores)} sentences, {e.scores.seconds_total:.1f} s, "
+                      f"{100 * share:.1f}% of it in metric code)")
+        if e.pictures:
+            console.print(f"{e.split}: {len(e.pictures)} pictures in {results_dir_for(e.path)}")
