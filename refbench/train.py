@@ -219,6 +219,7 @@ def train(cfg: TrainConfig) -> Path:
                              title=f"train {cfg.model}/{cfg.variant} on {cfg.dataset}")
     log = _JsonlLog(cfg.out / "log.jsonl", enabled=d.main)
     ran_here = 0
+    rank_shards: list[str] = []  # the train shards this rank draws from (disjoint across ranks)
     with progress:
         while step < total_steps:
             batches = data.train_loader(
@@ -226,6 +227,7 @@ def train(cfg: TrainConfig) -> Path:
                 seed=cfg.seed, epoch=epoch, num_batches=steps_per_epoch * rec.grad_accum,
                 skip_batches=step_in_epoch * rec.grad_accum, workers=rec.workers, rank=d.rank, world=d.world,
             )
+            rank_shards = batches.shards
             it = iter(batches)
             window = _Window()
             while step_in_epoch < steps_per_epoch and step < total_steps:
@@ -271,8 +273,10 @@ def train(cfg: TrainConfig) -> Path:
                     save_last()
                     _barrier(d)
                     return cfg.out
+                if step_in_epoch == 0:
+                    break  # the epoch ended: the next one streams from a new loader
             del it, batches
-    _check_ranks_agree(net, d, log)
+    _check_ranks_agree(net, d, log, rank_shards)
     _barrier(d)
     return cfg.out
 
@@ -440,17 +444,18 @@ def _trim_log(path: Path, step: int) -> None:
     atomic_write_text(path, "".join(f"{line}\n" for line in kept))
 
 
-def _check_ranks_agree(net, d: Dist, log: _JsonlLog) -> None:
-    """After DDP training, every rank must hold the same weights; record the checksum."""
+def _check_ranks_agree(net, d: Dist, log: _JsonlLog, rank_shards: list[str]) -> None:
+    """After DDP training, every rank must hold the same weights; record the checksums and
+    which train shards each rank drew from."""
     checksum = float(sum(p.detach().double().sum() for p in net.parameters()))
-    sums = [checksum]
+    sums, shards = [checksum], [rank_shards]
     if d.world > 1:
         import torch.distributed as dist
 
         gathered: list = [None] * d.world
-        dist.all_gather_object(gathered, checksum)
-        sums = gathered
+        dist.all_gather_object(gathered, (checksum, rank_shards))
+        sums, shards = [g[0] for g in gathered], [g[1] for g in gathered]
     agree = all(s == sums[0] for s in sums)
-    log.write({"event": "end", "param_checksums": sums, "ranks_agree": agree})
+    log.write({"event": "end", "param_checksums": sums, "ranks_agree": agree, "train_shards": shards})
     if not agree:
         raise RuntimeError(f"ranks diverged: parameter checksums {sums}")
