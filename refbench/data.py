@@ -4,7 +4,7 @@ Shards hold one sample per image (original JPEG bytes + JSON with its refs, RLE 
 tokenized sentences). Two pipelines read them, each a list of small webdataset stages:
 
 train_loader (one epoch of one rank; infinite underneath, cut to a fixed number of steps):
-    shards sampled with replacement (seeded)  ->  tar samples (sha256 + count checked)
+    this rank's shards (r, r+W, ...) sampled with replacement (seeded)  ->  tar samples (sha256 + count checked)
     ->  one record per ref, one random sentence each  ->  ref-level shuffle buffer
     ->  batches of refs  ->  [skip the first k on resume]  ->  decode + letterbox + collate
     {"image": float[B,3,S,S], "tokens": int64[B,L], "mask": float[B,1,S,S],
@@ -23,9 +23,12 @@ is a function of (seed, epoch, rank, world, batch size, input size, workers).
 Why not `wds.WebDataset(resampled=True)`: `wds.ResampledShards` counts epochs inside each
 dataset copy, and a DataLoader worker gets a fresh copy every epoch, so every epoch would
 replay epoch 0; here the epoch is an argument. The effect is the same as resampled=True with
-`with_epoch(steps)`: each (rank, worker) draws shards with replacement from its own RNG (this
-is the node/worker split of a resampled stream), and the loader stops after exactly
-`steps_per_epoch` batches on every rank, whatever the shard count.
+`with_epoch(steps)`: each (rank, worker) draws shards with replacement from its own RNG, and the
+loader stops after exactly `steps_per_epoch` batches on every rank, whatever the shard count.
+Ranks never share a shard: rank r of W resamples only shards r, r+W, ... (sorted by path), so
+the ranks of one step see disjoint images; a split with fewer shards than ranks is refused
+(prepare it again with a smaller --shard-size). DataLoader workers of one rank draw from the
+rank's whole share, each with its own RNG.
 
 Resume. `train_loader(..., epoch=e, skip_batches=k)` yields batches k, k+1, ... of epoch e,
 equal to the uninterrupted stream. Images are decoded lazily (once per image, shared by its
@@ -317,8 +320,8 @@ class Loader:
     """An iterable of batches with a known length (len = batches this iteration yields).
 
     Attributes: `batches`, `sentences` (eval: sentences this rank scores), `steps_per_epoch`
-    (train: batches in a whole epoch), `workers` (eval: after clamping), `shards` (eval: this
-    rank's shard files).
+    (train: batches in a whole epoch), `workers` (eval: after clamping), `shards` (this rank's
+    shard files).
     """
 
     def __init__(self, dataloader: Iterable, batches: int, *, limit: bool, **info: Any):
@@ -474,7 +477,7 @@ def train_loader(
     batch_size: refs per batch on this rank; image_size: square input side; num_batches: batches
     in an epoch, default ceil(refs of `split` / (batch_size x world)), the same on every rank;
     workers: DataLoader workers (any number, also more than shards); shuffle_buffer: refs held
-    by the ref-level shuffle. Call again with epoch + 1 for the next epoch. With skip_batches=k
+    by the ref-level shuffle; rank r of `world` draws only from shards r, r+W, ... (`loader.shards`). Call again with epoch + 1 for the next epoch. With skip_batches=k
     the batches equal those of the uninterrupted stream of (seed, epoch, rank, world, workers).
     """
     rank, world = dist_info(rank, world)
@@ -482,6 +485,13 @@ def train_loader(
     entries = split_shards(manifest, dataset_dir, split)
     if not entries:
         raise RefbenchError(f"split {split!r} of {dataset_dir} has no shards", hint=REPREPARE)
+    if len(entries) < world:
+        raise RefbenchError(
+            f"split {split!r} of {dataset_dir} has {len(entries)} shard(s), fewer than the {world} ranks "
+            f"(each rank trains on its own shards)",
+            hint="run `refbench prepare` again with a smaller --shard-size, so that every rank gets a shard",
+        )
+    entries = entries[rank::world]  # this rank's share: ranks never draw the same shard
     steps = steps_per_epoch(manifest, split, batch_size * world) if num_batches is None else num_batches
     if not 0 <= skip_batches <= steps:
         raise ValueError(f"skip_batches={skip_batches} is outside an epoch of {steps} batches")
@@ -491,6 +501,7 @@ def train_loader(
     )
     return Loader(
         _dataloader(stream, workers, pin_memory), steps - skip_batches, limit=True, steps_per_epoch=steps, workers=workers,
+        shards=[e["url"] for e in entries],
     )
 
 
