@@ -373,9 +373,11 @@ def prepare_all(targets: list[tuple[str, str]], data: Path, images: Path, out: P
     committed until every shard of every dataset is written; any error deletes this run's
     temporary files (and the folders it created empty) and leaves the output as it was.
     """
+    from refbench.progress import erased_on_error
+
     pool, queue = _writers(workers)
     try:
-        with _progress(console) as progress:
+        with erased_on_error(_progress(console)) as progress:
             return _prepare_all(targets, data, images, out, skip_bad, shard_size, pool, queue, progress)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)

@@ -2,9 +2,15 @@
 
 `TrainProgress` shows step, epoch, loss, lr, samples/s and ETA; `note()` prints a line above
 the bar (validation results). Disabled instances (non-zero ranks, quiet runs) do nothing.
+`erased_on_error(progress)` shows any rich Progress for a block. When the block raises, a
+display is erased (terminal) or never printed (log file), so the user's `error: ...` line
+stands alone; TrainProgress does the same.
 """
 
 from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -36,8 +42,10 @@ class TrainProgress:
         self.progress.__enter__()
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.progress.__exit__(*exc)
+    def __exit__(self, exc_type, *rest) -> None:
+        if exc_type is not None:
+            self.progress.live.transient = True  # as erased_on_error: the error line stands alone
+        self.progress.__exit__(exc_type, *rest)
 
     def update(self, step: int, epoch: int, loss: float, lr: float, samples_per_s: float) -> None:
         if self.enabled:
@@ -46,3 +54,14 @@ class TrainProgress:
     def note(self, text: str) -> None:
         if self.enabled:
             self.progress.console.print(text)
+
+
+@contextmanager
+def erased_on_error(progress: Progress) -> Iterator[Progress]:
+    """`with progress:`, except that a block that raises leaves no progress display behind."""
+    with progress:
+        try:
+            yield progress
+        except BaseException:
+            progress.live.transient = True
+            raise
