@@ -269,7 +269,8 @@ def _decode_mask(sample_url: str, key: str, ref: dict, meta: dict) -> np.ndarray
         coco_rle = {"size": list(rle["size"]), "counts": rle["counts"].encode()}
         mask = mask_utils.decode(coco_rle)  # uint8 [H, W]
         # pycocotools does not check that the runs cover the image: short counts leave garbage
-        if mask.max(initial=0) > 1 or int(mask.sum()) != int(mask_utils.area(coco_rle)):
+        # (with every value <= 1, the count of nonzero pixels is the sum, ~7x cheaper to take)
+        if mask.max(initial=0) > 1 or np.count_nonzero(mask) != int(mask_utils.area(coco_rle)):
             raise ValueError("its runs do not cover the image")
     except Exception as e:  # pycocotools raises ValueError/TypeError on bad counts
         raise RefbenchError(f"shard {sample_url} sample {key} ref {ref.get('ref_id')}: bad RLE mask ({e})", hint=REPREPARE) from None

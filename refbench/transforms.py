@@ -15,7 +15,7 @@ resize (bilinear with antialiasing), the mask resize (PIL nearest) and the inver
 
 Speed: `decode_image` asks the JPEG decoder for a DCT-downscaled image (`Image.draft`) when the
 target is at least 4x smaller than the image, and resizes once (torch's uint8 antialiased
-kernel, bit-identical to PIL's bilinear and faster); normalisation is a numpy lookup table. No
+kernel: PIL's bilinear to +-1 grey level, faster); normalisation is a numpy lookup table. No
 Python loops over pixels. PIL and numpy are imported at module level, torch inside functions.
 """
 
@@ -77,7 +77,8 @@ def resize_image(image: Image.Image, size: int) -> tuple[np.ndarray, Letterbox]:
     with antialiasing, pixel-centre aligned. Two paths, one result: when the target is at least
     4x smaller than a JPEG, the decoder downscales by 1/2..1/8 in the DCT (`draft`) and PIL
     resizes the small remainder (its `box` keeps the exact geometry); otherwise torch's uint8
-    antialiased bilinear kernel resizes, bit-identical to PIL's `resize(BILINEAR)` and ~4x faster.
+    antialiased bilinear kernel resizes: PIL's `resize(BILINEAR)` to +-1 grey level (its rounding
+    differs on <1% of values), ~4x faster.
     """
     import torch
     import torch.nn.functional as F
