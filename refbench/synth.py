@@ -450,12 +450,12 @@ def _raw(words: list[str], rng) -> str:
 # ---------------------------------------------------------------------------------- images
 
 
-def _noise_tile(seed: int, sigma: float):
-    """A 512x512 RGB noise image stored as 128 + noise (uint8), cropped per image."""
+def _noise_tile(seed: int, sigma: float, side: int = 512):
+    """A side x side RGB noise image stored as 128 + noise (uint8), cropped per image."""
     import numpy as np
     from PIL import Image
 
-    noise = np.random.default_rng([seed, 2]).normal(0, sigma, (512, 512, 3))  # [512, 512, 3]
+    noise = np.random.default_rng([seed, 2]).normal(0, sigma, (side, side, 3))  # [side, side, 3]
     return Image.fromarray(np.clip(np.round(noise) + 128, 0, 255).astype(np.uint8))
 
 
@@ -480,7 +480,7 @@ def _render(objs: list[_Obj], w: int, h: int, cfg: SynthConfig, rng, noise) -> b
         fill = tuple(int(np.clip(c + rng.integers(-15, 16), 0, 255)) for c in COLOURS[o.colour])
         for p in o.polys:
             draw.polygon(list(zip(p[0::2], p[1::2])), fill=fill)
-    oy, ox = int(rng.integers(0, 512 - h + 1)), int(rng.integers(0, 512 - w + 1))
+    oy, ox = int(rng.integers(0, noise.height - h + 1)), int(rng.integers(0, noise.width - w + 1))
     img = ImageChops.add(img, noise.crop((ox, oy, ox + w, oy + h)), scale=1.0, offset=-128)  # + noise, clipped
     buf = io.BytesIO()
     img.save(buf, format="JPEG", quality=cfg.jpeg_quality)
@@ -525,7 +525,7 @@ def _make_image(args) -> dict:
         raise RuntimeError(f"no scene of image {i} satisfies the synth config {cfg}")
     for o in objs:
         _polygons(o, w, h, rng)
-    _write_bytes(path, _render(objs, w, h, cfg, rng, _noise(seed, cfg.noise_sigma)))
+    _write_bytes(path, _render(objs, w, h, cfg, rng, _noise(seed, cfg.noise_sigma, max(512, cfg.width[1], cfg.height[1]))))
 
     side = min(w, h)
     refs = {}
@@ -545,11 +545,11 @@ def _make_image(args) -> dict:
 _NOISE: dict = {}
 
 
-def _noise(seed: int, sigma: float):
-    key = (seed, sigma)
+def _noise(seed: int, sigma: float, side: int):
+    key = (seed, sigma, side)
     if key not in _NOISE:
         _NOISE.clear()
-        _NOISE[key] = _noise_tile(seed, sigma)
+        _NOISE[key] = _noise_tile(seed, sigma, side)
     return _NOISE[key]
 
 

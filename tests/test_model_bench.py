@@ -23,7 +23,7 @@ def test_bench_model_rows_and_log(tmp_path, monkeypatch):
     assert params["target"] is None and params["ok"] is None
     assert 5 < params["ours"] < 30 and 5 < params["baseline"] < 30  # tiny models: ~10-15 M parameters
 
-    bench.main(which=("all",), workdir=tmp_path / "work", images=20, log=log)
+    bench.main(which=("model",), workdir=tmp_path / "work", images=20, log=log)
     records = [json.loads(line) for line in log.read_text().splitlines()]
     assert len(records) == 2  # one line appended per run
     assert records[0]["benches"] == ["model"] and records[0]["rows"] == rows
@@ -32,6 +32,6 @@ def test_bench_model_rows_and_log(tmp_path, monkeypatch):
 
 def test_unknown_benchmark_is_one_clear_error(tmp_path):
     with pytest.raises(RefbenchError, match="not implemented") as err:
-        bench.main(which=("model", "prepare"), workdir=tmp_path, images=20, log=tmp_path / "b.jsonl")
+        bench.main(which=("model", "nope"), workdir=tmp_path, images=20, log=tmp_path / "b.jsonl")
     assert "model" in err.value.hint
     assert not (tmp_path / "b.jsonl").exists()  # nothing ran, nothing logged

@@ -1,0 +1,182 @@
+"""`refbench bench` prepare, loader, shards and eval (refbench/bench.py) at a tiny size.
+
+Smoke tests of what each benchmark reports, never of timings: the floor writes the same images
+per shard as prepare, the refer-style baseline loader yields the same tensors as ours, the byte
+counts are the files' sizes, the eval share comes from wrapped metric functions. The model
+benchmark is covered by tests/test_model_bench.py.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from refbench import bench, data, metrics, refer, transforms
+
+IMAGES = 20  # the smallest synthetic set; every split non-empty
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """A bench workdir holding both synthetic sets, raw and prepared (shared by the tests below)."""
+    root = tmp_path_factory.mktemp("bench")
+    for name in bench.SETS:
+        bench.prepared_set(root, name, IMAGES)
+    return root
+
+
+@pytest.fixture
+def one_rep(monkeypatch):
+    """One timed repetition, no warm-up, tiny loader batches: seconds, not minutes."""
+    monkeypatch.setattr(bench, "PREPARE_REPS", 1)
+    monkeypatch.setattr(bench, "PREPARE_WARMUP", 0)
+    monkeypatch.setattr(bench, "LOADER_SETTINGS", ((64, 4, 1, 1),))
+    monkeypatch.setattr(bench, "LOADER_WARMUP", 1)
+    monkeypatch.setattr(bench, "EVAL_REPS", 1)
+    monkeypatch.setattr(bench, "EVAL_WARMUP", 0)
+
+
+def _members(path) -> dict[str, bytes]:
+    with tarfile.open(path) as tar:
+        return {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+
+
+def test_synth_sets_are_reused_and_coco_like(workdir):
+    raw = bench.synth_set(workdir, "coco-like", IMAGES)
+    stamp = (raw / "SYNTH.json").stat().st_mtime_ns
+    assert bench.synth_set(workdir, "coco-like", IMAGES) == raw  # matching SYNTH.json: not regenerated
+    assert (raw / "SYNTH.json").stat().st_mtime_ns == stamp
+    inst = refer.load_instances(raw / "refcoco" / "instances.json")
+    assert {im["width"] for im in inst.images.values()} == {640}
+    assert all(427 <= im["height"] <= 480 for im in inst.images.values())
+    sizes = [p.stat().st_size for p in (raw / "images" / "train2014").glob("*.jpg")]
+    assert 100e3 < np.mean(sizes) < 250e3  # COCO train2014 averages ~160 KB
+
+
+def test_prepare_bench_floor_writes_the_same_images_per_shard(workdir, one_rep):
+    rows = bench.bench_prepare(workdir, IMAGES)
+    assert [r["bench"] for r in rows] == ["prepare"] * 2 * len(bench.SETS)
+    wall, cpu = rows[0], rows[1]
+    assert "coco-like" in wall["what"] and "wall" in wall["what"] and "CPU" in cpu["what"]
+    assert wall["target"] == "<= 1.5" and wall["ok"] == (wall["ratio"] <= 1.5)
+    assert all(r["target"] is None for r in rows[1:])  # only the representative set carries the target
+    for r in rows:
+        assert r["ours"] > 0 and r["baseline"] > 0
+        assert r["ratio"] == pytest.approx(r["ours"] / r["baseline"])  # one repetition: the ratio of the two
+    for name in bench.SETS:  # the floor's tars hold the JPEG bytes of prepare's shards, member for member
+        manifest = data.load_manifest(workdir / f"shards-{name}-{IMAGES}" / "refcoco_unc")
+        for shard in manifest["shards"]:
+            ours = _members(workdir / f"shards-{name}-{IMAGES}" / "refcoco_unc" / shard["path"])
+            floor = _members(workdir / f"floor-{name}-{IMAGES}" / shard["path"])
+            assert floor == {k: v for k, v in ours.items() if k.endswith(".jpg")}
+            assert len(floor) == shard["samples"]
+
+
+def test_refer_style_loader_yields_what_train_loader_yields(workdir):
+    size = 96  # default synth images are < 4 x 96 px: no JPEG draft, both decode fully and resize bilinearly
+    raw = bench.synth_set(workdir, "default", IMAGES)
+    base = bench.ReferStyleDataset(raw, "refcoco", "unc", "train", size)
+    index = {r["ref_id"]: i for i, r in enumerate(base.refs)}
+    batch = next(iter(data.train_loader(workdir / f"shards-default-{IMAGES}" / "refcoco_unc", batch_size=6, image_size=size)))
+    for b, (ref_id, sent_id) in enumerate(zip(batch["ref_id"].tolist(), batch["sent_id"].tolist())):
+        i = index[ref_id]
+        k = [s["sent_id"] for s in base.refs[i]["sentences"]].index(sent_id)
+        item = base.item(i, k)
+        assert item["sent_id"] == sent_id
+        assert torch.equal(item["tokens"], batch["tokens"][b])
+        assert torch.equal(item["mask"], batch["mask"][b])
+        diff = (item["image"] - batch["image"][b]).abs()  # [3, S, S]
+        level = 1 / 255 / min(transforms.CLIP_STD)  # one grey level after normalisation
+        assert diff.max() <= level + 1e-5  # torch's uint8 resize rounds like PIL's to +-1 level
+        assert (diff > 1e-5).float().mean() < 0.01  # and almost everywhere exactly (LUT vs float32 arithmetic)
+    # a DataLoader over it batches like ours
+    loader = torch.utils.data.DataLoader(base, batch_size=3)
+    b = next(iter(loader))
+    assert b["image"].shape == (3, 3, size, size) and b["mask"].shape == (3, 1, size, size)
+    assert b["tokens"].shape == (3, 17) and b["tokens"].dtype == torch.int64
+
+
+def test_loader_bench_row(workdir, one_rep):
+    (row,) = bench.bench_loader(workdir, IMAGES)
+    assert row["bench"] == "loader" and "64 px" in row["what"] and "batch 4" in row["what"]
+    assert row["ours"] > 0 and row["baseline"] > 0
+    assert row["ratio"] == pytest.approx(row["ours"] / row["baseline"])
+    assert row["target"] == ">= 3.0" and row["ok"] == (row["ratio"] >= 3.0)  # a floor, not a ceiling
+    assert torch.get_num_threads() >= 1
+
+
+def test_shards_bench_counts_the_files(workdir, tmp_path):
+    log = tmp_path / "bench.jsonl"
+    rows = bench.main(which=("shards",), workdir=workdir, images=IMAGES, log=log)
+    assert [r["bench"] for r in rows] == ["shards"] * len(bench.SETS)
+    for name, r in zip(bench.SETS, rows):
+        folder = workdir / f"shards-{name}-{IMAGES}" / "refcoco_unc"
+        on_disk = sum(p.stat().st_size for p in folder.glob("*/*.tar"))
+        assert r["ours"] == pytest.approx(on_disk / 1e6)
+        raw = bench.raw_bytes(workdir / f"synth-{name}-{IMAGES}")
+        assert r["baseline"] == pytest.approx((raw["jpeg"] + raw["png"]) / 1e6)
+        jpegs = sum(p.stat().st_size for p in (workdir / f"synth-{name}-{IMAGES}" / "images" / "train2014").glob("*.jpg"))
+        assert raw["jpeg"] == jpegs  # every synthetic image has refcoco refs
+        assert raw["png"] > 0
+    assert rows[0]["target"] == "<= 1.1" and rows[1]["target"] is None
+    (record,) = [json.loads(line) for line in log.read_text().splitlines()]
+    assert record["rows"] == rows and record["cores"] >= 1 and len(record["load_average"]) == 3
+
+
+def test_png_mask_round_trips():
+    mask = np.zeros((7, 9), np.uint8)
+    mask[2:5, 3:8] = 1
+    png = bench.png_mask(mask)
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(png))), mask * 255)
+
+
+def test_time_spent_in_wraps_and_restores():
+    original = metrics.summarize
+    with bench.time_spent_in((("refbench.metrics", "summarize"), ("refbench.metrics", "as_counts"))) as spent:
+        assert metrics.summarize is not original
+        assert metrics.summarize([1, 2], [2, 2])["mIoU"] == pytest.approx(0.75)  # still the real function
+        first = spent[0]
+        assert first > 0
+        metrics.as_counts([1], [2])  # called on its own it counts; inside summarize it was not counted twice
+    assert metrics.summarize is original and spent[0] > first
+
+
+def test_eval_bench_share(workdir, one_rep):
+    (row,) = bench.bench_eval(workdir, IMAGES)
+    assert row["bench"] == "eval" and "tiny EAVL" in row["what"] and "protocol original" in row["what"]
+    assert 0 < row["ours"] < row["baseline"]  # metric seconds inside eval wall seconds
+    assert row["ratio"] == pytest.approx(row["ours"] / row["baseline"])
+    assert row["target"] == "<= 0.05" and row["ok"] == (row["ratio"] <= 0.05)
+    assert not (workdir / "eval-results").exists()  # its records are scratch
+    assert (workdir / "eval-tiny-eavl.pt").is_file()
+
+
+def test_prepare_tar_writer_writes_what_tarfile_writes():
+    """prepare's direct USTAR writer (the speed-up measured by `bench prepare`) = tarfile's bytes."""
+    from refbench import prepare
+
+    members = [("000000000001.jpg", b""), ("000000000001.json", b"{}"), ("000000000002.jpg", bytes(range(256)) * 2),
+               ("000000000002.json", b"x" * 513), ("000000000003.jpg", np.random.default_rng(0).bytes(10_000))]
+    expected = io.BytesIO()
+    with tarfile.open(fileobj=expected, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for name, payload in members:
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime, info.mode, info.uid, info.gid, info.uname, info.gname = len(payload), 0, 0o644, 0, 0, "", ""
+            tar.addfile(info, io.BytesIO(payload))
+    got = io.BytesIO()
+    writer = prepare._TarWriter(got)
+    for name, payload in members:
+        writer.add(name, payload)
+    writer.close()
+    assert got.getvalue() == expected.getvalue()
+    assert writer.n == len(expected.getvalue()) and writer.sha.hexdigest() == hashlib.sha256(expected.getvalue()).hexdigest()
+    with pytest.raises(ValueError, match="does not fit"):
+        prepare.ustar_header("x" * 101, 1)
