@@ -32,6 +32,7 @@ class Blind(nn.Module):
     def __init__(self, cfg: BlindConfig):
         super().__init__()
         self.image_size = cfg.image_size
+        self.loss_resolution = cfg.loss_resolution
         self.backbone = ClipBackbone(cfg, text=False)
         self.neck = FusionNeck(cfg.dim_v2, cfg.dim_v3, cfg.dim_v4, None, cfg.dim)
         self.head = fixed_mask_head(cfg.dim)
@@ -41,8 +42,7 @@ class Blind(nn.Module):
         return {"logits": self.head(self.neck(vis.v2, vis.v3, vis.v4))}
 
     def loss(self, out: dict, mask: torch.Tensor) -> dict[str, torch.Tensor]:
-        bce = mask_bce_loss(out["logits"], mask)
-        return {"loss": bce, "bce": bce.detach()}
+        return mask_bce_loss(out["logits"], mask, self.loss_resolution)
 
 
 SPEC = ModelSpec(

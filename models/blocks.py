@@ -207,14 +207,27 @@ def dynamic_conv(features: torch.Tensor, params: torch.Tensor, kernel: int = 3) 
     return out.reshape(b, k, h, w)
 
 
-def mask_bce_loss(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Binary cross-entropy with logits at the prediction's resolution (as CRIS).
+LOSS_RESOLUTIONS = ("prediction", "input")  # where mask_bce_loss compares prediction and GT
 
-    logits [B,1,h,w]; mask [B,1,H,W] in {0,1} is resized to h x w by nearest neighbour.
+
+def mask_bce_loss(logits: torch.Tensor, mask: torch.Tensor, resolution: str = "prediction") -> dict[str, torch.Tensor]:
+    """Binary cross-entropy with logits, as {"loss": scalar, "bce": detached copy}.
+
+    logits [B,1,h,w] (h = H/4 for every model here); mask [B,1,H,W] in {0,1} at the input size.
+    resolution "prediction" (CRIS): the GT is resized to h x w by nearest neighbour.
+    resolution "input": the logits are upsampled bilinearly to H x W, the resolution evaluation
+    maps predictions through, so mask edges are supervised below the logit grid (what the tiny
+    128 px variants need: their logits are only 32 x 32).
     """
+    if resolution not in LOSS_RESOLUTIONS:
+        raise ValueError(f"loss resolution must be one of {LOSS_RESOLUTIONS}, not {resolution!r}")
     if mask.shape[-2:] != logits.shape[-2:]:
-        mask = F.interpolate(mask.float(), size=logits.shape[-2:], mode="nearest")
-    return F.binary_cross_entropy_with_logits(logits, mask.to(logits.dtype))
+        if resolution == "input":
+            logits = F.interpolate(logits, size=mask.shape[-2:], mode="bilinear", align_corners=False)
+        else:
+            mask = F.interpolate(mask.float(), size=logits.shape[-2:], mode="nearest")
+    bce = F.binary_cross_entropy_with_logits(logits, mask.to(logits.dtype))
+    return {"loss": bce, "bce": bce.detach()}
 
 
 def fixed_mask_head(dim: int) -> nn.Sequential:

@@ -74,6 +74,7 @@ class BackboneConfig:
     dim_v2: int = 64  # channels of F_v2 (stride 8)
     dim_v3: int = 128  # channels of F_v3 (stride 16)
     dim_v4: int = 128  # channels of F_v4 (stride 32) and of the global vision feature F_vg
+    loss_resolution: str = "prediction"  # BCE at the "prediction" resolution (GT resized, as CRIS) or at the "input" (logits upsampled)
 
 
 class ImageFeatures(NamedTuple):

@@ -89,6 +89,7 @@ class CRIS(nn.Module):
     def __init__(self, cfg: CRISConfig):
         super().__init__()
         self.image_size = cfg.image_size
+        self.loss_resolution = cfg.loss_resolution
         self.backbone = ClipBackbone(cfg)
         dim_words, dim_sentence = self.backbone.dim_words, self.backbone.dim_sentence
         self.neck = CRISNeck(cfg, dim_sentence)
@@ -108,8 +109,7 @@ class CRIS(nn.Module):
         return {"logits": dynamic_conv(self.pixel(fq), kernel)}  # [B,1,H/4,W/4]
 
     def loss(self, out: dict, mask: torch.Tensor) -> dict[str, torch.Tensor]:
-        bce = mask_bce_loss(out["logits"], mask)
-        return {"loss": bce, "bce": bce.detach()}
+        return mask_bce_loss(out["logits"], mask, self.loss_resolution)
 
 
 SPEC = ModelSpec(

@@ -168,6 +168,7 @@ class EAVL(nn.Module):
         if cfg.image_size % 32:
             raise ModelError(f"EAVL image_size must be a multiple of 32, not {cfg.image_size}")
         self.image_size = cfg.image_size
+        self.loss_resolution = cfg.loss_resolution
         self.backbone = ClipBackbone(cfg)
         self.fusion_neck = FusionNeck(cfg.dim_v2, cfg.dim_v3, cfg.dim_v4, self.backbone.dim_sentence, cfg.dim)
         self.query_generator = MultiQueryGenerator(cfg, self.backbone.dim_words)
@@ -190,8 +191,7 @@ class EAVL(nn.Module):
         return out
 
     def loss(self, out: dict, mask: torch.Tensor) -> dict[str, torch.Tensor]:
-        bce = mask_bce_loss(out["logits"], mask)
-        return {"loss": bce, "bce": bce.detach()}
+        return mask_bce_loss(out["logits"], mask, self.loss_resolution)
 
 
 SPEC = ModelSpec(

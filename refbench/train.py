@@ -305,9 +305,11 @@ def _optimizer(net, rec: Recipe):
         groups.append({"params": backbone, "lr_scale": rec.backbone_lr_scale})
     for g in groups:
         g["lr"] = rec.lr * g["lr_scale"]
+    # fused: one kernel over all parameters (on CPU ~20x faster than the per-tensor loop, which
+    # matters: the CLIP token embedding alone is 6.3M parameters even in the tiny variants)
     if rec.weight_decay:
-        return torch.optim.AdamW(groups, lr=rec.lr, weight_decay=rec.weight_decay)
-    return torch.optim.Adam(groups, lr=rec.lr)
+        return torch.optim.AdamW(groups, lr=rec.lr, weight_decay=rec.weight_decay, fused=True)
+    return torch.optim.Adam(groups, lr=rec.lr, fused=True)
 
 
 def _optimizer_step(ddp, net, optimizer, scaler, it, rec: Recipe, d: Dist, amp_dtype, window) -> dict:
