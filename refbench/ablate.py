@@ -22,7 +22,7 @@ every table's full model, so the default plan is 12 runs, not 16). The steps, in
 Resumable: a run whose last.pt is at the final step is not retrained, a partly trained one
 continues from last.pt (`--resume` semantics), and an existing record of the run's current
 best.pt (same checkpoint sha256 and shard manifest) is reused instead of scoring again. Run
-folders are named with their step budget (`nq24-dynamic-s300`), so a different --steps starts
+folders are named with their step budget (`nq24-dynamic-s400`), so a different --steps starts
 new runs beside the old ones.
 
 The rows and their comparisons are data (`table_rows`); the paper's numbers come from
@@ -43,10 +43,11 @@ from typing import Any, Sequence
 
 from refbench.errors import RefbenchError
 
-# Per run on the shared 2-core machine: ~0.65-0.8 s per step at batch 32, plus ~10-15 s of
-# validation and scoring; 12 runs x 300 steps is about 45-60 min (see the report's Runs table
-# for the measured times of a given invocation).
-DEFAULT_STEPS = 300
+# Steps per run. A tiny EAVL step at batch 32 costs ~0.65-0.8 s on 2 idle cores; with 4
+# validations and the testA scoring (~10-15 s each) a 400-step run takes ~6 min, the 12 runs
+# ~75 min. 400 steps (~3.5 epochs of the synthetic train refs) is where the tiny recipe's val
+# mIoU was still climbing in the quickstart tuning runs: enough to learn, not to converge.
+DEFAULT_STEPS = 400
 REPORT_NAME = "report.md"
 PLOT_NAME = "ablation-nq.png"
 PAPER_SETUP = "EAVL (Yan et al. 2023), CLIP ResNet-50, 50 epochs, RefCOCO+ testA"

@@ -102,6 +102,15 @@ def test_a_run_folder_with_other_settings_is_refused(tmp_path):
         ablate.training_state(cfg, run)
 
 
+def test_a_workdir_with_another_synthetic_dataset_is_refused_before_any_work(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "SYNTH.json").write_text(json.dumps({"images": 48, "seed": 0}))
+    with pytest.raises(RefbenchError, match="48 images.*uses 2000 images"):
+        ablate.ensure_data(_cfg(tmp_path, synth_images=2000))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]  # no shards, no runs
+
+
 # ------------------------------------------------------------------------------ the report
 
 
