@@ -8,15 +8,16 @@ loaders unchanged. `main(out, images, seed)` writes
     OUT/images/train2014/COCO_train2014_%012d.jpg
     OUT/SYNTH.json            (marker: seed, image count; lets a re-run overwrite its own output)
 
-Scenes. Each image (width 192..320, height 160..256, landscape and portrait) is a smooth muted
-gradient with light noise and 3 to 5 flat-coloured shapes (18%..40% of the shorter side). The
+Scenes. Each image (width 224..320, height 192..272, landscape and portrait) is a smooth muted
+gradient with light noise and 3 flat-coloured shapes (30%..50% of the shorter side). The
 categories are shapes with COCO-style ids in two groups playing RefCOCO's people/objects: "round"
 (circle, ring, ellipse, semicircle) and "angular" (square, triangle, star, cross). A scene belongs
-to one group: it holds at least 3 objects of it (drawn from 1-3 of its shapes and 2-4 colours, so
-same-shape and same-colour distractors are common) plus distractors of the other group; all its
-refs target objects of its group, chosen uniformly among the describable ones, so a model that
+to one group: it holds at least 3 objects of it (drawn from 2-3 of its shapes and 2-4 colours, so
+same-shape and same-colour distractors are common), plus distractors of the other group when
+`SynthConfig.objects` allows more than 3 (the default scene has exactly 3); all its refs target objects of its group, chosen uniformly among the describable ones, so a model that
 ignores language cannot do better than guessing among >= 3 objects. A ring is two half-annulus
-polygons and a cross two overlapping bars (the refer toolkit sums polygons, so the bars' overlap
+polygons and a cross two overlapping bars (fat ones, like the star: the defaults were tuned so
+that the tiny EAVL of the quickstart reaches its quality bar in ten CPU minutes) (the refer toolkit sums polygons, so the bars' overlap
 reads 2 there; the GT is the nonzero union).
 
 Overlaps and occlusion. About a quarter of the objects may overlap an earlier one by up to 20%
@@ -34,8 +35,9 @@ Sentences identify the target uniquely among the scene's objects. A description 
 {shape, colour} (the candidates: objects matching it) plus at most one relation that picks the
 target among the candidates with a margin: left/right/top/bottom (and corners, middle), measured
 on object centres with a 10%-of-side margin, or bigger/smaller (diameter ratio >= 1.25).
-- refcoco (unc): short, location words preferred ("left red circle", "the square on the right",
-  "bigger star", "bottom left blue shape").
+- refcoco (unc): short, mostly colour + shape, about 60% with a location word ("left red
+  circle", "the square on the right", "bigger star", "bottom left blue shape"); the weights are
+  `SynthConfig.full_weight`, `location_weight`, `generic_weight`.
 - refcoco+ (unc, same images and splits): appearance only (colour, shape, size), never a location
   word; only objects so describable are targeted.
 - refcocog (umd and google: the same refs, two split partitions): a description plus a relation to
@@ -79,15 +81,23 @@ DEFAULT_IMAGES = 2000  # synth + prepare --all in ~15 s on 2 cores; enough for t
 class SynthConfig:
     """Every knob of the generator; the defaults are the embedded dataset."""
 
-    width: tuple[int, int] = (192, 320)  # image width range, pixels (inclusive)
-    height: tuple[int, int] = (160, 256)  # image height range, pixels (inclusive)
-    objects: tuple[int, int] = (3, 5)  # objects per scene (inclusive)
+    width: tuple[int, int] = (224, 320)  # image width range, pixels (inclusive)
+    height: tuple[int, int] = (192, 272)  # image height range, pixels (inclusive)
+    objects: tuple[int, int] = (3, 3)  # objects per scene (inclusive)
     min_group_objects: int = 3  # objects of the scene's target group, at least
-    size: tuple[float, float] = (0.18, 0.40)  # object diameter as a fraction of the shorter side
+    size: tuple[float, float] = (0.30, 0.50)  # object diameter as a fraction of the shorter side
     overlap_prob: float = 0.25  # chance that an object may overlap earlier ones
     max_overlap: float = 0.20  # then: allowed intrusion, as a fraction of the summed radii
     location_margin: float = 0.10  # left/right/top/bottom need this gap (fraction of width/height)
     size_ratio: float = 1.25  # bigger/smaller need this diameter ratio to the next candidate
+    group_shapes: tuple[float, float, float] = (0.0, 0.4, 0.6)  # P(1, 2, 3 distinct shapes among the group's objects)
+    group_colours: tuple[float, float, float] = (0.1, 0.4, 0.5)  # P(2, 3, 4 distinct colours among them)
+    full_weight: float = 3.0  # refcoco: weight of descriptions naming colour AND shape (vs 1.0)
+    location_weight: float = 1.0  # refcoco: weight of descriptions with a location word (size words: 1.5)
+    generic_weight: float = 0.3  # refcoco: weight of descriptions without the shape noun ("left red one")
+    cross_bar: float = 0.34  # half-width of a cross's bars, as a fraction of its radius
+    ring_hole: float = 0.45  # inner radius of a ring, as a fraction of its outer radius
+    star_inner: float = 0.65  # inner radius of a star, as a fraction of its outer radius
     refs_per_image: tuple[int, int] = (2, 3)  # referred objects per image and dataset (inclusive)
     sentences_per_ref: tuple[float, float, float] = (0.2, 0.35, 0.45)  # P(1, 2, 3 sentences), refcoco/+
     gref_sentences_per_ref: tuple[float, float, float] = (0.35, 0.45, 0.2)  # P(1, 2, 3 sentences), refcocog
@@ -156,35 +166,36 @@ def _ngon(radius_x, radius_y, n, a0=0.0, a1=None):
     return np.stack([radius_x * np.cos(a), radius_y * np.sin(a)], 1)
 
 
-def _ring(r, tilt, rng):  # two half annuli, split at a random angle
+def _ring(r, tilt, rng, cfg):  # two half annuli, split at a random angle
     import numpy as np
 
-    a = rng.uniform(0, np.pi)
-    return [np.concatenate([_ngon(r, r, 13, s, s + np.pi), _ngon(0.55 * r, 0.55 * r, 13, s + np.pi, s)]) for s in (a, a + np.pi)]
+    a, hole = rng.uniform(0, np.pi), cfg.ring_hole * r
+    return [np.concatenate([_ngon(r, r, 13, s, s + np.pi), _ngon(hole, hole, 13, s + np.pi, s)]) for s in (a, a + np.pi)]
 
 
-def _star(r, tilt, rng):
+def _star(r, tilt, rng, cfg):
     import numpy as np
 
-    outer, inner = _ngon(r, r, 5, -np.pi / 2), _ngon(0.45 * r, 0.45 * r, 5, -np.pi / 2 + np.pi / 5)
+    outer, inner = _ngon(r, r, 5, -np.pi / 2), _ngon(cfg.star_inner * r, cfg.star_inner * r, 5, -np.pi / 2 + np.pi / 5)
     return [_rotate(np.stack([outer, inner], 1).reshape(10, 2), rng.uniform(-0.3, 0.3))]
 
 
-def _cross(r, tilt, rng):  # two overlapping bars
+def _cross(r, tilt, rng, cfg):  # two overlapping bars
     import numpy as np
 
-    bar = np.array([[-1, -0.16], [1, -0.16], [1, 0.16], [-1, 0.16]]) * r
+    w = cfg.cross_bar
+    bar = np.array([[-1, -w], [1, -w], [1, w], [-1, w]]) * r
     return [_rotate(bar, tilt), _rotate(bar[:, ::-1], tilt)]
 
 
-# category -> (radius r, tilt angle, rng) -> polygons as [K, 2] arrays centred on 0 (bbox ~ 2r)
+# category -> (radius r, tilt angle, rng, SynthConfig) -> polygons as [K, 2] arrays centred on 0 (bbox ~ 2r)
 SHAPE_BUILDERS = {
-    "circle": lambda r, tilt, rng: [_ngon(r, r, 24)],
+    "circle": lambda r, tilt, rng, cfg: [_ngon(r, r, 24)],
     "ring": _ring,
-    "ellipse": lambda r, tilt, rng: [_rotate(_ngon(r, r * rng.uniform(0.5, 0.62), 24), rng.uniform(0, math.pi))],
-    "semicircle": lambda r, tilt, rng: [_rotate(_ngon(r, r, 15, math.pi, 2 * math.pi) + [0, r / 2], rng.uniform(-0.6, 0.6))],  # flat side down
-    "square": lambda r, tilt, rng: [_rotate(_np_array([[-1, -1], [1, -1], [1, 1], [-1, 1]]) * 0.8 * r, tilt)],
-    "triangle": lambda r, tilt, rng: [_rotate(_ngon(1.1 * r, 1.1 * r, 3, -math.pi / 2) + [0, 0.25 * r], tilt)],
+    "ellipse": lambda r, tilt, rng, cfg: [_rotate(_ngon(r, r * rng.uniform(0.5, 0.62), 24), rng.uniform(0, math.pi))],
+    "semicircle": lambda r, tilt, rng, cfg: [_rotate(_ngon(r, r, 15, math.pi, 2 * math.pi) + [0, r / 2], rng.uniform(-0.6, 0.6))],  # flat side down
+    "square": lambda r, tilt, rng, cfg: [_rotate(_np_array([[-1, -1], [1, -1], [1, 1], [-1, 1]]) * 0.8 * r, tilt)],
+    "triangle": lambda r, tilt, rng, cfg: [_rotate(_ngon(1.1 * r, 1.1 * r, 3, -math.pi / 2) + [0, 0.25 * r], tilt)],
     "star": _star,
     "cross": _cross,
 }
@@ -196,9 +207,9 @@ def _np_array(x):
     return np.array(x, float)
 
 
-def _shape_polygons(shape: str, d: float, rng) -> list:
+def _shape_polygons(shape: str, d: float, rng, cfg: SynthConfig) -> list:
     """Polygons ([K, 2] arrays, centred on 0) of one object of diameter ~d."""
-    return SHAPE_BUILDERS[shape](d / 2, rng.uniform(-0.26, 0.26), rng)  # tilt: +-15 degrees
+    return SHAPE_BUILDERS[shape](d / 2, rng.uniform(-0.26, 0.26), rng, cfg)  # tilt: +-15 degrees
 
 
 def _rotate(pts, angle):
@@ -225,8 +236,8 @@ def _compose(group: str, cfg: SynthConfig, rng) -> list[_Obj]:
     """Shapes, colours and sizes of one scene: >= min_group_objects of `group`, then distractors."""
     n = int(rng.integers(cfg.objects[0], cfg.objects[1] + 1))
     k = int(rng.integers(min(cfg.min_group_objects, n), n + 1))
-    shapes = rng.choice(SHAPES_OF[group], size=int(rng.choice([1, 2, 3], p=[0.1, 0.7, 0.2])), replace=False)
-    colours = rng.choice(COLOUR_NAMES, size=int(rng.choice([2, 3, 4], p=[0.3, 0.5, 0.2])), replace=False)
+    shapes = rng.choice(SHAPES_OF[group], size=int(rng.choice([1, 2, 3], p=list(cfg.group_shapes))), replace=False)
+    colours = rng.choice(COLOUR_NAMES, size=int(rng.choice([2, 3, 4], p=list(cfg.group_colours))), replace=False)
     other = SHAPES_OF[GROUPS[1 - GROUPS.index(group)]]
     objs = [_Obj(str(rng.choice(shapes)), str(rng.choice(colours)), 0.0) for _ in range(k)]
     objs += [_Obj(str(rng.choice(other)), str(rng.choice(COLOUR_NAMES)), 0.0) for _ in range(n - k)]
@@ -262,11 +273,11 @@ def _place(objs: list[_Obj], w: int, h: int, cfg: SynthConfig, rng) -> bool:
     return True
 
 
-def _polygons(o: _Obj, w: int, h: int, rng) -> None:
+def _polygons(o: _Obj, w: int, h: int, rng, cfg: SynthConfig) -> None:
     import numpy as np
 
     polys = []
-    for p in _shape_polygons(o.shape, o.d, rng):
+    for p in _shape_polygons(o.shape, o.d, rng, cfg):
         p = np.round(np.clip(p + [o.cx, o.cy], 0, [w, h]), 2)
         polys.append([float(v) for v in p.reshape(-1)])
     o.polys = polys
@@ -369,7 +380,8 @@ def _phrase(d: _Desc, o: _Obj, rng, article: str | None) -> list[str]:
 def _refcoco_sentence(descs: list[_Desc], objs: list[_Obj], t: int, side: int, cfg: SynthConfig, rng) -> list[str]:
     """Short, location words preferred: "left red circle", "the square on the right", "bigger star"."""
     o = objs[t]
-    weights = [(3.0 if d.rel in LOCATION_PHRASES else 1.5 if d.rel else 1.0) * (0.7 if d.shape and d.colour else 1.0)
+    weights = [(cfg.location_weight if d.rel in LOCATION_PHRASES else 1.5 if d.rel else 1.0)
+               * (cfg.full_weight if d.shape and d.colour else 1.0) * (1.0 if d.shape else cfg.generic_weight)
                for d in descs]
     return _phrase(_pick(descs, weights, rng), o, rng, "the" if rng.random() < 0.35 else None)
 
@@ -524,7 +536,7 @@ def _make_image(args) -> dict:
     else:
         raise RuntimeError(f"no scene of image {i} satisfies the synth config {cfg}")
     for o in objs:
-        _polygons(o, w, h, rng)
+        _polygons(o, w, h, rng, cfg)
     _write_bytes(path, _render(objs, w, h, cfg, rng, _noise(seed, cfg.noise_sigma, max(512, cfg.width[1], cfg.height[1]))))
 
     side = min(w, h)

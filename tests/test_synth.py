@@ -151,9 +151,20 @@ def test_refcocoplus_words_match_the_pixels(synth_root, loaded):
     assert checked > 50
 
 
-def test_pure_location_sentences_pick_the_extreme_object(loaded):
+@pytest.fixture(scope="module")
+def location_heavy(tmp_path_factory):
+    """A set whose RefCOCO sentences favour location words (the generator's weights as data)."""
+    import dataclasses
+
+    root = tmp_path_factory.mktemp("synth-loc") / "data"
+    cfg = dataclasses.replace(synth.SynthConfig(), location_weight=3.0, generic_weight=1.0, full_weight=0.7)
+    synth.generate(root, 60, seed=0, cfg=cfg, workers=1)
+    return refer.load_instances(root / "refcoco" / "instances.json"), {"refcoco_unc": refer.load_refs(root / "refcoco" / "refs(unc).p")}
+
+
+def test_pure_location_sentences_pick_the_extreme_object(location_heavy):
     """"left one", "the shape on the right", "top thing": the target is that extreme of all objects."""
-    inst, refs = loaded
+    inst, refs = location_heavy
     axes = {"left": (0, min), "right": (0, max), "top": (1, min), "upper": (1, min), "bottom": (1, max), "lower": (1, max)}
     centres: dict[int, dict[int, tuple]] = {}
     for a in inst.anns.values():
