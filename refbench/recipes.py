@@ -49,7 +49,7 @@ RECIPES: dict[str, Recipe] = {
     ),
     "tiny": Recipe(
         name="tiny", variant="tiny", pretrained=None, epochs=12, steps=None,
-        batch_size=32, grad_accum=1, lr=1e-3, backbone_lr_scale=1.0, weight_decay=1e-4,
+        batch_size=32, grad_accum=1, lr=6e-4, backbone_lr_scale=1.0, weight_decay=1e-4,
         lr_power=0.9, warmup_steps=50, min_lr=1e-5, grad_clip=1.0, amp="auto", workers=2,
         val_every=None, ckpt_every=200, log_every=10, val_max_batches=None,
     ),

@@ -9,6 +9,9 @@ import torch.nn.functional as F
 import models
 from models.blocks import dynamic_conv
 from _model_helpers import make_tokens
+from models.clip_backbone import BACKBONES
+
+S = BACKBONES["tiny"]["image_size"]  # the tiny variant's input size
 
 
 @pytest.fixture(scope="module")
@@ -19,7 +22,7 @@ def eavl():
 
 @pytest.fixture(scope="module")
 def images():
-    return torch.randn(3, 3, 128, 128, generator=torch.Generator().manual_seed(7))
+    return torch.randn(3, 3, S, S, generator=torch.Generator().manual_seed(7))
 
 
 def test_dynamic_conv_equals_per_sample_loop():
@@ -39,8 +42,8 @@ def test_outputs_and_estimator_weights(eavl, images):
     with torch.no_grad():
         out = eavl(images, tokens)
     nq = eavl.config.num_queries
-    assert out["logits"].shape == (3, 1, 32, 32)
-    assert out["query_masks"].shape == (3, nq, 32, 32)
+    assert out["logits"].shape == (3, 1, S // 4, S // 4)
+    assert out["query_masks"].shape == (3, nq, S // 4, S // 4)
     weights = out["query_weights"]
     assert weights.shape == (3, nq) and (weights > 0).all()
     torch.testing.assert_close(weights.sum(dim=1), torch.ones(3))
@@ -111,9 +114,9 @@ def test_every_ablation_builds_trains_and_runs(overrides, images):
     torch.manual_seed(0)
     model = models.build("eavl", "tiny", **overrides)
     out = model(images[:2], make_tokens(2, 17))
-    loss = model.loss(out, torch.ones(2, 1, 128, 128))["loss"]
+    loss = model.loss(out, torch.ones(2, 1, S, S))["loss"]
     loss.backward()
-    assert out["logits"].shape == (2, 1, 32, 32) and torch.isfinite(loss)
+    assert out["logits"].shape == (2, 1, S // 4, S // 4) and torch.isfinite(loss)
     if overrides.get("aligner") == "fixed":
         assert "query_masks" not in out
     else:
@@ -125,9 +128,9 @@ def test_every_ablation_builds_trains_and_runs(overrides, images):
 
 
 def test_bad_input_is_one_clear_error(eavl):
-    with pytest.raises(models.ModelError, match="128x128"):
-        eavl(torch.randn(1, 3, 96, 96), make_tokens(1, 17))
+    with pytest.raises(models.ModelError, match=f"{S}x{S}"):
+        eavl(torch.randn(1, 3, S + 32, S + 32), make_tokens(1, 17))
     with pytest.raises(models.ModelError, match="aligner"):
         models.build("eavl", "tiny", aligner="sparse")
     with pytest.raises(models.ModelError, match="context"):
-        eavl(torch.randn(1, 3, 128, 128), make_tokens(1, 80))
+        eavl(torch.randn(1, 3, S, S), make_tokens(1, 80))
