@@ -199,7 +199,8 @@ def evaluate_checkpoint(checkpoint: Path, *, dataset: str | None = None, splits:
             continue
         path = results_mod.write_record(
             results, dataset=dataset, split=s, protocol=protocol, threshold=net.threshold, model=model_info,
-            data=results_mod.DataInfo(manifest_sha256=manifest_sha, sentences_expected=manifest["splits"][s]["sentences"]),
+            data=results_mod.DataInfo(manifest_sha256=manifest_sha, sentences_expected=manifest["splits"][s]["sentences"],
+                                      synthetic=bool(manifest.get("synthetic", False))),
             sentences=scores.columns,
         )
         item = Evaluated(dataset=dataset, split=s, protocol=protocol, model=model_info, path=path, scores=scores)

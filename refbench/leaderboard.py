@@ -8,7 +8,7 @@
     <split> <metric> (%, <protocol>) ... | date | reference | note
 
 - one row per (source, method, variant, run, dataset, protocol, protocol_version); `source`
-  is "measured" or "reported";
+  is "measured", "measured (synthetic)" (scored on `refbench synth` data) or "reported";
 - every value column names its split, its metric and its protocol, e.g.
   "testB mIoU (%, original)": mIoU and oIoU never share a column, nor do two protocols;
 - values are percent (0-100); an empty cell means "not measured / not published";
@@ -187,7 +187,7 @@ def _measured_long(results_root: Path) -> pl.DataFrame:
         for metric in METRICS:
             rows.append(
                 {
-                    "source": "measured",
+                    "source": "measured (synthetic)" if rec.meta["data"].get("synthetic") else "measured",
                     "method": rec.model["name"],
                     "variant": rec.model["variant"],
                     "run": rec.model["run"],
@@ -303,7 +303,9 @@ def value_columns(table: pl.DataFrame) -> list[str]:
 def _legend() -> list[str]:
     lines = [
         f"Values are {UNITS}. mIoU = mean of per-sentence IoU; oIoU = sum of intersections / sum of unions.",
-        "source: measured = a refbench result record; reported = as published (see reference).",
+        "source: measured = a refbench result record; reported = as published (see reference); measured (synthetic) ="
+        " scored on refbench's synthetic stand-in (`refbench synth`) that shares the dataset's name and format, not on"
+        " the real images: not comparable with reported rows.",
         "Each column names its split, metric and protocol; measured cells hold the latest record of the run.",
     ]
     lines += [f"protocol {p.name} (v{p.version}): {p.description}." for p in metrics.PROTOCOLS.values()]

@@ -314,6 +314,7 @@ def _plan(dataset: str, split_by: str, data: Path, images: Path, out: Path, skip
         "sources": {"refs": {"path": str(refs_path), "sha256": sha256_file(refs_path)},
                     "instances": {"path": str(inst_path), "sha256": inst_sha}, "images": str(images)},
         "skipped": skipped,
+        "synthetic": (data / "SYNTH.json").is_file(),  # written by `refbench synth`: not the real dataset
         "refbench_version": __version__,
         "options": {"shard_size": shard_size, "skip_bad": skip_bad},
     }

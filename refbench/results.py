@@ -91,6 +91,7 @@ class ModelInfo:
 class DataInfo:
     manifest_sha256: str  # sha256 of the prepared dataset's manifest.json
     sentences_expected: int  # sentences in this split according to the manifest
+    synthetic: bool = False  # the shards were prepared from `refbench synth` data, not the real dataset
 
 
 @dataclass(frozen=True)

@@ -82,7 +82,7 @@ def test_round_trip(tmp_path):
     assert m["metrics"]["bootstrap"] == {"samples": 200, "seed": 0, "level": 0.95}
     assert m["model"] == {"name": "eavl", "variant": "tiny", "config": {"num_queries": 4}, "run": "r1",
                           "checkpoint": "runs/x/best.pt", "checkpoint_sha256": "ab" * 32, "step": 120}
-    assert m["data"] == {"manifest_sha256": "cd" * 32, "sentences_expected": 60}
+    assert m["data"] == {"manifest_sha256": "cd" * 32, "sentences_expected": 60, "synthetic": False}
     prov = m["provenance"]
     assert prov["command"] == "refbench eval --checkpoint runs/x/best.pt"
     assert prov["git_commit"] is None or re.fullmatch(r"[0-9a-f]{40,64}", prov["git_commit"])
