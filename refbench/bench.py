@@ -80,6 +80,7 @@ LOADER_WARMUP = 2  # untimed batches per side first (fills our shuffle buffer, w
 EVAL_REPS = 2  # timed `refbench eval` runs
 EVAL_WARMUP = 1  # untimed runs first
 EVAL_SPLIT = "val"  # the split scored
+EVAL_WORKERS = 2  # DataLoader workers of the eval loader (`refbench eval`'s default)
 
 MODEL_SETTINGS: tuple[tuple[str, int, int], ...] = (("tiny", 32, 7), ("rn50", 2, 3))  # (variant, batch, timed reps)
 MODEL_WARMUP = 2  # untimed steps per model before timing
@@ -507,7 +508,7 @@ def bench_eval(workdir: Path, images: int) -> list[dict]:
         with time_spent_in(METRIC_CODE) as spent, contextlib.redirect_stdout(io.StringIO()):
             t0 = time.perf_counter()
             evaluate.main(checkpoint=ckpt, dataset=folder.name, split=EVAL_SPLIT, shards=folder.parent,
-                          protocol="original", batch_size=16, workers=None, vis=0, results=results, run_name="bench")
+                          protocol="original", batch_size=16, workers=EVAL_WORKERS, vis=0, results=results, run_name="bench")
             wall = time.perf_counter() - t0
         if rep >= EVAL_WARMUP:
             walls.append(wall)
@@ -515,7 +516,7 @@ def bench_eval(workdir: Path, images: int) -> list[dict]:
     shutil.rmtree(results, ignore_errors=True)
     sentences = json.loads((folder / "manifest.json").read_text())["splits"][EVAL_SPLIT]["sentences"]
     what = (f"eval metric code, s ({name} synth {folder.name} {EVAL_SPLIT}, {sentences} sentences, tiny EAVL random init, "
-            f"protocol original, batch 16, 2 loader workers, median of {EVAL_REPS})")
+            f"protocol original, batch 16, {EVAL_WORKERS} loader workers, median of {EVAL_REPS})")
     return [_row("eval", what, statistics.median(metric), statistics.median(walls), EVAL_TARGET, _median_ratio(metric, walls),
                  baseline_is="wall time of evaluate.main (the `refbench eval` command after start-up)")]
 
