@@ -1,0 +1,214 @@
+"""`refbench quickstart`: the whole benchmark on the embedded synthetic dataset, offline, on CPU.
+
+    synth          WORKDIR/data              the raw REFER-format synthetic dataset
+    prepare --all  WORKDIR/shards            all four dataset/partition pairs as webdataset shards
+    train          WORKDIR/runs/<model>      tiny eavl, cris and blind on synthetic refcoco_unc
+    eval           WORKDIR/results           val, testA, testB of refcoco_unc (original protocol)
+    leaderboard    WORKDIR/leaderboard.md    + leaderboard.html (measured rows beside the papers')
+    pictures       WORKDIR/pictures          overlays of EAVL's best/worst/random testB sentences
+
+Every stage is a call into the module that owns it (no logic of its own here), so the
+quickstart exercises exactly what the individual commands run. Re-running it continues where it
+stopped: finished runs are not retrained, a killed run resumes from its last.pt.
+
+The plan is data (`QuickstartPlan`): `full` fits in about ten minutes on 2 CPU cores; `check`
+(the default test suite's quality test) is the same data with fewer steps; `fast` (`--fast`, also
+used by the tests) is a smaller dataset and a few steps, for checking that every stage connects,
+not for quality.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from refbench.errors import RefbenchError
+
+
+@dataclass(frozen=True)
+class QuickstartPlan:
+    images: int  # synthetic images (all datasets share them)
+    seed: int  # synth and training seed
+    shard_size: int  # images per shard (several train shards, so DataLoader workers share the work)
+    dataset: str  # the prepared dataset the models train and are scored on
+    models: tuple[tuple[str, int], ...]  # (model, training steps), in training order
+    batch_size: int  # global training batch
+    eval_splits: tuple[str, ...]  # splits scored for the leaderboard
+    vis: int  # overlay pictures of EAVL on the last eval split
+    workers: int  # DataLoader workers
+
+
+PLANS: dict[str, QuickstartPlan] = {
+    "full": QuickstartPlan(images=2000, seed=0, shard_size=200, dataset="refcoco_unc",
+                           models=(("eavl", 1000), ("cris", 300), ("blind", 150)), batch_size=32,
+                           eval_splits=("val", "testA", "testB"), vis=6, workers=1),
+    # `check`: the quality test's shorter run (same data, fewer steps, testB only): grounding is
+    # already clearly learned, and the language-blind control stays low
+    "check": QuickstartPlan(images=2000, seed=0, shard_size=200, dataset="refcoco_unc",
+                            models=(("eavl", 300), ("blind", 100)), batch_size=32,
+                            eval_splits=("testB",), vis=0, workers=1),
+    "fast": QuickstartPlan(images=120, seed=0, shard_size=20, dataset="refcoco_unc",
+                           models=(("eavl", 6), ("cris", 6), ("blind", 4)), batch_size=8,
+                           eval_splits=("val", "testB"), vis=3, workers=1),
+}
+
+
+def main(workdir: Path, fast: bool = False, plan: QuickstartPlan | None = None) -> dict:
+    """Run every stage; returns a summary dict (paths and the headline numbers)."""
+    from rich.console import Console
+
+    plan = plan or PLANS["fast" if fast else "full"]
+    workdir = Path(workdir)
+    console = Console()
+    t_start = time.perf_counter()
+    timings: dict[str, float] = {}
+
+    def stage(name: str):
+        console.rule(f"[bold]{name}")
+        return _Timer(timings, name)
+
+    data, shards, runs = workdir / "data", workdir / "shards", workdir / "runs"
+    results, pictures = workdir / "results", workdir / "pictures"
+
+    with stage("1/6 synth: the embedded synthetic dataset"):
+        _synth(data, plan, console)
+    with stage("2/6 prepare: raw REFER files -> webdataset shards (all four dataset/partitions)"):
+        from refbench import prepare
+
+        prepare.main(all_=True, data=data, out=shards, shard_size=plan.shard_size)
+    checkpoints = {}
+    for model, steps in plan.models:
+        with stage(f"3/6 train {model}: tiny, on {plan.dataset}, {steps} steps"):
+            checkpoints[model] = _train(model, steps, plan, shards, runs / model)
+    evaluated = []
+    with stage(f"4/6 eval: {plan.dataset} {', '.join(plan.eval_splits)}, original protocol"):
+        from refbench import evaluate
+
+        for model, ckpt in checkpoints.items():
+            vis = plan.vis if model == "eavl" else 0
+            done = evaluate.evaluate_checkpoint(ckpt, dataset=plan.dataset, splits=list(plan.eval_splits),
+                                                shards=shards, results=results, run_name=f"quickstart-{model}",
+                                                batch_size=64, workers=plan.workers, vis=vis)
+            evaluated += done
+            evaluate.print_scores(done)
+    with stage("5/6 leaderboard: measured records beside the papers' reported rows"):
+        from refbench import leaderboard
+
+        exports = {}
+        for fmt in ("md", "html"):
+            exports[fmt] = workdir / f"leaderboard.{fmt}"
+            leaderboard.main(dataset=plan.dataset, fmt=fmt, out=exports[fmt], results=results, reported=None)
+    with stage("6/6 pictures: EAVL overlays"):
+        pics = _collect_pictures(evaluated, pictures)
+
+    summary = _summary(plan, workdir, checkpoints, evaluated, exports, pics, timings, time.perf_counter() - t_start)
+    _print_summary(console, summary)
+    return summary
+
+
+class _Timer:
+    def __init__(self, timings: dict, name: str) -> None:
+        self.timings, self.name = timings, name
+
+    def __enter__(self) -> "_Timer":
+        self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.timings[self.name.split(":")[0]] = round(time.perf_counter() - self.t0, 1)
+
+
+def _synth(data: Path, plan: QuickstartPlan, console) -> None:
+    """Write the synthetic dataset unless this exact one (same images and seed) is already there."""
+    import json
+
+    from refbench import synth
+
+    marker = data / "SYNTH.json"
+    if marker.is_file():
+        meta = json.loads(marker.read_text())
+        if meta.get("images") == plan.images and meta.get("seed") == plan.seed and (data / "refcocog" / "refs(google).p").is_file():
+            console.print(f"{data}: synthetic dataset already written (images {plan.images}, seed {plan.seed})")
+            return
+    synth.main(out=data, images=plan.images, seed=plan.seed)
+
+
+def _train(model: str, steps: int, plan: QuickstartPlan, shards: Path, out: Path) -> Path:
+    """Train one tiny model (or finish / reuse an earlier quickstart's run); returns best.pt."""
+    from refbench import checkpoint
+    from refbench.recipes import get_recipe
+    from refbench.train import TrainConfig, train
+
+    recipe = get_recipe("tiny", steps=steps, batch_size=plan.batch_size, workers=plan.workers,
+                        val_every=steps)  # one validation, at the end
+    resume = False
+    last = out / "last.pt"
+    if last.is_file():
+        ckpt = checkpoint.load(last)
+        if ckpt["step"] >= steps and (out / "best.pt").is_file():
+            return out / "best.pt"
+        resume = True
+    train(TrainConfig(model=model, variant="tiny", dataset=plan.dataset, shards=shards, recipe=recipe, out=out,
+                      resume=resume, seed=plan.seed))
+    best = out / "best.pt"
+    if not best.is_file():
+        raise RefbenchError(f"{out}: training finished without a best.pt")
+    return best
+
+
+def _collect_pictures(evaluated: list, folder: Path) -> list[Path]:
+    """Copy the eval overlays into one folder the summary can point at."""
+    import shutil
+
+    folder.mkdir(parents=True, exist_ok=True)
+    out = []
+    for e in evaluated:
+        for p in e.pictures:
+            dst = folder / f"{e.model.name}-{e.split}-{p.name}"
+            shutil.copyfile(p, dst)
+            out.append(dst)
+    return out
+
+
+def _summary(plan, workdir, checkpoints, evaluated, exports, pictures, timings, seconds) -> dict:
+    from refbench import results
+
+    scores = {}
+    for e in evaluated:
+        m = results.load_record(e.path).meta["metrics"]
+        scores.setdefault(e.model.name, {})[e.split] = {"mIoU": m["mIoU"], "oIoU": m["oIoU"], "n": m["n"]}
+    return {
+        "workdir": str(workdir), "plan": dataclasses.asdict(plan), "seconds": round(seconds, 1),
+        "timings": timings, "checkpoints": {k: str(v) for k, v in checkpoints.items()},
+        "records": [str(e.path) for e in evaluated], "leaderboard": {k: str(v) for k, v in exports.items()},
+        "pictures": [str(p) for p in pictures], "scores": scores, "dataset": plan.dataset, "protocol": "original",
+    }
+
+
+def _print_summary(console, s: dict) -> None:
+    from rich.table import Table
+
+    from refbench.fsutil import atomic_write_json
+
+    table = Table(title=f"quickstart: synthetic {s['dataset']}, tiny models, protocol {s['protocol']} "
+                        f"(I/U at the original image size)", title_justify="left")
+    table.add_column("model")
+    splits = sorted({sp for per in s["scores"].values() for sp in per}, key=["val", "testA", "testB"].index)
+    for sp in splits:
+        table.add_column(f"{sp} mIoU %", justify="right")
+        table.add_column(f"{sp} oIoU %", justify="right")
+    for model, per in s["scores"].items():
+        table.add_row(model, *[f"{100 * per[sp][m]:.2f}" if sp in per else "-" for sp in splits for m in ("mIoU", "oIoU")])
+    console.rule("[bold]done")
+    console.print(table)
+    console.print(f"time: {s['seconds']:.0f} s in all ({', '.join(f'{k} {v:.0f} s' for k, v in s['timings'].items())})")
+    console.print(f"data:        {s['workdir']}/data (raw REFER format), {s['workdir']}/shards (webdataset)")
+    for model, ckpt in s["checkpoints"].items():
+        console.print(f"checkpoint:  {model}: {ckpt}")
+    console.print(f"records:     {s['workdir']}/results ({len(s['records'])} result records + per-sentence parquet)")
+    console.print(f"leaderboard: {s['leaderboard'].get('md')}  {s['leaderboard'].get('html')}")
+    console.print(f"pictures:    {s['workdir']}/pictures ({len(s['pictures'])} PNG overlays)")
+    atomic_write_json(Path(s["workdir"]) / "summary.json", s)
+    console.print(f"summary:     {s['workdir']}/summary.json")
