@@ -177,33 +177,46 @@ def to_original(probs: "torch.Tensor", boxes: Sequence[Letterbox]) -> list["torc
     """Map per-sample maps over the square input back to each original image (bilinear).
 
     probs: float [B, 1, h, w] over the S x S input (any h, w: logits or probabilities; h = w = S/4
-    or S). Returns B tensors float [H_b, W_b], on probs' device. The letterboxed region is cropped
-    and resized to the original size in one batched `grid_sample` (align_corners=False): each
-    original pixel centre is sampled at its exact position in the input frame, as CRIS's
-    `cv2.warpAffine` with the inverse letterbox matrix does.
+    or S). Returns B tensors float [H_b, W_b], on probs' device. Each original pixel centre is
+    sampled at its exact position in the input frame, as CRIS's `cv2.warpAffine` with the
+    inverse letterbox matrix does: bilinear, align_corners=False, edges clamped (what
+    `grid_sample(..., padding_mode="border")` computes). The map is separable, so it runs as two
+    batched matrix products, rows @ map @ columns^T, with interpolation weights built in float64:
+    ~10x cheaper than a grid_sample over every output pixel (2 nonzeros per weight row).
     """
     import torch
-    import torch.nn.functional as F
 
     if probs.dim() != 4 or probs.shape[1] != 1 or probs.shape[0] != len(boxes):
         raise ValueError(f"to_original wants probs [B,1,h,w] with B = {len(boxes)} boxes, got {tuple(probs.shape)}")
     if not boxes:
         return []
-    dev, dtype = probs.device, probs.dtype if probs.is_floating_point() else torch.float32
+    dtype = probs.dtype if probs.is_floating_point() else torch.float32
+    _, _, h, w = probs.shape
     max_h = max(b.orig_h for b in boxes)
     max_w = max(b.orig_w for b in boxes)
+    rows = torch.stack([_resample_weights(max_h, h, b.new_h / b.orig_h, b.pad_y, b.size) for b in boxes])  # [B, max_h, h]
+    cols = torch.stack([_resample_weights(max_w, w, b.new_w / b.orig_w, b.pad_x, b.size) for b in boxes])  # [B, max_w, w]
+    rows, cols = rows.to(probs.device, dtype), cols.to(probs.device, dtype)
+    warped = rows @ probs[:, 0].to(dtype) @ cols.transpose(1, 2)  # [B, max_h, max_w]
+    return [warped[i, : b.orig_h, : b.orig_w] for i, b in enumerate(boxes)]  # B x [H_b, W_b]
 
-    def column(values: list[float]) -> "torch.Tensor":  # [B, 1]
-        return torch.tensor(values, device=dev, dtype=torch.float64).unsqueeze(1)
 
-    size = column([b.size for b in boxes])
-    # normalised input coordinate of original pixel centre i: 2 * ((i+0.5) * new/orig + pad) / S - 1
-    xs = torch.arange(max_w, device=dev, dtype=torch.float64).unsqueeze(0) + 0.5  # [1, max_w]
-    ys = torch.arange(max_h, device=dev, dtype=torch.float64).unsqueeze(0) + 0.5  # [1, max_h]
-    gx = 2 * (xs * column([b.new_w / b.orig_w for b in boxes]) + column([b.pad_x for b in boxes])) / size - 1
-    gy = 2 * (ys * column([b.new_h / b.orig_h for b in boxes]) + column([b.pad_y for b in boxes])) / size - 1
-    grid = torch.stack(  # [B, max_h, max_w, 2] as (x, y)
-        (gx[:, None, :].expand(-1, max_h, -1), gy[:, :, None].expand(-1, -1, max_w)), dim=-1
-    ).to(dtype)
-    warped = F.grid_sample(probs.to(dtype), grid, mode="bilinear", padding_mode="border", align_corners=False)
-    return [warped[i, 0, : b.orig_h, : b.orig_w] for i, b in enumerate(boxes)]  # B x [H_b, W_b]
+def _resample_weights(n_out: int, n_in: int, scale: float, pad: int, size: int) -> "torch.Tensor":
+    """[n_out, n_in] bilinear weights taking an input-frame axis of n_in cells to original pixels.
+
+    Original pixel centre i sits at input coordinate (i + 0.5) * scale + pad (of `size`), i.e.
+    at cell (that * n_in / size - 0.5) of the n_in-cell map, clamped to the edge cells.
+    """
+    import torch
+
+    centre = (torch.arange(n_out, dtype=torch.float64) + 0.5) * scale + pad  # input pixels
+    x = ((2 * centre / size) * n_in - 1) / 2  # = ((g + 1) * n_in - 1) / 2 with g = 2 * centre / size - 1
+    x = x.clamp(0, n_in - 1)
+    x0 = x.floor()
+    frac = x - x0
+    x0 = x0.long()
+    x1 = (x0 + 1).clamp(max=n_in - 1)
+    weights = torch.zeros(n_out, n_in, dtype=torch.float64)
+    weights.scatter_add_(1, x0[:, None], (1 - frac)[:, None])
+    weights.scatter_add_(1, x1[:, None], frac[:, None])
+    return weights

@@ -169,3 +169,22 @@ def test_to_original_rejects_mismatched_batch():
     with pytest.raises(ValueError):
         T.to_original(torch.zeros(2, 1, 8, 8), [Letterbox.fit(4, 4, 8)])
     assert T.to_original(torch.zeros(0, 1, 8, 8), []) == []
+
+
+@pytest.mark.parametrize("cells", [24, 96])
+def test_to_original_equals_a_float64_grid_sample(cells):
+    """The separable matmul form computes what grid_sample (bilinear, border, align_corners=False)
+    computes at every original pixel centre, to float32 precision, for any image shape."""
+    import torch.nn.functional as F
+
+    rng = np.random.default_rng(cells)
+    boxes = [Letterbox.fit(int(w), int(h), 96) for w, h in rng.integers(30, 700, (4, 2))]
+    probs = torch.from_numpy(rng.random((4, 1, cells, cells), dtype=np.float32))
+    out = T.to_original(probs, boxes)
+    for i, b in enumerate(boxes):
+        xs = (torch.arange(b.orig_w, dtype=torch.float64) + 0.5) * b.new_w / b.orig_w + b.pad_x
+        ys = (torch.arange(b.orig_h, dtype=torch.float64) + 0.5) * b.new_h / b.orig_h + b.pad_y
+        grid = torch.stack(torch.meshgrid(2 * xs / b.size - 1, 2 * ys / b.size - 1, indexing="xy"), -1)[None]
+        ref = F.grid_sample(probs[i:i + 1].double(), grid, mode="bilinear", padding_mode="border", align_corners=False)[0, 0]
+        assert out[i].shape == (b.orig_h, b.orig_w)
+        assert torch.allclose(out[i].double(), ref, atol=1e-6)
