@@ -9,7 +9,8 @@
 
 Every stage is a call into the module that owns it (no logic of its own here), so the
 quickstart exercises exactly what the individual commands run. Re-running it continues where it
-stopped: finished runs are not retrained, a killed run resumes from its last.pt.
+stopped: finished runs are not retrained, a killed run resumes from its last.pt, and a run made
+from other shards, another tiny config or another step count (an older refbench) is redone.
 
 The plan is data (`QuickstartPlan`): `full` fits in about ten minutes on 2 CPU cores; `check`
 (the default test suite's quality test) is the same data with fewer steps; `fast` (`--fast`, also
@@ -20,6 +21,7 @@ not for quality.
 from __future__ import annotations
 
 import dataclasses
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -121,7 +123,7 @@ class _Timer:
 
 
 def _synth(data: Path, plan: QuickstartPlan, console) -> None:
-    """Write the synthetic dataset unless this exact one (same images and seed) is already there."""
+    """Write the synthetic dataset unless this exact one (images, seed, generator config) is there."""
     import json
 
     from refbench import synth
@@ -129,7 +131,9 @@ def _synth(data: Path, plan: QuickstartPlan, console) -> None:
     marker = data / "SYNTH.json"
     if marker.is_file():
         meta = json.loads(marker.read_text())
-        if meta.get("images") == plan.images and meta.get("seed") == plan.seed and (data / "refcocog" / "refs(google).p").is_file():
+        config = json.loads(json.dumps(dataclasses.asdict(synth.SynthConfig())))
+        if (meta.get("images"), meta.get("seed"), meta.get("config")) == (plan.images, plan.seed, config) \
+                and (data / "refcocog" / "refs(google).p").is_file():
             console.print(f"{data}: synthetic dataset already written (images {plan.images}, seed {plan.seed})")
             return
     synth.main(out=data, images=plan.images, seed=plan.seed)
@@ -147,15 +151,43 @@ def _train(model: str, steps: int, plan: QuickstartPlan, shards: Path, out: Path
     last = out / "last.pt"
     if last.is_file():
         ckpt = checkpoint.load(last)
-        if ckpt["step"] >= steps and (out / "best.pt").is_file():
+        stale = _stale_run(ckpt, model, steps, shards / plan.dataset / "manifest.json")
+        if stale:
+            print(f"{out}: {stale}; training it again")
+            shutil.rmtree(out)
+        elif ckpt["step"] >= steps and (out / "best.pt").is_file():
             return out / "best.pt"
-        resume = True
+        else:
+            resume = True
     train(TrainConfig(model=model, variant="tiny", dataset=plan.dataset, shards=shards, recipe=recipe, out=out,
                       resume=resume, seed=plan.seed))
     best = out / "best.pt"
     if not best.is_file():
         raise RefbenchError(f"{out}: training finished without a best.pt")
     return best
+
+
+def _stale_run(ckpt: dict, model: str, steps: int, manifest: Path) -> str | None:
+    """Why an earlier quickstart's run cannot be reused or resumed (None: it can).
+
+    A run is this plan's only if it trained on these exact shards (the manifest's sha256; prepare
+    is deterministic, so an unchanged dataset keeps it), with today's tiny config of the model and
+    for the same number of steps: a refbench upgrade that changes the synthetic data or the tiny
+    variant must not leave an old checkpoint on the leaderboard.
+    """
+    import json
+
+    import models
+    from refbench.fsutil import sha256_file
+
+    if ckpt.get("dataset", {}).get("manifest_sha256") != sha256_file(manifest):
+        return "it was trained on other shards"
+    config = json.loads(json.dumps(dataclasses.asdict(models.make_config(model, "tiny"))))
+    if ckpt["model"].get("config") != config:
+        return "it was trained with another tiny config"
+    if ckpt.get("recipe", {}).get("steps") != steps:
+        return f"it was planned for {ckpt.get('recipe', {}).get('steps')} steps, not {steps}"
+    return None
 
 
 def _collect_pictures(evaluated: list, folder: Path) -> list[Path]:

@@ -10,7 +10,7 @@ import json
 
 import pytest
 
-from refbench import quickstart, results
+from refbench import checkpoint, quickstart, results
 
 CHECK_EAVL_MIN = 0.42  # testB mIoU floor of the `check` plan; measured 0.496 (blind 0.104) on 2 cores, seed 0
 
@@ -53,6 +53,20 @@ def test_rerun_reuses_finished_work(fast_run):
     after = {m: (workdir / "runs" / m / "best.pt").stat().st_mtime_ns for m in first["checkpoints"]}
     assert before == after  # not retrained
     assert len(second["records"]) == len(first["records"])  # scored again: new, append-only records
+
+
+def test_a_run_from_other_shards_config_or_length_is_not_reused(fast_run):
+    workdir, _ = fast_run
+    ckpt = checkpoint.load(workdir / "runs" / "eavl" / "last.pt")
+    manifest = workdir / "shards" / "refcoco_unc" / "manifest.json"
+    steps = dict(quickstart.PLANS["fast"].models)["eavl"]
+    assert quickstart._stale_run(ckpt, "eavl", steps, manifest) is None
+    assert "steps" in quickstart._stale_run(ckpt, "eavl", steps + 1, manifest)
+    other = workdir / "other-manifest.json"
+    other.write_text(manifest.read_text() + "\n")
+    assert "other shards" in quickstart._stale_run(ckpt, "eavl", steps, other)
+    ckpt["model"]["config"]["image_size"] += 32
+    assert "tiny config" in quickstart._stale_run(ckpt, "eavl", steps, manifest)
 
 
 def test_short_run_grounds_language_and_blind_cannot(tmp_path):
