@@ -244,19 +244,18 @@ def ensure_data(cfg: AblationConfig) -> Path:
     data, shards = cfg.workdir / "data", cfg.workdir / "shards"
     dataset, _, split_by = cfg.dataset.rpartition("_")
     images = synth.DEFAULT_IMAGES if cfg.synth_images is None else cfg.synth_images
-    marker = data / "SYNTH.json"
-    if marker.is_file():
-        made = json.loads(marker.read_text())
-        if (made.get("images"), made.get("seed")) != (images, cfg.data_seed):
-            raise RefbenchError(
-                f"{data} holds a synthetic dataset of {made.get('images')} images (seed {made.get('seed')}); "
-                f"this ablation uses {images} images (seed {cfg.data_seed})",
-                hint="choose another --workdir",
-            )
+    made, want = synth.written_identity(data), synth.identity(images, cfg.data_seed)
+    if made is not None and made != want:
+        config = ", another generator config" if made["config"] != want["config"] else ""
+        raise RefbenchError(
+            f"{data} holds a synthetic dataset of {made['images']} images (seed {made['seed']}{config}); "
+            f"this ablation uses {images} images (seed {cfg.data_seed}, today's generator defaults)",
+            hint="choose another --workdir",
+        )
     if (shards / cfg.dataset / "manifest.json").is_file():
         load_manifest(shards, cfg.dataset)
         return shards
-    if not (data / dataset / f"refs({split_by}).p").is_file():  # synth writes the refs pickles last
+    if not synth.is_complete(data):
         synth.main(out=data, images=images, seed=cfg.data_seed)
     prepare.main(dataset=dataset, split_by=split_by, data=data, out=shards, workers=cfg.workers)
     return shards

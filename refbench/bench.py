@@ -46,7 +46,6 @@ import statistics
 import subprocess
 import tarfile
 import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -141,12 +140,8 @@ def synth_set(workdir: Path, name: str, images: int) -> Path:
 
     cfg = SETS[name]
     raw = Path(workdir) / f"synth-{name}-{images}"
-    marker = raw / "SYNTH.json"
-    complete = all((raw / d / f"refs({s}).p").is_file() for d, s in synth.PARTITIONS)  # pickles are written last
-    if complete and marker.is_file():
-        meta = json.loads(marker.read_text())
-        if (meta.get("seed"), meta.get("images"), meta.get("config")) == (SEED, images, json.loads(json.dumps(asdict(cfg)))):
-            return raw
+    if synth.written_identity(raw) == synth.identity(images, SEED, cfg) and synth.is_complete(raw):
+        return raw
     synth.generate(raw, images, SEED, cfg)
     return raw
 

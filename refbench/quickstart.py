@@ -124,18 +124,11 @@ class _Timer:
 
 def _synth(data: Path, plan: QuickstartPlan, console) -> None:
     """Write the synthetic dataset unless this exact one (images, seed, generator config) is there."""
-    import json
-
     from refbench import synth
 
-    marker = data / "SYNTH.json"
-    if marker.is_file():
-        meta = json.loads(marker.read_text())
-        config = json.loads(json.dumps(dataclasses.asdict(synth.SynthConfig())))
-        if (meta.get("images"), meta.get("seed"), meta.get("config")) == (plan.images, plan.seed, config) \
-                and (data / "refcocog" / "refs(google).p").is_file():
-            console.print(f"{data}: synthetic dataset already written (images {plan.images}, seed {plan.seed})")
-            return
+    if synth.written_identity(data) == synth.identity(plan.images, plan.seed) and synth.is_complete(data):
+        console.print(f"{data}: synthetic dataset already written (images {plan.images}, seed {plan.seed})")
+        return
     synth.main(out=data, images=plan.images, seed=plan.seed)
 
 

@@ -615,6 +615,26 @@ def _check_out(out: Path) -> None:
         )
 
 
+def identity(images: int, seed: int, cfg: SynthConfig = SynthConfig()) -> dict:
+    """What SYNTH.json records of a dataset (JSON types): equal identities, byte-identical datasets."""
+    return {"seed": seed, "images": images, "config": json.loads(json.dumps(asdict(cfg)))}
+
+
+def written_identity(out: Path) -> dict | None:
+    """The identity of the synthetic dataset in OUT (None: no SYNTH.json there), complete or not."""
+    marker = Path(out) / "SYNTH.json"
+    if not marker.is_file():
+        return None
+    made = json.loads(marker.read_text())
+    return {k: made.get(k) for k in ("seed", "images", "config")}
+
+
+def is_complete(out: Path) -> bool:
+    """Whether `generate` finished writing OUT (the last refs pickle it writes is there)."""
+    ds, sb = PARTITIONS[-1]
+    return (Path(out) / ds / f"refs({sb}).p").is_file()
+
+
 def generate(out: Path, images: int, seed: int, cfg: SynthConfig = SynthConfig(), workers: int | None = None) -> dict:
     """Write the dataset; returns the counts summary. `workers` processes render the images."""
     import numpy as np
@@ -627,7 +647,7 @@ def generate(out: Path, images: int, seed: int, cfg: SynthConfig = SynthConfig()
     img_dir = out / "images" / "train2014"
     img_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "SYNTH.json", {"generator": "refbench synth", "refbench_version": __version__,
-                                           "seed": seed, "images": images, "config": asdict(cfg)})
+                                           **identity(images, seed, cfg)})
     for stale in img_dir.glob("COCO_train2014_*.jpg"):  # our previous output (SYNTH.json marks the folder)
         stale.unlink()
 
