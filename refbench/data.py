@@ -478,8 +478,9 @@ def train_loader(
     batch_size: refs per batch on this rank; image_size: square input side; num_batches: batches
     in an epoch, default ceil(refs of `split` / (batch_size x world)), the same on every rank;
     workers: DataLoader workers (any number, also more than shards); shuffle_buffer: refs held
-    by the ref-level shuffle; rank r of `world` draws only from shards r, r+W, ... (`loader.shards`). Call again with epoch + 1 for the next epoch. With skip_batches=k
-    the batches equal those of the uninterrupted stream of (seed, epoch, rank, world, workers).
+    by the ref-level shuffle; rank r of `world` draws only from shards r, r+W, ...
+    (`loader.shards`). Call again with epoch + 1 for the next epoch. With skip_batches=k the
+    batches equal those of the uninterrupted stream of (seed, epoch, rank, world, workers).
     """
     rank, world = dist_info(rank, world)
     manifest = load_manifest(dataset_dir) if manifest is None else manifest
