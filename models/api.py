@@ -40,14 +40,14 @@ class ModelSpec:
 
 def names() -> list[str]:
     """Registered model names, sorted; imports nothing heavy."""
-    from models import MODELS
+    from . import MODELS
 
     return sorted(MODELS)
 
 
 def get_spec(name: str) -> ModelSpec:
     """Import and return the spec of a registered model."""
-    from models import MODELS
+    from . import MODELS
 
     if name not in MODELS:
         raise ModelError(f"unknown model {name!r}; registered models: {', '.join(sorted(MODELS))}")

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from models.api import ModelSpec
-from models.blocks import FusionNeck, fixed_mask_head, mask_bce_loss
-from models.clip_backbone import BackboneConfig, ClipBackbone, make_variants
+from .api import ModelSpec
+from .blocks import FusionNeck, fixed_mask_head, mask_bce_loss
+from .clip_backbone import BackboneConfig, ClipBackbone, make_variants
 
 
 @dataclass

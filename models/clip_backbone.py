@@ -27,6 +27,7 @@ models/configs/*.json, registered with `open_clip.add_model_config`.
 from __future__ import annotations
 
 import logging
+from importlib import resources
 import os
 import socket
 import threading
@@ -38,9 +39,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.api import ModelError
+from .api import ModelError
 
-CONFIG_DIR = Path(__file__).parent / "configs"  # refbench-tiny-*.json open_clip model configs
+CONFIG_DIR = Path(str(resources.files(__package__) / "configs"))  # refbench-tiny-*.json open_clip model configs
 
 # Backbone variants, as data: the open_clip architecture, the input size and the widths of
 # the projected vision features F_v2, F_v3, F_v4 (= F_vg). Full sizes follow CRIS's fpn_in.

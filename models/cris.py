@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.api import ModelSpec
-from models.blocks import (
+from .api import ModelSpec
+from .blocks import (
     CoordConv,
     VisionLanguageDecoder,
     conv_block,
@@ -34,7 +34,7 @@ from models.blocks import (
     pixel_upsampler,
     sine_pos_1d,
 )
-from models.clip_backbone import BackboneConfig, ClipBackbone, ImageFeatures, make_variants
+from .clip_backbone import BackboneConfig, ClipBackbone, ImageFeatures, make_variants
 
 
 @dataclass

@@ -44,8 +44,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.api import ModelError, ModelSpec
-from models.blocks import (
+from .api import ModelError, ModelSpec
+from .blocks import (
     FusionNeck,
     VisionLanguageDecoder,
     conv_block,
@@ -54,7 +54,7 @@ from models.blocks import (
     mask_bce_loss,
     pixel_upsampler,
 )
-from models.clip_backbone import BackboneConfig, ClipBackbone, ImageFeatures, TextFeatures, make_variants
+from .clip_backbone import BackboneConfig, ClipBackbone, ImageFeatures, TextFeatures, make_variants
 
 
 @dataclass

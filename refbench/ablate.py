@@ -458,7 +458,7 @@ def _setting_cell(table: int, s: Setting) -> str:
 
 def render_report(report: Report, plot_name: str = PLOT_NAME) -> str:
     """The markdown report: setup, metric names, comparability, Tables 2-4, shape summary, runs."""
-    import models
+    from refbench import models
     from refbench import metrics
 
     cfg, f = report.cfg, report.facts

@@ -472,7 +472,7 @@ def tiny_checkpoint(path: Path, dataset_dir: Path) -> Path:
 
     import torch
 
-    import models
+    from refbench import models
     from refbench import checkpoint, data
     from refbench.fsutil import sha256_file
 
@@ -535,7 +535,7 @@ def bench_model(workdir: Path, images: int) -> list[dict]:
     """
     import torch
 
-    import models
+    from refbench import models
 
     rows = []
     warmup = MODEL_WARMUP

@@ -106,7 +106,7 @@ def load(path: str | Path, map_location: str = "cpu") -> dict:
 
 def build_model(ckpt: dict, path: str | Path = "<checkpoint>"):
     """Rebuild the model a checkpoint describes and load its weights (random init, no download)."""
-    import models
+    from refbench import models
 
     spec = ckpt["model"]
     config = dict(spec["config"])

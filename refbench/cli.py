@@ -22,7 +22,7 @@ class _Group(click.Group):
     """A click group that turns user errors into one clear line instead of a traceback."""
 
     def invoke(self, ctx: click.Context):
-        from models.api import ModelError
+        from refbench.models.api import ModelError
 
         from refbench.errors import RefbenchError
 
@@ -173,7 +173,7 @@ def eval_cmd(checkpoint, dataset, split, shards, protocol, batch_size, workers, 
 @click.option("--format", "fmt", type=click.Choice(["md", "csv", "json", "html"]), default="md", show_default=True, help="Export format.")
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Write here instead of printing.")
 @click.option("--results", type=click.Path(path_type=Path), default=Path("leaderboard/results"), show_default=True, help="Folder of measured result records.")
-@click.option("--reported", type=click.Path(path_type=Path), default=None, help="Folder of reported (paper) rows [default: leaderboard/reported].")
+@click.option("--reported", type=click.Path(path_type=Path), default=None, help="Folder of reported (paper) rows [default: the rows shipped with refbench].")
 def leaderboard(dataset, fmt, out, results, reported) -> None:
     """Gather measured records and reported paper rows into one leaderboard table."""
     from refbench import leaderboard as lb

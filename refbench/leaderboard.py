@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import html
 import json
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +40,6 @@ SPLIT_ORDER = ("val", "testA", "testB", "test")  # others follow, alphabetically
 DATASET_ORDER = ("refcoco_unc", "refcoco+_unc", "refcocog_umd", "refcocog_google")  # others follow
 METRICS = ("mIoU", "oIoU")
 UNITS = "percent (0-100)"
-REPO_REPORTED = Path(__file__).resolve().parents[1] / "leaderboard" / "reported"
 
 # The reported-rows CSV schema (leaderboard/reported/README.md).
 REPORTED_SCHEMA: dict[str, Any] = {
@@ -83,14 +83,14 @@ def value_column(split: str, metric: str, protocol: str) -> str:
 
 
 def default_reported() -> Path:
-    """leaderboard/reported of this checkout (or of the working directory)."""
-    for candidate in (REPO_REPORTED, Path("leaderboard/reported")):
-        if candidate.is_dir():
-            return candidate
-    raise RefbenchError(
-        "cannot find the reported rows folder leaderboard/reported",
-        hint="pass --reported PATH",
-    )
+    """The reported rows shipped with refbench (package data `refbench.reported`)."""
+    folder = resources.files("refbench.reported")
+    if not isinstance(folder, Path) or not (folder / "refcoco_family.csv").is_file():
+        raise RefbenchError(
+            f"the reported rows shipped with refbench are missing from {folder}",
+            hint="reinstall refbench, or pass --reported PATH",
+        )
+    return folder
 
 
 def _read_csv(path: Path, schema: dict[str, Any]) -> pl.DataFrame:

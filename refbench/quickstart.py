@@ -170,7 +170,7 @@ def _stale_run(ckpt: dict, model: str, steps: int, manifest: Path) -> str | None
     """
     import json
 
-    import models
+    from refbench import models
     from refbench.fsutil import sha256_file
 
     if ckpt.get("dataset", {}).get("manifest_sha256") != sha256_file(manifest):

@@ -12,7 +12,7 @@ console = Console()
 
 def print_models() -> None:
     """Print every registered model with its variants and config fields."""
-    import models
+    from refbench import models
 
     table = Table(title="registered models (models.MODELS)")
     table.add_column("model")

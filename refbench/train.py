@@ -67,7 +67,7 @@ def main(model: str, variant: str | None, dataset: str, shards: Path, recipe: st
          out: Path | None, resume: bool, amp: str | None, workers: int | None, seed: int,
          overrides: tuple[str, ...] = ()) -> Path:
     """CLI entry: turn flags into a TrainConfig and train. Returns the run folder."""
-    import models
+    from refbench import models
 
     if model not in models.MODELS:
         raise RefbenchError(f"unknown model {model!r}; registered models: {', '.join(models.names())}")
@@ -152,7 +152,7 @@ def train(cfg: TrainConfig) -> Path:
     """Train `cfg.model` on `cfg.dataset`; returns the run folder holding last.pt and best.pt."""
     import torch
 
-    import models
+    from refbench import models
     from refbench import checkpoint, data, evaluate
     from refbench.prepare import load_manifest
     from refbench.progress import TrainProgress

@@ -65,7 +65,7 @@ def test_rows_are_compared_with_their_tables_reference(tmp_path):
 
 
 def test_every_planned_row_has_the_papers_row_and_a_valid_model_config(tmp_path):
-    import models
+    from refbench import models
 
     paper = load_ablations()
     for row in ablate.table_rows(_cfg(tmp_path)):

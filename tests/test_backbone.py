@@ -11,9 +11,9 @@ import open_clip
 import pytest
 import torch
 
-import models
+from refbench import models
 from _model_helpers import make_tokens
-from models.clip_backbone import (
+from refbench.models.clip_backbone import (
     CONFIG_DIR,
     BackboneConfig,
     ClipBackbone,

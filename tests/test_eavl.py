@@ -6,10 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import models
-from models.blocks import dynamic_conv
+from refbench import models
+from refbench.models.blocks import dynamic_conv
 from _model_helpers import make_tokens
-from models.clip_backbone import BACKBONES
+from refbench.models.clip_backbone import BACKBONES
 
 S = BACKBONES["tiny"]["image_size"]  # the tiny variant's input size
 

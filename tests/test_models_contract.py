@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import models
+from refbench import models
 from _model_helpers import make_tokens
 
 TINY = [(name, variant) for name in models.names() for variant in models.get_spec(name).variants if variant.startswith("tiny")]

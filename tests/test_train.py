@@ -37,7 +37,7 @@ def _fixed_batch_loss(net, shards_root: Path) -> float:
 
 
 def test_short_run_lowers_the_loss_and_eval_loads_its_checkpoints(tiny_run, shards_root, tmp_path):
-    import models
+    from refbench import models
 
     losses = [loss for _, (_, loss) in sorted(train_losses(tiny_run).items())]
     assert len(losses) == TINY_RUN_STEPS
