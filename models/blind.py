@@ -33,7 +33,7 @@ class Blind(nn.Module):
         super().__init__()
         self.image_size = cfg.image_size
         self.loss_resolution = cfg.loss_resolution
-        self.backbone = ClipBackbone(cfg, text=False)
+        self.backbone = ClipBackbone(cfg, text=False, global_vision=False)  # image features only, no F_vg
         self.neck = FusionNeck(cfg.dim_v2, cfg.dim_v3, cfg.dim_v4, None, cfg.dim)
         self.head = fixed_mask_head(cfg.dim)
 

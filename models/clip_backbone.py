@@ -86,7 +86,7 @@ class ImageFeatures(NamedTuple):
     v2: torch.Tensor  # F_v2 [B,C2,H/8,W/8]
     v3: torch.Tensor  # F_v3 [B,C3,H/16,W/16]
     v4: torch.Tensor  # F_v4 [B,C4,H/32,W/32]
-    vg: torch.Tensor  # F_vg [B,C4]
+    vg: torch.Tensor | None  # F_vg [B,C4]; None when the model does not read it (no proj_vg built)
 
 
 class TextFeatures(NamedTuple):
@@ -251,10 +251,22 @@ def dense_attention_pool(pool: nn.Module, x4: torch.Tensor) -> tuple[torch.Tenso
     return z_bar, z
 
 
-class ResNetImageEncoder(nn.Module):
-    """CLIP ModifiedResNet -> F_v2, F_v3, F_v4, F_vg (EAVL 3.1, eq 1)."""
+def _drop_unbuilt_proj_vg(module, state_dict, prefix, *args) -> None:
+    """load_state_dict pre-hook: an encoder without proj_vg ignores a checkpoint's proj_vg
+    weights (checkpoints written when every model built F_vg's projection, read or not)."""
+    if getattr(module, "proj_vg", None) is None:
+        for key in [k for k in state_dict if k.startswith(prefix + "proj_vg.")]:
+            del state_dict[key]
 
-    def __init__(self, visual: nn.Module, cfg: BackboneConfig):
+
+class ResNetImageEncoder(nn.Module):
+    """CLIP ModifiedResNet -> F_v2, F_v3, F_v4, F_vg (EAVL 3.1, eq 1).
+
+    With global_vision=False there is no proj_vg and F_vg is None: a parameter no loss reaches
+    would make DDP (without find_unused_parameters) fail on the second step.
+    """
+
+    def __init__(self, visual: nn.Module, cfg: BackboneConfig, global_vision: bool = True):
         super().__init__()
         self.visual = visual  # open_clip ModifiedResNet (its BatchNorm layers are CLIP's own)
         width = visual.layer1[0].conv1.in_channels  # the stem width
@@ -262,7 +274,8 @@ class ResNetImageEncoder(nn.Module):
         self.proj_v2 = nn.Conv2d(width * 8, cfg.dim_v2, 1)  # x2 -> F_v2 (learnable matrix)
         self.proj_v3 = nn.Conv2d(width * 16, cfg.dim_v3, 1)  # x3 -> F_v3
         self.proj_v4 = nn.Conv2d(out_dim, cfg.dim_v4, 1)  # z -> F_v4
-        self.proj_vg = nn.Linear(out_dim, cfg.dim_v4)  # z-bar -> F_vg
+        self.proj_vg = nn.Linear(out_dim, cfg.dim_v4) if global_vision else None  # z-bar -> F_vg
+        self.register_load_state_dict_pre_hook(_drop_unbuilt_proj_vg)
 
     def forward(self, image: torch.Tensor) -> ImageFeatures:
         v = self.visual
@@ -271,7 +284,8 @@ class ResNetImageEncoder(nn.Module):
         x3 = v.layer3(x2)  # [B,16w,H/16,W/16]
         x4 = v.layer4(x3)  # [B,32w,H/32,W/32]
         z_bar, z = dense_attention_pool(v.attnpool, x4)  # [B,D], [B,D,H/32,W/32]
-        return ImageFeatures(self.proj_v2(x2), self.proj_v3(x3), self.proj_v4(z), self.proj_vg(z_bar))
+        vg = self.proj_vg(z_bar) if self.proj_vg is not None else None
+        return ImageFeatures(self.proj_v2(x2), self.proj_v3(x3), self.proj_v4(z), vg)
 
 
 def vit_tokens(visual: nn.Module, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -291,9 +305,10 @@ def vit_tokens(visual: nn.Module, image: torch.Tensor) -> tuple[torch.Tensor, to
 
 
 class ViTImageEncoder(nn.Module):
-    """CLIP VisionTransformer -> F_v2, F_v3, F_v4 by three convolutions, F_vg from the class token."""
+    """CLIP VisionTransformer -> F_v2, F_v3, F_v4 by three convolutions, F_vg from the class token
+    (no proj_vg and F_vg None with global_vision=False, as for the ResNet encoder)."""
 
-    def __init__(self, visual: nn.Module, cfg: BackboneConfig):
+    def __init__(self, visual: nn.Module, cfg: BackboneConfig, global_vision: bool = True):
         super().__init__()
         if getattr(visual, "attn_pool", None) is not None or getattr(visual, "pool_type", "tok") != "tok":
             raise ModelError("only CLIP ViTs with class-token pooling are supported")
@@ -302,14 +317,16 @@ class ViTImageEncoder(nn.Module):
         self.up_v2 = nn.ConvTranspose2d(out_dim, cfg.dim_v2, 2, stride=2)  # H/16 -> H/8
         self.proj_v3 = nn.Conv2d(out_dim, cfg.dim_v3, 1)  # H/16
         self.down_v4 = nn.Conv2d(out_dim, cfg.dim_v4, 2, stride=2)  # H/16 -> H/32
-        self.proj_vg = nn.Linear(out_dim, cfg.dim_v4)  # class token -> F_vg
+        self.proj_vg = nn.Linear(out_dim, cfg.dim_v4) if global_vision else None  # class token -> F_vg
+        self.register_load_state_dict_pre_hook(_drop_unbuilt_proj_vg)
 
     def forward(self, image: torch.Tensor) -> ImageFeatures:
         z_bar, z = vit_tokens(self.visual, image)  # [B,D], [B,D,gh,gw]
         grid = (image.shape[-2] // 16, image.shape[-1] // 16)  # the ResNet path's H/16 grid
         if tuple(z.shape[-2:]) != grid:  # e.g. ViT-L/14 at 480: 34 x 34 -> 30 x 30
             z = F.interpolate(z, size=grid, mode="bilinear", align_corners=False)
-        return ImageFeatures(self.up_v2(z), self.proj_v3(z), self.down_v4(z), self.proj_vg(z_bar))
+        vg = self.proj_vg(z_bar) if self.proj_vg is not None else None
+        return ImageFeatures(self.up_v2(z), self.proj_v3(z), self.down_v4(z), vg)
 
 
 # ------------------------------------------------------------------------------ text
@@ -348,16 +365,18 @@ class TextEncoder(nn.Module):
 class ClipBackbone(nn.Module):
     """open_clip encoders for one config: `image_encoder(image)` and `text_encoder(tokens)`.
 
-    With text=False (the blind control) the text tower is not kept.
+    With text=False (the blind control) the text tower is not kept; with global_vision=False the
+    image encoder builds no F_vg projection (a model that never reads F_vg must not own
+    parameters without gradients).
     """
 
-    def __init__(self, cfg: BackboneConfig, text: bool = True):
+    def __init__(self, cfg: BackboneConfig, text: bool = True, global_vision: bool = True):
         super().__init__()
         from open_clip.modified_resnet import ModifiedResNet
 
         clip = create_clip(cfg)
         encoder = ResNetImageEncoder if isinstance(clip.visual, ModifiedResNet) else ViTImageEncoder
-        self.image_encoder = encoder(clip.visual, cfg)
+        self.image_encoder = encoder(clip.visual, cfg, global_vision=global_vision)
         self.text_encoder = TextEncoder(clip) if text else None
         self.dim_words = self.text_encoder.width if text else 0  # Ct
         self.dim_sentence = self.text_encoder.out_dim if text else 0  # Cg

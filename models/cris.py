@@ -90,7 +90,7 @@ class CRIS(nn.Module):
         super().__init__()
         self.image_size = cfg.image_size
         self.loss_resolution = cfg.loss_resolution
-        self.backbone = ClipBackbone(cfg)
+        self.backbone = ClipBackbone(cfg, global_vision=False)  # CRIS never reads F_vg
         dim_words, dim_sentence = self.backbone.dim_words, self.backbone.dim_sentence
         self.neck = CRISNeck(cfg, dim_sentence)
         self.word_proj = nn.Linear(dim_words, cfg.dim) if dim_words != cfg.dim else nn.Identity()

@@ -27,7 +27,7 @@ Choices the paper leaves open, and where we read it, documented once here:
 - Ablation switches (Tables 2-4): `num_queries`; `aligner="fixed"` replaces the whole aligner
   (Multi-Mask Generator and Estimator) by a fixed learned 3x3 kernel on F_p of the decoder
   output, the queries still feeding the decoder; `global_vision=False` drops F_vg from eq 8
-  (F_tv = sigma(F_t W_t), the projection kept so widths match); `estimator=False` sums the
+  (F_tv = sigma(F_t W_t); the backbone then builds no F_vg projection); `estimator=False` sums the
   masks (query_weights are then all ones).
 
 forward returns logits [B,1,H/4,W/4] and, for visualisation, query_masks [B,Nq,H/4,W/4]
@@ -169,7 +169,7 @@ class EAVL(nn.Module):
             raise ModelError(f"EAVL image_size must be a multiple of 32, not {cfg.image_size}")
         self.image_size = cfg.image_size
         self.loss_resolution = cfg.loss_resolution
-        self.backbone = ClipBackbone(cfg)
+        self.backbone = ClipBackbone(cfg, global_vision=cfg.global_vision)  # F_vg only where eq 8 reads it
         self.fusion_neck = FusionNeck(cfg.dim_v2, cfg.dim_v3, cfg.dim_v4, self.backbone.dim_sentence, cfg.dim)
         self.query_generator = MultiQueryGenerator(cfg, self.backbone.dim_words)
         self.decoder = VisionLanguageDecoder(cfg.layers, cfg.dim, cfg.heads, cfg.ffn, cfg.dropout)
