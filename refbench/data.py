@@ -204,6 +204,13 @@ def _shard_samples(shards: Iterable[dict], by_url: dict[str, dict], verify: bool
         yield from _read_shard(by_url[shard["url"]], verify)
 
 
+def split_samples(manifest: dict, dataset_dir: str | Path, split: str, verify: bool = True) -> Iterator[dict]:
+    """Every sample {"__key__", "__url__", "jpg", "json"} of every shard of `split`, in shard order,
+    in this process: no node or worker split (any rank of any world may call it, alone)."""
+    entries = split_shards(manifest, dataset_dir, split)
+    return _shard_samples(({"url": e["url"]} for e in entries), {e["url"]: e for e in entries}, verify)
+
+
 _REQUIRED = {  # keys of the shard JSON the loaders read (docs/shards.md), by level
     "image": ("image_id", "height", "width", "refs"),
     "ref": ("ref_id", "category_id", "mask", "sentences"),

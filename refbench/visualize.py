@@ -282,18 +282,17 @@ def render_examples(net: Any, dataset_dir: Path, manifest: dict, split: str, sco
     """
     import json
 
-    import webdataset as wds
-
     from refbench import data, metrics, refer
 
     cols = scores.columns
     ious = metrics.iou(cols["I"], cols["U"])
     picks = pick_examples(ious, n, seed=seed)
     wanted = {cols["sent_id"][i]: (kind, k, float(ious[i])) for kind, idx in picks.items() for k, i in enumerate(idx)}
-    urls = [e["url"] for e in data.split_shards(manifest, dataset_dir, split)]
     written: list[Path] = []
     net.eval()
-    for sample in wds.WebDataset(urls, shardshuffle=False, empty_check=False):
+    # every shard of the split, in this one process: no node or worker split (rank 0 draws
+    # while the other ranks of a torchrun eval wait)
+    for sample in data.split_samples(manifest, dataset_dir, split):
         meta = json.loads(sample["json"])
         hits = [(ref, s) for ref in meta["refs"] for s in ref["sentences"] if s["sent_id"] in wanted]
         if not hits:

@@ -138,9 +138,12 @@ def test_torchrun_eval_gives_the_single_process_iu(init_run, small_shards_root, 
     args = ("--checkpoint", init_run / "best.pt", "--shards", small_shards_root, "--split", "all", "--workers", "0",
             "--batch-size", "1")
     assert_cli_ok(cli("eval", *args, "--results", single))
-    assert_ok(torchrun(2, "eval", *args, "--results", ddp))
+    # --vis under torchrun: rank 0 draws from every shard of the split while the others wait
+    # (webdataset's default nodesplitter refuses WORLD_SIZE > 1; the pictures must not use it)
+    assert_ok(torchrun(2, "eval", *args, "--results", ddp, "--vis", "2"))
     manifest = data.load_manifest(small_shards_root / DATASET)
     for split in (s for s in manifest["splits"] if s != "train"):
+        assert list(evaluate.results_dir_for(_records(ddp, split)[0].path).glob("*.png")), split
         assert manifest["splits"][split]["shards"] >= 2  # each rank scores its own shards
         (a,), (b,) = _records(single, split), _records(ddp, split)
         assert a.metrics["n"] == b.metrics["n"] == manifest["splits"][split]["sentences"]
