@@ -74,7 +74,7 @@ class BackboneConfig:
 
     clip_arch: str = "refbench-tiny-rn"  # open_clip model config name (RN50, ViT-B-16, refbench-tiny-rn, ...)
     pretrained: str | None = None  # None = random init; an open_clip tag ("openai") or a local weights file
-    quick_gelu: bool = False  # QuickGELU activations (OpenAI weights need it; set by the tag when it says so)
+    quick_gelu: bool | None = None  # QuickGELU activations; None = decide from the weights (an open_clip tag says; a local file of an OpenAI architecture: True; random init: False), recorded at build
     image_size: int = 128  # square network input, pixels
     dim_v2: int = 64  # channels of F_v2 (stride 8)
     dim_v3: int = 128  # channels of F_v3 (stride 16)
@@ -153,18 +153,25 @@ def _cached_weights(cfg: dict) -> str | None:
     return None
 
 
+# The architectures OpenAI released CLIP weights for: all of them were trained with QuickGELU, so
+# a local weights file for one of them (OpenAI's own archive, or open_clip's copy of it) runs
+# QuickGELU unless the config says otherwise (`--set quick_gelu=False` for, e.g., LAION weights).
+OPENAI_ARCHS = ("RN50", "RN101", "RN50x4", "RN50x16", "RN50x64", "ViT-B-32", "ViT-B-16", "ViT-L-14", "ViT-L-14-336")
+
+
 def resolve_pretrained(arch: str, pretrained: str | None) -> tuple[str | None, bool]:
     """(local weights file or None, whether the weights need QuickGELU).
 
-    Raises ModelError at once for an unknown tag, a missing file, or a tag whose weights are
-    not cached while offline.
+    A local file of one of OPENAI_ARCHS needs QuickGELU (OpenAI trained them all with it);
+    an open_clip tag says itself. Raises ModelError at once for an unknown tag, a missing file,
+    or a tag whose weights are not cached while offline.
     """
     import open_clip
 
     if pretrained is None:
         return None, False
     if os.path.isfile(pretrained):
-        return pretrained, False
+        return pretrained, arch in OPENAI_ARCHS
     cfg = open_clip.get_pretrained_cfg(arch, pretrained)
     if not cfg:
         tags = ", ".join(open_clip.list_pretrained_tags_by_model(arch)) or "none"
@@ -196,19 +203,46 @@ def create_clip(cfg: BackboneConfig):
     register_tiny_configs()
     if cfg.clip_arch not in open_clip.list_models():
         raise ModelError(f"unknown open_clip architecture {cfg.clip_arch!r}")
-    path, tag_quick_gelu = resolve_pretrained(cfg.clip_arch, cfg.pretrained)
-    if tag_quick_gelu:  # recorded in the config, so a rebuild from a checkpoint (pretrained=None) matches
-        cfg.quick_gelu = True
+    path, weights_quick_gelu = resolve_pretrained(cfg.clip_arch, cfg.pretrained)
+    if cfg.quick_gelu is None:  # recorded in the config, so a rebuild from a checkpoint (pretrained=None) matches
+        cfg.quick_gelu = weights_quick_gelu
     previous = logging.root.manager.disable
     logging.disable(logging.WARNING)  # open_clip warns on every random init, which is our default
     try:
-        return open_clip.create_model(
-            cfg.clip_arch, pretrained=path, force_quick_gelu=cfg.quick_gelu or tag_quick_gelu
-        )
+        if path is not None and is_torchscript(path):  # OpenAI's legacy archive (~/.cache/clip/RN50.pt)
+            model = open_clip.create_model(cfg.clip_arch, pretrained=None, force_quick_gelu=cfg.quick_gelu)
+            state = torchscript_state_dict(path)
+            missing, _ = model.load_state_dict(state, strict=False)  # extra buffers (attn_mask) are not weights
+            if missing:
+                raise ValueError(f"the archive lacks {len(missing)} weights, e.g. {missing[0]}")
+            return model
+        return open_clip.create_model(cfg.clip_arch, pretrained=path, force_quick_gelu=cfg.quick_gelu)
     except Exception as e:  # a weights file that does not fit the architecture, a corrupt file
         raise ModelError(f"could not load weights {cfg.pretrained!r} into open_clip {cfg.clip_arch}: {e}".splitlines()[0]) from None
     finally:
         logging.disable(previous)
+
+
+def is_torchscript(path: str) -> bool:
+    """Whether `path` is a TorchScript archive (OpenAI's original CLIP files are), which a
+    weights_only torch.load refuses: a zip with a code/ folder and constants.pkl."""
+    import zipfile
+
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as z:
+        names = z.namelist()
+    return any(n.endswith("/constants.pkl") for n in names) and any("/code/" in n for n in names)
+
+
+def torchscript_state_dict(path: str) -> dict[str, torch.Tensor]:
+    """The CLIP weights of an OpenAI TorchScript archive, as float32 (the archive holds fp16),
+    without the archive's non-weight entries."""
+    archive = torch.jit.load(path, map_location="cpu")
+    state = {k: v.float() if v.is_floating_point() else v for k, v in archive.state_dict().items()}
+    for key in ("input_resolution", "context_length", "vocab_size"):
+        state.pop(key, None)
+    return state
 
 
 # ------------------------------------------------------------------------------ image

@@ -20,6 +20,7 @@ from refbench.models.clip_backbone import (
     TextEncoder,
     create_clip,
     dense_attention_pool,
+    register_tiny_configs,
     resize_pos_embed,
     vit_tokens,
 )
@@ -138,3 +139,69 @@ def test_pretrained_local_file_is_loaded(tmp_path):
     bad.write_bytes(b"not a checkpoint")
     with pytest.raises(models.ModelError, match="could not load weights"):
         models.build("eavl", "tiny", pretrained=str(bad))
+
+
+def _activations(model) -> set[str]:
+    """Class names of the activations inside the text transformer's MLPs."""
+    return {type(m.mlp.gelu).__name__ for m in model.backbone.text_encoder.transformer.resblocks}
+
+
+def test_quick_gelu_default_from_the_weights_recorded_and_overridable(tmp_path):
+    from refbench.models.clip_backbone import OPENAI_ARCHS, resolve_pretrained
+
+    path = tmp_path / "weights.pt"
+    path.write_bytes(b"any file")
+    for arch in ("RN50", "RN101", "ViT-B-16", "ViT-L-14"):  # OpenAI trained these with QuickGELU
+        assert arch in OPENAI_ARCHS and resolve_pretrained(arch, str(path)) == (str(path), True)
+    assert resolve_pretrained("refbench-tiny-rn", str(path)) == (str(path), False)
+    assert resolve_pretrained("RN50", None) == (None, False)  # random init: plain GELU
+
+    register_tiny_configs()
+    torch.manual_seed(1)
+    weights = tmp_path / "tiny-clip.pt"
+    torch.save(open_clip.create_model("refbench-tiny-rn").state_dict(), weights)
+    default = models.build("eavl", "tiny", pretrained=str(weights))
+    assert default.config.quick_gelu is False and _activations(default) == {"GELU"}  # recorded, not None
+    forced = models.build("eavl", "tiny", pretrained=str(weights), quick_gelu=True)
+    assert forced.config.quick_gelu is True and _activations(forced) == {"QuickGELU"}
+
+
+def test_quick_gelu_is_decided_for_an_openai_architecture_file(tmp_path, monkeypatch):
+    """A local file for RN50 runs QuickGELU unless overridden (open_clip's create_model is
+    stubbed: only the decision is under test, not the 100 MB of weights)."""
+    import refbench.models.clip_backbone as cb
+
+    seen = {}
+
+    def create_model(arch, pretrained=None, force_quick_gelu=False, **kw):
+        seen[arch] = force_quick_gelu
+        raise RuntimeError("stub")
+
+    monkeypatch.setattr(open_clip, "create_model", create_model)
+    path = tmp_path / "RN50.pt"
+    path.write_bytes(b"weights")
+    for override, expected in ((None, True), (False, False)):
+        cfg = BackboneConfig(clip_arch="RN50", pretrained=str(path), quick_gelu=override)
+        with pytest.raises(models.ModelError):
+            cb.create_clip(cfg)
+        assert seen["RN50"] is expected and cfg.quick_gelu is expected
+
+
+def test_openai_torchscript_archive_loads(tmp_path):
+    """OpenAI's original files (~/.cache/clip/RN50.pt) are TorchScript archives, which a
+    weights_only torch.load refuses; they load through torch.jit, weights only."""
+    import warnings
+
+    from refbench.models.clip_backbone import is_torchscript
+
+    register_tiny_configs()
+    torch.manual_seed(2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        scripted = open_clip.create_model("refbench-tiny-rn", jit=True)
+        path = tmp_path / "RN-tiny-openai.pt"
+        torch.jit.save(scripted, str(path))
+        model = models.build("eavl", "tiny", pretrained=str(path))
+    assert is_torchscript(str(path)) and not is_torchscript(__file__)
+    assert torch.equal(model.backbone.image_encoder.visual.layer3[0].conv2.weight,
+                       scripted.state_dict()["visual.layer3.0.conv2.weight"])
