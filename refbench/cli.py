@@ -152,7 +152,7 @@ def train(model, variant, dataset, shards, recipe, epochs, steps, batch_size, lr
 @click.option("--dataset", default=None, help="Prepared dataset <dataset>_<splitby> [default: the one the checkpoint was trained on].")
 @click.option("--split", default="val", show_default=True, help="Split to score (val, testA, testB, test), or 'all' for every split but train.")
 @click.option("--shards", type=click.Path(path_type=Path), default=Path("shards"), show_default=True, help="Shard root written by `refbench prepare`.")
-@click.option("--protocol", type=click.Choice(["original", "input"]), default="original", show_default=True, help="original: I/U at the original image size (CRIS); input: at the network input (LAVT-style).")
+@click.option("--protocol", type=click.Choice(["original", "cris", "input"]), default="original", show_default=True, help="original: I/U at the original image size (one bilinear map back); cris: CRIS's own chain with OpenCV, its preprocessing included; input: at the network input (LAVT-style).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True, help="Sentences per forward pass.")
 @click.option("--workers", type=click.IntRange(min=0), default=None, help="DataLoader workers.")
 @click.option("--vis", type=click.IntRange(min=0), default=0, show_default=True, help="Save N overlay PNGs per split (best, worst, random).")

@@ -14,7 +14,8 @@ eval_loader (every sentence of every ref of a split exactly once, fixed order):
     this rank's shards (r, r+W, ...)  ->  this worker's shards  ->  tar samples (checked)
     ->  decode the image once, one item per sentence  ->  batches (custom collate)
     {"image": float[B,3,S,S], "tokens": int64[B,L]} + lists: sent_id, ref_id, image_id,
-    category_id, sent, height, width, letterbox (transforms.Letterbox), gt_mask (uint8 [H,W])
+    category_id, sent, height, width, letterbox (transforms.Letterbox), warp (cvwarp.CrisWarp
+    under CRIS's preprocessing, else None), gt_mask (uint8 [H,W])
 
 Determinism. Every random choice (which shard, which sentence, the shuffle) comes from RNGs
 seeded by (seed, epoch, rank, DataLoader worker id), never from the global RNGs or the clock.
@@ -517,24 +518,49 @@ def train_loader(
 # --------------------------------------------------------------------------------- eval
 
 
-def _expand_eval(samples: Iterable[dict], size: int, context_length: int) -> Iterator[dict]:
+def _letterbox_input(url: str, key: str, jpeg: bytes, meta: dict, size: int):
+    """refbench's input: PIL decode, antialiased letterbox -> (float32 [3,S,S], Letterbox, None)."""
+    rgb, box = _decode_image(url, key, jpeg, meta, size)
+    return transforms.normalize(rgb, box), box, None
+
+
+def _cris_input(url: str, key: str, jpeg: bytes, meta: dict, size: int):
+    """CRIS's input (refbench.cvwarp): cv2 decode, cubic affine warp -> (float32 [3,S,S], Letterbox, CrisWarp)."""
+    from refbench import cvwarp
+
+    try:
+        rgb = cvwarp.decode_rgb(jpeg)
+    except Exception as e:
+        raise RefbenchError(f"shard {url} sample {key}: the JPEG does not decode with OpenCV ({e})", hint=REPREPARE) from None
+    if (rgb.shape[1], rgb.shape[0]) != (meta["width"], meta["height"]):
+        raise RefbenchError(f"shard {url} sample {key}: the JPEG is {rgb.shape[1]}x{rgb.shape[0]}, "
+                            f"its JSON says {meta['width']}x{meta['height']}", hint=REPREPARE)
+    warped, warp = cvwarp.warp_image(rgb, size)
+    return cvwarp.normalize(warped), transforms.Letterbox.fit(meta["width"], meta["height"], size), warp
+
+
+# How the network input is made, by a protocol's `preprocess` (refbench.metrics.Protocol).
+EVAL_INPUTS = {"letterbox": _letterbox_input, "cris": _cris_input}
+
+
+def _expand_eval(samples: Iterable[dict], size: int, context_length: int, preprocess: str = "letterbox") -> Iterator[dict]:
     """Pipeline stage: image samples -> one item per sentence (the image decoded once)."""
+    make_input = EVAL_INPUTS[preprocess]
     for sample in samples:
         url, key = sample["__url__"], sample["__key__"]
         meta = _parse_meta(sample, context_length)
-        rgb, box = _decode_image(url, key, sample["jpg"], meta, size)
-        image = transforms.normalize(rgb, box)  # [3, S, S], shared by the image's sentences
+        image, box, warp = make_input(url, key, sample["jpg"], meta, size)  # [3, S, S], shared by the image's sentences
         for ref in meta["refs"]:
             gt = torch.from_numpy(_decode_mask(url, key, ref, meta))  # uint8 [H, W]
             for s in ref["sentences"]:
                 yield {
                     "image": image, "tokens": s["tokens"], "sent_id": s["sent_id"], "ref_id": ref["ref_id"],
                     "image_id": meta["image_id"], "category_id": ref["category_id"], "sent": s["sent"],
-                    "height": meta["height"], "width": meta["width"], "letterbox": box, "gt_mask": gt,
+                    "height": meta["height"], "width": meta["width"], "letterbox": box, "warp": warp, "gt_mask": gt,
                 }
 
 
-EVAL_LISTS = ("sent_id", "ref_id", "image_id", "category_id", "sent", "height", "width", "letterbox", "gt_mask")
+EVAL_LISTS = ("sent_id", "ref_id", "image_id", "category_id", "sent", "height", "width", "letterbox", "warp", "gt_mask")
 
 
 def _stack(tensors: list[torch.Tensor]) -> torch.Tensor:
@@ -557,17 +583,18 @@ def collate_eval(items: list[dict]) -> dict:
 class _EvalStream(IterableDataset):
     """The sentences of one rank's shards; DataLoader workers split the shards (w, w+N, ...)."""
 
-    def __init__(self, entries: list[dict], *, batch_size: int, size: int, context_length: int, verify: bool):
+    def __init__(self, entries: list[dict], *, batch_size: int, size: int, context_length: int, verify: bool,
+                 preprocess: str = "letterbox"):
         super().__init__()
         self.entries, self.batch_size, self.size = entries, batch_size, size
-        self.context_length, self.verify = context_length, verify
+        self.context_length, self.verify, self.preprocess = context_length, verify, preprocess
 
     def __iter__(self) -> Iterator:
         pipeline = wds.DataPipeline(
             wds.SimpleShardList([e["url"] for e in self.entries]),  # seed=None: no shuffle
             wds.split_by_worker,
             functools.partial(_shard_samples, by_url={e["url"]: e for e in self.entries}, verify=self.verify),
-            functools.partial(_expand_eval, size=self.size, context_length=self.context_length),
+            functools.partial(_expand_eval, size=self.size, context_length=self.context_length, preprocess=self.preprocess),
             wds.batched(self.batch_size, collation_fn=collate_eval, partial=True),
         )
         return _failures_as_items(pipeline)
@@ -585,8 +612,12 @@ def eval_loader(
     world: int | None = None,
     verify: bool = True,
     pin_memory: bool = False,
+    preprocess: str = "letterbox",
 ) -> Loader:
     """Every sentence of every ref of `split` on this rank's shards, once, in a fixed order.
+
+    `preprocess` makes the network input: "letterbox" (refbench.transforms) or "cris" (CRIS's
+    OpenCV chain, refbench.cvwarp; each item then also carries its `warp`, else None).
 
     Rank r reads shards r, r+W, ... (sorted by path); its DataLoader workers split those again
     (`workers` is clamped to the number of shards; a rank without shards yields nothing). The
@@ -603,7 +634,10 @@ def eval_loader(
     info = dict(sentences=sum(e["sentences"] for e in entries), workers=workers, shards=[e["url"] for e in entries])
     if not entries:
         return Loader([], 0, limit=False, **info)
+    if preprocess not in EVAL_INPUTS:
+        raise RefbenchError(f"unknown preprocessing {preprocess!r}; known: {', '.join(EVAL_INPUTS)}")
     stream = _EvalStream(
         entries, batch_size=batch_size, size=image_size, context_length=manifest["tokenizer"]["context_length"], verify=verify,
+        preprocess=preprocess,
     )
     return Loader(_dataloader(stream, workers, pin_memory), batches, limit=False, **info)

@@ -13,6 +13,9 @@ Protocols (refbench.metrics.PROTOCOLS):
   original-size GT (the union of the annotation's polygons).
 - `input` (LAVT-style): the probability map is resized to the network input (S x S) and
   compared with the GT moved into the same letterboxed frame (nearest).
+- `cris`: CRIS's own chain (refbench.cvwarp), its preprocessing included: the loader makes the
+  input with OpenCV's cubic affine letterbox, and the map goes back by bicubic upsampling
+  (align_corners) and OpenCV's cubic inverse warp; then > threshold at the original size.
 
 Under torchrun every rank scores its own shards and rank 0 gathers the per-sentence I/U, so
 the metrics are exact at any world size. A record missing any sentence is never published.
@@ -64,8 +67,15 @@ def count_iu(probs, batch: dict, threshold: float, protocol: str) -> tuple[np.nd
 
     from refbench import metrics, transforms
 
-    metrics.get_protocol(protocol)
+    proto = metrics.get_protocol(protocol)
     boxes = batch["letterbox"]
+    if proto.preprocess == "cris":
+        from refbench import cvwarp
+
+        maps = cvwarp.cris_to_original(probs, batch["warp"])  # B x float32 [H_b, W_b]
+        pairs = [metrics.intersection_union(m > threshold, gt.numpy().astype(bool)) for m, gt in zip(maps, batch["gt_mask"])]
+        inter, union = zip(*pairs) if pairs else ((), ())
+        return np.asarray(inter, dtype=np.int64), np.asarray(union, dtype=np.int64)
     if protocol == "original":
         maps = transforms.to_original(probs, boxes)  # B x float [H_b, W_b]
         pairs = [metrics.intersection_union(m.cpu().numpy() > threshold, gt.numpy().astype(bool))
@@ -84,10 +94,11 @@ def score_split(net, dataset_dir: Path, manifest: dict, split: str, d, *, batch_
     """I/U of every sentence of `split` (this rank's shards; gathered on every rank when distributed)."""
     import torch
 
-    from refbench import data
+    from refbench import data, metrics
 
     loader = data.eval_loader(dataset_dir, manifest, split=split, image_size=net.image_size,
-                              batch_size=batch_size, workers=workers, rank=d.rank, world=d.world)
+                              batch_size=batch_size, workers=workers, rank=d.rank, world=d.world,
+                              preprocess=metrics.get_protocol(protocol).preprocess)
     was_training = net.training
     net.eval()
     scores = SplitScores()
@@ -116,13 +127,13 @@ def score_split(net, dataset_dir: Path, manifest: dict, split: str, d, *, batch_
 
 
 def validate(net, dataset_dir: Path, manifest: dict, d, *, batch_size: int, workers: int, amp_dtype=None,
-             max_batches: int | None = None) -> dict:
-    """Training-time validation: mIoU, oIoU, Pr@X on the val split (original protocol)."""
+             max_batches: int | None = None, protocol: str = "original") -> dict:
+    """Training-time validation: mIoU, oIoU, Pr@X on the val split (the recipe's protocol, default original)."""
     from refbench import metrics
 
     scores = score_split(net, dataset_dir, manifest, "val", d, batch_size=batch_size, workers=workers,
-                         amp_dtype=amp_dtype, max_batches=max_batches)
-    return metrics.summarize(scores.columns["I"], scores.columns["U"])
+                         amp_dtype=amp_dtype, max_batches=max_batches, protocol=protocol)
+    return metrics.summarize(scores.columns["I"], scores.columns["U"], strict=metrics.get_protocol(protocol).pr_strict)
 
 
 # ------------------------------------------------------------------------------ `refbench eval`

@@ -13,13 +13,16 @@ and everything else is computed from those integers:
     mIoU   = mean over sentences of I/U          (an empty union, U == 0, counts as IoU 0)
     oIoU   = sum(I) / sum(U)                     ("overall" or "cumulative" IoU)
     Pr@X   = share of sentences with IoU >= X,   X in 0.5, 0.6, 0.7, 0.8, 0.9
+             (IoU > X, strictly, under a protocol with `pr_strict`, as CRIS's code counts)
 
 All fractions are in [0, 1]. Pr@X is decided in exact integer arithmetic (10*I >= 7*U for
-Pr@0.7), so an IoU of exactly 0.7 passes Pr@0.7, whatever float rounding would have said.
-(CRIS's code counts IoU > X strictly, LAVT's IoU >= X; the two differ only on exact ties.)
+Pr@0.7, 10*I > 7*U when strict), so an IoU of exactly 0.7 passes Pr@0.7 (or not, when strict)
+whatever float rounding would have said. (CRIS's code counts IoU > X strictly, LAVT's IoU >= X;
+the two differ only on exact ties.)
 
-Where the masks are compared (original image size or network input size) is the *protocol*;
-see `PROTOCOLS`. The result record names the protocol beside every number.
+How the input is made, where the masks are compared (original image size or network input
+size) and the Pr@X rule make the *protocol*; see `PROTOCOLS`. The result record names the
+protocol and its version beside every number.
 """
 
 from __future__ import annotations
@@ -47,6 +50,8 @@ class Protocol:
     version: int  # bumped whenever the computation changes; records of different versions never share a column
     resolution: str  # where I and U are counted: "original" image pixels or the network "input" pixels
     description: str  # one line, printed beside the numbers
+    preprocess: str = "letterbox"  # how the network input is made: "letterbox" (refbench.transforms) or "cris" (refbench.cvwarp, OpenCV)
+    pr_strict: bool = False  # Pr@X counts IoU > X (CRIS's code) instead of IoU >= X
 
 
 PROTOCOLS: dict[str, Protocol] = {
@@ -67,6 +72,18 @@ PROTOCOLS: dict[str, Protocol] = {
             "I/U at the network input size: image and GT resized to the input (e.g. 480x480) "
             "and compared there, as LAVT scores"
         ),
+    ),
+    "cris": Protocol(
+        name="cris",
+        version=1,
+        resolution="original",
+        description=(
+            "CRIS's evaluation chain end to end, with OpenCV: cv2 decode, cubic affine letterbox "
+            "(mean border), sigmoid, bicubic align_corners up to the input, cubic inverse warp "
+            "to the original size, > 0.35, IoU per sentence, Pr@X strict (IoU > X)"
+        ),
+        preprocess="cris",
+        pr_strict=True,
     ),
 }
 DEFAULT_PROTOCOL = "original"
@@ -203,24 +220,26 @@ def _oiou(inter_sum: Any, union_sum: Any) -> Any:
     return out
 
 
-def precision_at(intersections: Any, unions: Any) -> dict[str, float]:
-    """{"Pr@0.5": ..., "Pr@0.9": ...}: share of sentences with IoU >= X, decided in integers."""
+def precision_at(intersections: Any, unions: Any, strict: bool = False) -> dict[str, float]:
+    """{"Pr@0.5": ..., "Pr@0.9": ...}: share of sentences with IoU >= X (> X if `strict`), in integers."""
     inter, union = as_counts(intersections, unions)
-    return _precision_at(inter, union)
+    return _precision_at(inter, union, strict)
 
 
-def _precision_at(inter: np.ndarray, union: np.ndarray) -> dict[str, float]:
+def _precision_at(inter: np.ndarray, union: np.ndarray, strict: bool = False) -> dict[str, float]:
     nonempty = union > 0  # an empty union is IoU 0: it never passes
+    passes = np.greater if strict else np.greater_equal
     return {
-        key: float(np.count_nonzero(nonempty & (den * inter >= num * union)) / inter.size)
+        key: float(np.count_nonzero(nonempty & passes(den * inter, num * union)) / inter.size)
         for key, (num, den) in zip(PR_KEYS, PR_THRESHOLDS)
     }
 
 
-def summarize(intersections: Any, unions: Any) -> dict[str, Any]:
+def summarize(intersections: Any, unions: Any, strict: bool = False) -> dict[str, Any]:
     """Headline metrics of per-sentence I/U counts.
 
-    Returns {"n": sentences, "mIoU", "oIoU", "Pr@0.5", ..., "Pr@0.9"}: floats in [0, 1].
+    Returns {"n": sentences, "mIoU", "oIoU", "Pr@0.5", ..., "Pr@0.9"}: floats in [0, 1]; Pr@X
+    counts IoU > X when `strict` (a protocol's `pr_strict`), IoU >= X otherwise.
     Raises `RefbenchError` on empty input (never NaN).
     """
     inter, union = as_counts(intersections, unions)
@@ -228,8 +247,14 @@ def summarize(intersections: Any, unions: Any) -> dict[str, Any]:
         "n": int(inter.size),
         "mIoU": float(_iou(inter, union).mean()),
         "oIoU": float(_oiou(inter.sum(), union.sum())),
-        **_precision_at(inter, union),
+        **_precision_at(inter, union, strict),
     }
+
+
+def summarize_protocol(intersections: Any, unions: Any, protocol: str) -> dict[str, Any]:
+    """`summarize` with the Pr@X rule of the named protocol (unknown names: IoU >= X)."""
+    proto = PROTOCOLS.get(protocol)
+    return summarize(intersections, unions, strict=bool(proto and proto.pr_strict))
 
 
 # --------------------------------------------------------------------------- bootstrap

@@ -15,7 +15,7 @@ Schema v1 (`"schema": "refbench-result", "schema_version": 1`), also in docs/res
 
     dataset        "refcoco_unc" (<dataset>_<splitby>, as the shard folder)
     split          "testB"
-    protocol       {name, version, threshold, description}   see refbench.metrics.PROTOCOLS
+    protocol       {name, version, threshold, description, pr_strict}   see refbench.metrics.PROTOCOLS
     metrics        {n, mIoU, oIoU, Pr@0.5 .. Pr@0.9,          fractions in [0, 1]
                     ci95: {mIoU: [lo, hi], oIoU: [lo, hi]},
                     bootstrap: {samples, seed, level}}
@@ -186,9 +186,10 @@ def build_record(
             "version": proto.version,
             "threshold": float(threshold),
             "description": proto.description,
+            "pr_strict": proto.pr_strict,
         },
         "metrics": {
-            **metrics.summarize(inter, union),
+            **metrics.summarize(inter, union, strict=proto.pr_strict),
             "ci95": {k: list(v) for k, v in ci.items()},
             "bootstrap": {"samples": samples, "seed": seed, "level": CI_LEVEL},
         },
@@ -353,7 +354,8 @@ def load_record(path: str | Path) -> Record:
         raise bad("sidecar has repeated sent_ids")
 
     try:
-        recomputed = metrics.summarize(df["I"].to_numpy(), df["U"].to_numpy())
+        strict = bool(meta["protocol"].get("pr_strict", False)) if isinstance(meta["protocol"], dict) else False
+        recomputed = metrics.summarize(df["I"].to_numpy(), df["U"].to_numpy(), strict=strict)
         recomputed_breakdowns = metrics.breakdowns(
             df["sent"].to_list(), df["category_id"].to_list(), df["I"].to_numpy(), df["U"].to_numpy()
         )
