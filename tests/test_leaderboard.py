@@ -177,7 +177,7 @@ def test_export_json(results_root, tmp_path):
     sources = {r["source"] for r in doc["rows"]}
     assert sources == {"measured", "reported"}
     assert any(r["method"] == "EAVL" and r["testB mIoU (%, original)"] == 66.62 for r in doc["rows"])
-    assert set(doc["protocols"]) == {"original", "input"}
+    assert set(doc["protocols"]) == {"original", "cris", "input"}
 
 
 class _Tags(HTMLParser):

@@ -116,11 +116,12 @@ def test_summarize_refuses_bad_input(inter, union, message):
 
 def test_protocol_registry():
     assert metrics.DEFAULT_PROTOCOL == "original"
-    assert set(metrics.PROTOCOLS) == {"original", "input"}
+    assert set(metrics.PROTOCOLS) == {"original", "cris", "input"}
     for name, p in metrics.PROTOCOLS.items():
         assert p.name == name and isinstance(p.version, int) and p.version >= 1
         assert p.description and "\n" not in p.description
     assert metrics.get_protocol("input").resolution == "input"
+    assert metrics.get_protocol("cris").resolution == "original" and metrics.get_protocol("cris").preprocess == "cris"
     with pytest.raises(RefbenchError, match="unknown metric protocol 'lavt'"):
         metrics.get_protocol("lavt")
 

@@ -72,7 +72,7 @@ def test_round_trip(tmp_path):
     assert (rec.dataset, rec.split) == ("refcoco_unc", "testB")
     assert m["protocol"] == {
         "name": "original", "version": 1, "threshold": 0.35,
-        "description": metrics.PROTOCOLS["original"].description,
+        "description": metrics.PROTOCOLS["original"].description, "pr_strict": False,
     }
     expected = metrics.summarize(sents["I"], sents["U"])
     for key, value in expected.items():
