@@ -10,7 +10,8 @@ with `torch.load(weights_only=True)` (no arbitrary code runs on load):
     step, epoch, step_in_epoch training position; the data stream of epoch `epoch` is replayed
                                from its start and its first `step_in_epoch` batches skipped
     recipe, train              the recipe and the training options, as dicts
-    rng                        torch / python RNG states at `step`
+    rng                        every rank's own torch / python / CUDA RNG states at `step`:
+                               {"world": W, "ranks": [...]} (rank_rng_states)
     dataset                    {"name", "manifest_sha256", "context_length"}
     best                       {"metric", "value", "step"} of the best validation so far
     refbench_version
@@ -34,23 +35,124 @@ FORMAT = "refbench-checkpoint"
 FORMAT_VERSION = 1
 
 
-def rng_state() -> dict:
-    """The RNG states that training consumes (torch CPU + CUDA, python's `random`)."""
+def rng_state(device=None) -> dict:
+    """This process's RNG states that training consumes: torch CPU, python's `random`, and the
+    CUDA generator of `device` only (each rank owns one GPU; never the states of all GPUs)."""
     import torch
 
     state = {"torch": torch.get_rng_state(), "python": _py_state_to_list(random.getstate())}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device is not None and torch.device(device).type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def set_rng_state(state: dict) -> None:
+def set_rng_state(state: dict, device=None) -> str | None:
+    """Restore `rng_state(device)`'s states; returns a note when the CUDA state is left alone
+    (saved on another kind of device), else None."""
     import torch
 
     torch.set_rng_state(state["torch"])
     random.setstate(_py_state_from_list(state["python"]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    on_cuda = device is not None and torch.device(device).type == "cuda"
+    if isinstance(cuda, list):  # checkpoints before per-rank states held every visible GPU's state
+        index = torch.device(device).index or 0 if on_cuda else 0
+        cuda = cuda[index] if on_cuda and index < len(cuda) else None
+        if cuda is None and state.get("cuda"):
+            return "the CUDA RNG state was saved for other GPUs; it is not restored"
+    if cuda is not None and on_cuda:
+        torch.cuda.set_rng_state(cuda, device)
+    elif (cuda is not None) != on_cuda:
+        return f"the RNG state was saved {'with' if cuda is not None else 'without'} a CUDA device; its CUDA part is not restored"
+    return None
+
+
+def rank_rng_states(d) -> dict:
+    """Every rank's own RNG states, gathered (a collective: every rank calls it):
+    {"world": W, "ranks": [rank 0's rng_state, rank 1's, ...]}."""
+    state = rng_state(d.device)
+    states = [state]
+    if d.world > 1:
+        import torch.distributed as dist
+
+        states = [None] * d.world
+        dist.all_gather_object(states, state)
+    return {"world": d.world, "ranks": states}
+
+
+def restore_rank_rng(saved: dict, d) -> str | None:
+    """Give this rank its own saved RNG states; returns a note (for the log) when they cannot be
+    restored: a checkpoint of another world size (its ranks' states do not map onto ours), or a
+    CUDA state saved on another device. Then the caller reseeds, and a resumed run is no longer
+    bitwise an uninterrupted one."""
+    if "ranks" not in saved:  # a single-process checkpoint written before per-rank states
+        saved = {"world": 1, "ranks": [saved]}
+    if saved["world"] != d.world:
+        return (f"RNG states not restored: the checkpoint was written by {saved['world']} rank(s), "
+                f"this run has {d.world}; each rank is reseeded (dropout masks differ from an uninterrupted run)")
+    return set_rng_state(saved["ranks"][d.rank], d.device)
+
+
+class _TensorSlot:
+    """Where a tensor sat in a broadcast object: its index in the tensor list, shape and dtype."""
+
+    def __init__(self, index: int, shape: tuple, dtype) -> None:
+        self.index, self.shape, self.dtype = index, shape, dtype
+
+
+def broadcast_from_rank0(obj: Any, d) -> Any:
+    """Rank 0's `obj` (nested dicts/lists/tuples of tensors and plain values, e.g. a checkpoint)
+    on every rank; `obj` is ignored on the others. The structure travels pickled, the tensors one
+    by one through the process group (NCCL: via this rank's GPU), and arrive on the CPU."""
+    if d.world == 1:
+        return obj
+    import torch
+    import torch.distributed as dist
+
+    tensors: list = []
+
+    def strip(x):
+        if isinstance(x, torch.Tensor):
+            tensors.append(x)
+            return _TensorSlot(len(tensors) - 1, tuple(x.shape), x.dtype)
+        if isinstance(x, dict):
+            return {k: strip(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return type(x)(strip(v) for v in x)
+        return x
+
+    box = [strip(obj) if d.rank == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    slots: list[_TensorSlot] = []
+
+    def collect(x):
+        if isinstance(x, _TensorSlot):
+            slots.append(x)
+        elif isinstance(x, dict):
+            for v in x.values():
+                collect(v)
+        elif isinstance(x, (list, tuple)):
+            for v in x:
+                collect(v)
+
+    collect(box[0])
+    comm = d.device if dist.get_backend() == "nccl" else torch.device("cpu")
+    received = {}
+    for slot in sorted(slots, key=lambda s: s.index):
+        t = tensors[slot.index].to(comm) if d.rank == 0 else torch.empty(slot.shape, dtype=slot.dtype, device=comm)
+        dist.broadcast(t, src=0)
+        received[slot.index] = t.cpu()
+
+    def fill(x):
+        if isinstance(x, _TensorSlot):
+            return received[x.index]
+        if isinstance(x, dict):
+            return {k: fill(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return type(x)(fill(v) for v in x)
+        return x
+
+    return fill(box[0])
 
 
 def _py_state_to_list(state: tuple) -> list:

@@ -19,10 +19,16 @@ Protocols (refbench.metrics.PROTOCOLS):
 
 Under torchrun every rank scores its own shards and rank 0 gathers the per-sentence I/U, so
 the metrics are exact at any world size. A record missing any sentence is never published.
+
+Precision: scoring always runs the model in float32 (`EVAL_PRECISION`; as CRIS evaluates), on
+GPU as on CPU, also in training-time validation of a bf16 run: under bf16 autocast, pixels near
+the threshold flip with the precision and with which sentences share a batch, so a record's
+numbers would depend on the device and on the batch size.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +39,7 @@ import numpy as np
 from refbench.errors import RefbenchError
 
 COLUMNS = ("sent_id", "ref_id", "image_id", "category_id", "sent")  # per-sentence keys kept with I and U
+EVAL_PRECISION = "float32"  # the dtype every forward of scoring runs in (no autocast)
 
 
 @dataclass
@@ -51,13 +58,27 @@ class SplitScores:
             self.columns[k].extend(v)
 
 
-def probabilities(net, image, tokens, amp_dtype=None):
-    """sigmoid(logits) of the model: float32 [B,1,h,w] over the square input."""
+def probabilities(net, image, tokens):
+    """sigmoid(logits) of the model in float32 (autocast off, whatever the caller has on):
+    float32 [B,1,h,w] over the square input."""
     import torch
 
-    with torch.inference_mode(), torch.autocast(image.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-        logits = net(image, tokens)["logits"]
+    with torch.inference_mode(), torch.autocast(image.device.type, enabled=False), _no_tf32():
+        logits = net(image.float(), tokens)["logits"]
     return torch.sigmoid(logits.float())
+
+
+@contextlib.contextmanager
+def _no_tf32():
+    """float32 means float32: no TF32 convolutions or matmuls (cuDNN allows TF32 by default)."""
+    import torch
+
+    before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
 
 
 def count_iu(probs, batch: dict, threshold: float, protocol: str) -> tuple[np.ndarray, np.ndarray]:
@@ -89,8 +110,7 @@ def count_iu(probs, batch: dict, threshold: float, protocol: str) -> tuple[np.nd
 
 
 def score_split(net, dataset_dir: Path, manifest: dict, split: str, d, *, batch_size: int = 16,
-                workers: int = 0, amp_dtype=None, protocol: str = "original",
-                max_batches: int | None = None) -> SplitScores:
+                workers: int = 0, protocol: str = "original", max_batches: int | None = None) -> SplitScores:
     """I/U of every sentence of `split` (this rank's shards; gathered on every rank when distributed)."""
     import torch
 
@@ -98,7 +118,8 @@ def score_split(net, dataset_dir: Path, manifest: dict, split: str, d, *, batch_
 
     loader = data.eval_loader(dataset_dir, manifest, split=split, image_size=net.image_size,
                               batch_size=batch_size, workers=workers, rank=d.rank, world=d.world,
-                              preprocess=metrics.get_protocol(protocol).preprocess)
+                              preprocess=metrics.get_protocol(protocol).preprocess,
+                              pin_memory=d.device.type == "cuda")
     was_training = net.training
     net.eval()
     scores = SplitScores()
@@ -106,7 +127,8 @@ def score_split(net, dataset_dir: Path, manifest: dict, split: str, d, *, batch_
     for b, batch in enumerate(loader):
         if max_batches is not None and b >= max_batches:
             break
-        probs = probabilities(net, batch["image"].to(d.device), batch["tokens"].to(d.device), amp_dtype)
+        probs = probabilities(net, batch["image"].to(d.device, non_blocking=True),
+                              batch["tokens"].to(d.device, non_blocking=True))
         t0 = time.perf_counter()
         inter, union = count_iu(probs, batch, net.threshold, protocol)
         scores.seconds_metric += time.perf_counter() - t0
@@ -126,13 +148,14 @@ def score_split(net, dataset_dir: Path, manifest: dict, split: str, d, *, batch_
     return scores
 
 
-def validate(net, dataset_dir: Path, manifest: dict, d, *, batch_size: int, workers: int, amp_dtype=None,
+def validate(net, dataset_dir: Path, manifest: dict, d, *, batch_size: int, workers: int,
              max_batches: int | None = None, protocol: str = "original") -> dict:
-    """Training-time validation: mIoU, oIoU, Pr@X on the val split (the recipe's protocol, default original)."""
+    """Training-time validation: mIoU, oIoU, Pr@X on the val split (the recipe's protocol,
+    default original; float32)."""
     from refbench import metrics
 
     scores = score_split(net, dataset_dir, manifest, "val", d, batch_size=batch_size, workers=workers,
-                         amp_dtype=amp_dtype, max_batches=max_batches, protocol=protocol)
+                         max_batches=max_batches, protocol=protocol)
     return metrics.summarize(scores.columns["I"], scores.columns["U"], strict=metrics.get_protocol(protocol).pr_strict)
 
 
@@ -177,7 +200,7 @@ def evaluate_checkpoint(checkpoint: Path, *, dataset: str | None = None, splits:
     from refbench import data, metrics
     from refbench import results as results_mod
     from refbench.fsutil import sha256_file
-    from refbench.train import autocast_dtype, setup_distributed
+    from refbench.train import setup_distributed
 
     metrics.get_protocol(protocol)
     d = setup_distributed()
@@ -195,7 +218,6 @@ def evaluate_checkpoint(checkpoint: Path, *, dataset: str | None = None, splits:
             raise RefbenchError(f"{dataset_dir / 'manifest.json'}: no split {s!r}; splits: "
                                 f"{', '.join(manifest['splits'])} (or 'all')")
     workers = 2 if workers is None else workers
-    amp = autocast_dtype("auto", d.device)
     model_info = results_mod.ModelInfo(
         name=ckpt["model"]["name"], variant=ckpt["model"]["variant"], config=ckpt["model"]["config"],
         run=run_name or Path(checkpoint).resolve().parent.name, checkpoint=str(checkpoint),
@@ -205,7 +227,7 @@ def evaluate_checkpoint(checkpoint: Path, *, dataset: str | None = None, splits:
     done: list[Evaluated] = []
     for s in splits:
         scores = score_split(net, dataset_dir, manifest, s, d, batch_size=batch_size, workers=workers,
-                             amp_dtype=amp, protocol=protocol)
+                             protocol=protocol)
         if d.rank != 0:
             continue
         path = results_mod.write_record(

@@ -38,6 +38,7 @@ class Recipe:
     ckpt_every: int  # write last.pt every N steps (and at every validation)
     log_every: int  # progress / JSONL log cadence in steps
     val_max_batches: int | None  # cap on validation batches (None = the whole val split)
+    sync_bn: bool = True  # SyncBatchNorm across ranks on CUDA when world > 1 (CRIS's sync_bn): BN statistics of the global batch
 
 
 RECIPES: dict[str, Recipe] = {

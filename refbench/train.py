@@ -170,31 +170,39 @@ def train(cfg: TrainConfig) -> Path:
     total_steps = rec.steps or rec.epochs * steps_per_epoch
     num_epochs = math.ceil(total_steps / steps_per_epoch)
 
+    if d.device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # one fixed input size: let cuDNN pick its fastest kernels once
+
+    # --- rank 0 decides how the run starts (fresh, or from last.pt, which only rank 0 reads), and
+    # every rank gets the same answer: one error on every rank, never one rank raising alone
+    last_path, best_path = cfg.out / "last.pt", cfg.out / "best.pt"
+    ckpt = _start_checkpoint(cfg, d, last_path)
+
     # --- model and optimiser (the same init on every rank: seed before building)
-    torch.manual_seed(cfg.seed)
-    overrides = {**cfg.model_overrides, "pretrained": rec.pretrained}
-    net = models.build(cfg.model, cfg.variant, **overrides)
+    net = _build_model(cfg, d)
+    _seed_rank(cfg.seed, d)  # dropout and the like: each rank its own stream from here on
     net.to(d.device)
     if d.device.type == "cuda":
         net = net.to(memory_format=torch.channels_last)
+    net = sync_batchnorm(net, d, rec)
     optimizer = _optimizer(net, rec)
     amp_dtype = autocast_dtype(rec.amp, d.device)
     scaler = torch.amp.GradScaler(d.device.type, enabled=amp_dtype == torch.float16)
 
     step, epoch, step_in_epoch = 0, 0, 0
     best = {"metric": "val mIoU (original protocol)", "value": None, "step": None}
-    last_path, best_path = cfg.out / "last.pt", cfg.out / "best.pt"
-    if cfg.resume:
-        ckpt = checkpoint.load(last_path)
-        _check_resumable(ckpt, cfg, last_path)
+    notes: list[str] = []  # said once at the start, and logged
+    if ckpt is not None:
         net.load_state_dict(ckpt["state_dict"])
         optimizer.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
-        checkpoint.set_rng_state(ckpt["rng"])
+        notes += filter(None, [_load_scaler(scaler, ckpt.get("scaler"), rec.amp)])
         step, epoch, step_in_epoch = ckpt["step"], ckpt["epoch"], ckpt["step_in_epoch"]
+        note = checkpoint.restore_rank_rng(ckpt["rng"], d)
+        if note:
+            notes.append(note)
+            _seed_rank(cfg.seed, d, step)
         best = ckpt["best"]
-    elif d.main and last_path.exists():
-        raise RefbenchError(f"{cfg.out}: a run already exists here", hint="add --resume to continue it, or choose another --out")
+        del ckpt
 
     ddp = net
     if d.world > 1:
@@ -212,22 +220,31 @@ def train(cfg: TrainConfig) -> Path:
         _trim_log(cfg.out / "log.jsonl", step)
 
     def save_last(metrics: dict | None = None) -> None:
+        health.check(step)  # never a checkpoint of non-finite weights; every rank raises together
+        rng = checkpoint.rank_rng_states(d)  # a collective: every rank's own states, to rank 0
         if d.main:
-            checkpoint.save(last_path, _payload(net, optimizer, scaler, cfg, manifest, step, epoch, step_in_epoch, best, metrics))
+            checkpoint.save(last_path, _payload(net, optimizer, scaler, cfg, manifest, step, epoch, step_in_epoch,
+                                                best, metrics, rng))
 
     progress = TrainProgress(total_steps=total_steps, start_step=step, enabled=d.main and not cfg.quiet,
                              title=f"train {cfg.model}/{cfg.variant} on {cfg.dataset}")
     log = _JsonlLog(cfg.out / "log.jsonl", enabled=d.main)
+    for note in notes:
+        progress.note(f"note: {note}")
+        log.write({"step": step, "note": note})
+    health = _LossHealth(d)
+    shown_loss = float("nan")  # the loss on the progress bar, read from the device at log time only
     ran_here = 0
-    rank_shards: list[str] = []  # the train shards this rank draws from (disjoint across ranks)
+    rank_pieces: list = []  # this rank's train images in the last epoch: (shard, start, stop), disjoint across ranks
     with progress:
         while step < total_steps:
             batches = data.train_loader(
                 dataset_dir, manifest, split="train", image_size=net.image_size, batch_size=micro,
                 seed=cfg.seed, epoch=epoch, num_batches=steps_per_epoch * rec.grad_accum,
                 skip_batches=step_in_epoch * rec.grad_accum, workers=rec.workers, rank=d.rank, world=d.world,
+                pin_memory=d.device.type == "cuda",
             )
-            rank_shards = batches.shards
+            rank_pieces = batches.pieces
             it = iter(batches)
             window = _Window()
             while step_in_epoch < steps_per_epoch and step < total_steps:
@@ -239,24 +256,29 @@ def train(cfg: TrainConfig) -> Path:
                 step += 1
                 step_in_epoch += 1
                 ran_here += 1
-                progress.update(step, epoch=epoch, loss=terms["loss"], lr=lr, samples_per_s=window.samples_per_s(d.world))
+                health.add(terms["loss"], step)
                 if step % rec.log_every == 0 or step == total_steps:
+                    health.check(step)
+                    terms = {k: float(v) for k, v in terms.items()}  # the one host sync of a logging window
+                    shown_loss = terms["loss"]
                     log.write({"step": step, "epoch": epoch, "lr": lr, **terms,
                                "samples_per_s": window.samples_per_s(d.world), "data_wait": window.data_wait_share()})
                     window.reset()
+                progress.update(step, epoch=epoch, loss=shown_loss, lr=lr, samples_per_s=window.samples_per_s(d.world))
                 end_of_epoch = step_in_epoch == steps_per_epoch or step == total_steps
                 validate_now = (rec.val_every and step % rec.val_every == 0) or (rec.val_every is None and end_of_epoch)
                 if validate_now:
+                    health.check(step)
                     metrics = evaluate.validate(net, dataset_dir, manifest, d, batch_size=micro * 2,
-                                                workers=rec.workers, amp_dtype=amp_dtype, max_batches=rec.val_max_batches)
-                    log.write({"step": step, "epoch": epoch, "val": metrics})
+                                                workers=rec.workers, max_batches=rec.val_max_batches)
+                    log.write({"step": step, "epoch": epoch, "val": metrics, "val_precision": evaluate.EVAL_PRECISION})
                     progress.note(f"step {step}: val mIoU {metrics['mIoU']:.4f}, oIoU {metrics['oIoU']:.4f} "
                                   f"({cfg.dataset} val, original protocol, n={metrics['n']})")
                     if best["value"] is None or metrics["mIoU"] > best["value"]:
                         best = {**best, "value": metrics["mIoU"], "step": step}
                         if d.main:
                             checkpoint.save(best_path, _payload(net, None, None, cfg, manifest, step, epoch,
-                                                                step_in_epoch, best, metrics))
+                                                                step_in_epoch, best, metrics, None))
                     if end_of_epoch:
                         epoch, step_in_epoch = epoch + 1, 0
                     save_last(metrics)
@@ -276,9 +298,149 @@ def train(cfg: TrainConfig) -> Path:
                 if step_in_epoch == 0:
                     break  # the epoch ended: the next one streams from a new loader
             del it, batches
-    _check_ranks_agree(net, d, log, rank_shards)
+    _check_ranks_agree(net, d, log, rank_pieces)
     _barrier(d)
     return cfg.out
+
+
+def _decided_on_rank0(d: Dist, decide) -> Any:
+    """Run `decide()` on rank 0 only; every rank returns its result, or raises its RefbenchError."""
+    outcome: list = [None, None]  # [result, (message, hint) of an error]
+    if d.main:
+        try:
+            outcome[0] = decide()
+        except RefbenchError as e:
+            outcome[1] = (e.message, e.hint)
+    if d.world > 1:
+        import torch.distributed as dist
+
+        dist.broadcast_object_list(outcome, src=0)
+    if outcome[1] is not None:
+        raise RefbenchError(*outcome[1])
+    return outcome[0]
+
+
+def _start_checkpoint(cfg: TrainConfig, d: Dist, last_path: Path) -> dict | None:
+    """The checkpoint to resume from (rank 0 reads it and sends it to every rank; `--out` need
+    only be on rank 0's disk), or None for a fresh run. Errors are raised on every rank."""
+    from refbench import checkpoint
+
+    loaded: list = [None]
+
+    def decide() -> bool:
+        if cfg.resume:
+            loaded[0] = checkpoint.load(last_path)
+            _check_resumable(loaded[0], cfg, last_path)
+            return True
+        if last_path.exists():
+            raise RefbenchError(f"{cfg.out}: a run already exists here", hint="add --resume to continue it, or choose another --out")
+        return False
+
+    if not _decided_on_rank0(d, decide):
+        return None
+    return checkpoint.broadcast_from_rank0(loaded[0], d)
+
+
+def _build_model(cfg: TrainConfig, d: Dist):
+    """The model, the same init on every rank. The first rank of each node builds first (it may
+    download the CLIP weights into the node's cache), the node's other ranks after it (from the
+    cache); a failure on any rank is raised on every rank."""
+    import torch
+
+    from refbench import models
+
+    overrides = {**cfg.model_overrides, "pretrained": cfg.recipe.pretrained}
+    net, error = None, None
+    for turn in ((d.local_rank == 0), (d.local_rank != 0)):
+        if turn:
+            torch.manual_seed(cfg.seed)
+            try:
+                net = models.build(cfg.model, cfg.variant, **overrides)
+            except (models.ModelError, RefbenchError) as e:
+                error = str(e) if isinstance(e, models.ModelError) else e.message
+        errors = [error]
+        if d.world > 1:
+            import torch.distributed as dist
+
+            errors = [None] * d.world
+            dist.all_gather_object(errors, error)
+        failed = next((e for e in errors if e), None)
+        if failed:
+            raise RefbenchError(failed)
+    return net
+
+
+def rank_seed(seed: int, rank: int, step: int = 0) -> int:
+    """The seed of rank `rank`'s own RNG stream (dropout, ...) from step `step` on: distinct per
+    rank (identical dropout masks on every rank would correlate the ranks' gradients)."""
+    import hashlib
+
+    return int.from_bytes(hashlib.sha256(repr(("train", seed, rank, step)).encode()).digest()[:8], "little") >> 1
+
+
+def _seed_rank(seed: int, d: Dist, step: int = 0) -> None:
+    import random
+
+    import torch
+
+    value = rank_seed(seed, d.rank, step)
+    torch.manual_seed(value)  # the CPU generator and every CUDA device's
+    random.seed(value)
+
+
+def sync_batchnorm(net, d: Dist, rec: Recipe):
+    """BatchNorm across ranks: on CUDA with more than one rank, every BatchNorm (CLIP ResNet's,
+    and any head's) becomes a SyncBatchNorm when the recipe says `sync_bn` (as CRIS), so its
+    statistics come from the global batch (64 images) rather than each GPU's few, and every rank
+    holds the same running statistics. Gloo on CPU has no SyncBatchNorm; one process needs none."""
+    import torch
+
+    if rec.sync_bn and d.world > 1 and d.device.type == "cuda":
+        return torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)
+    return net
+
+
+def _load_scaler(scaler, state: dict | None, amp: str) -> str | None:
+    """Load a GradScaler state, unless the run it came from scaled nothing (bf16 or full
+    precision save an empty state, which an fp16 scaler refuses); returns a note then."""
+    if state and scaler.is_enabled():
+        scaler.load_state_dict(state)
+    elif scaler.is_enabled():
+        return f"--amp {amp}: the checkpoint was trained without fp16 loss scaling; the scaler starts afresh"
+    return None
+
+
+class _LossHealth:
+    """Non-finite losses, tracked on the device without a host sync per step, and checked (one
+    all-reduce, then every rank raises the same error) at log time, before every checkpoint and
+    before validation: a diverged run stops on every rank together and never saves its weights."""
+
+    def __init__(self, d: Dist) -> None:
+        self.d = d
+        self.first_bad = None  # 0-dim int64 tensor: the first step with a non-finite loss, or -1
+
+    def add(self, loss, step: int) -> None:
+        import torch
+
+        if self.first_bad is None:
+            self.first_bad = torch.full((), -1, dtype=torch.int64, device=loss.device)
+        bad = ~torch.isfinite(loss) & (self.first_bad < 0)
+        self.first_bad = torch.where(bad, torch.full_like(self.first_bad, step), self.first_bad)
+
+    def check(self, step: int) -> None:
+        import torch
+
+        if self.first_bad is None:
+            return
+        flag = torch.where(self.first_bad < 0, torch.full_like(self.first_bad, 1 << 62), self.first_bad)
+        if self.d.world > 1:
+            import torch.distributed as dist
+
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN)  # the earliest bad step on any rank
+        first = int(flag)
+        if first != 1 << 62:
+            raise RefbenchError(f"the training loss became non-finite (nan or inf) at step {first}",
+                                hint="lower --lr or use --amp off; last.pt holds the last finite state")
 
 
 def _micro_batch(rec: Recipe, world: int) -> int:
@@ -313,13 +475,14 @@ def _optimizer(net, rec: Recipe):
 
 
 def _optimizer_step(ddp, net, optimizer, scaler, it, rec: Recipe, d: Dist, amp_dtype, window) -> dict:
-    """One optimiser step over `grad_accum` micro-batches; returns the mean loss terms."""
+    """One optimiser step over `grad_accum` micro-batches; returns the mean loss terms as 0-dim
+    tensors on the device (read them at log time: a float() here would wait for the GPU)."""
     import contextlib
 
     import torch
 
     optimizer.zero_grad(set_to_none=True)
-    totals: dict[str, float] = {}
+    totals: dict = {}  # name -> 0-dim tensor on the device: no host sync per micro-batch
     for k in range(rec.grad_accum):
         t0 = time.perf_counter()
         try:
@@ -340,10 +503,8 @@ def _optimizer_step(ddp, net, optimizer, scaler, it, rec: Recipe, d: Dist, amp_d
                 terms = net.loss(out, mask)
             scaler.scale(terms["loss"] / rec.grad_accum).backward()
         for name, value in terms.items():
-            totals[name] = totals.get(name, 0.0) + float(value.detach()) / rec.grad_accum
+            totals[name] = totals.get(name, 0.0) + value.detach().float() / rec.grad_accum
         window.add(samples=image.shape[0], wait=t1 - t0, total=time.perf_counter() - t0)
-    if not math.isfinite(totals["loss"]):
-        raise RefbenchError(f"the training loss became {totals['loss']} at this step", hint="lower --lr or use --amp off")
     if rec.grad_clip:
         scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(net.parameters(), rec.grad_clip)
@@ -374,7 +535,7 @@ class _Window:
 
 
 def _payload(net, optimizer, scaler, cfg: TrainConfig, manifest: dict, step: int, epoch: int,
-             step_in_epoch: int, best: dict, metrics: dict | None) -> dict:
+             step_in_epoch: int, best: dict, metrics: dict | None, rng: dict | None) -> dict:
     from refbench import checkpoint
     from refbench.fsutil import sha256_file
 
@@ -386,7 +547,7 @@ def _payload(net, optimizer, scaler, cfg: TrainConfig, manifest: dict, step: int
         "step": step, "epoch": epoch, "step_in_epoch": step_in_epoch,
         "recipe": dataclasses.asdict(cfg.recipe),
         "train": {"dataset": cfg.dataset, "seed": cfg.seed, "overrides": cfg.model_overrides, "run": cfg.out.name},
-        "rng": checkpoint.rng_state(),
+        "rng": rng,  # every rank's own RNG states (checkpoint.rank_rng_states); None in weights-only files
         "dataset": {"name": cfg.dataset, "manifest_sha256": sha256_file(cfg.shards / cfg.dataset / "manifest.json"),
                     "context_length": manifest["tokenizer"]["context_length"]},
         "best": best,
@@ -446,18 +607,18 @@ def _trim_log(path: Path, step: int) -> None:
     atomic_write_text(path, "".join(f"{line}\n" for line in kept))
 
 
-def _check_ranks_agree(net, d: Dist, log: _JsonlLog, rank_shards: list[str]) -> None:
+def _check_ranks_agree(net, d: Dist, log: _JsonlLog, rank_pieces: list) -> None:
     """After DDP training, every rank must hold the same weights; record the checksums and
-    which train shards each rank drew from."""
+    which train images (shard, first sample, end sample) each rank read in the last epoch."""
     checksum = float(sum(p.detach().double().sum() for p in net.parameters()))
-    sums, shards = [checksum], [rank_shards]
+    sums, pieces = [checksum], [rank_pieces]
     if d.world > 1:
         import torch.distributed as dist
 
         gathered: list = [None] * d.world
-        dist.all_gather_object(gathered, (checksum, rank_shards))
-        sums, shards = [g[0] for g in gathered], [g[1] for g in gathered]
+        dist.all_gather_object(gathered, (checksum, rank_pieces))
+        sums, pieces = [g[0] for g in gathered], [g[1] for g in gathered]
     agree = all(s == sums[0] for s in sums)
-    log.write({"event": "end", "param_checksums": sums, "ranks_agree": agree, "train_shards": shards})
+    log.write({"event": "end", "param_checksums": sums, "ranks_agree": agree, "train_pieces": pieces})
     if not agree:
         raise RuntimeError(f"ranks diverged: parameter checksums {sums}")

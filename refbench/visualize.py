@@ -311,13 +311,21 @@ def render_examples(net: Any, dataset_dir: Path, manifest: dict, split: str, sco
     return written
 
 
+def predict_device():
+    """Where `refbench predict` runs the model: the (first visible) GPU when there is one."""
+    import torch
+
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
 def main_predict(checkpoint: Path, image: Path, text: str, out: Path) -> dict[str, Path]:
     """`refbench predict`: one image, one sentence -> the mask PNG and an overlay beside it."""
     from refbench import checkpoint as ckpt_mod
     from refbench import text as text_mod
 
     ckpt = ckpt_mod.load(checkpoint)
-    net = ckpt_mod.build_model(ckpt, checkpoint)
+    device = predict_device()
+    net = ckpt_mod.build_model(ckpt, checkpoint).to(device)
     try:
         picture = Image.open(image)
         picture.load()
@@ -330,7 +338,7 @@ def main_predict(checkpoint: Path, image: Path, text: str, out: Path) -> dict[st
         raise RefbenchError("--text is empty: give the referring expression, e.g. --text \"the man in black\"")
     length = ckpt.get("dataset", {}).get("context_length") or 77
     tokens = text_mod.tokenize([text.lower().strip()], length)[0]
-    pred = _predict_one(net, picture, tokens, "cpu")
+    pred = _predict_one(net, picture, tokens, device)
     mask = pred["prob"] > net.threshold
     out = Path(out)
     paths = {"mask": save_png(Image.fromarray((mask * 255).astype(np.uint8), mode="L"), out)}
@@ -342,5 +350,5 @@ def main_predict(checkpoint: Path, image: Path, text: str, out: Path) -> dict[st
 
     area = float(mask.mean())
     Console().print(f"predicted mask for {text!r}: {mask.sum()} px ({100 * area:.1f}% of the image, "
-                    f"threshold {net.threshold} on sigmoid) -> {paths['mask']}, overlay {paths['overlay']}")
+                    f"threshold {net.threshold} on sigmoid, float32 on {device.type}) -> {paths['mask']}, overlay {paths['overlay']}")
     return paths

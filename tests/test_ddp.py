@@ -102,3 +102,170 @@ def test_every_model_and_ablation_trains_under_two_rank_gloo_ddp(tmp_path):
     results = ast.literal_eval(out.read_text())
     failed = {IDS[i]: r for i, r in enumerate(results) if r is not True}
     assert len(results) == len(CONFIGS) and not failed, failed
+
+
+# ------------------------------------------------------------------------------ rank-0 decisions (2 gloo ranks)
+
+
+def _decisions_worker(rank: int, world: int, port: int, run: str, out: str) -> None:
+    import torch.distributed as dist
+
+    from refbench import checkpoint, train
+    from refbench.errors import RefbenchError
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    d = train.Dist(rank=rank, world=world, local_rank=rank, device=torch.device("cpu"))
+    seen: dict = {}
+
+    def outcome(fn):
+        try:
+            return fn()
+        except RefbenchError as e:
+            return f"RefbenchError: {e.message}"
+
+    # a checkpoint-like object with tensors, nested, from rank 0 only
+    obj = {"w": torch.arange(6.0).reshape(2, 3), "opt": [{"m": torch.ones(2, dtype=torch.bfloat16)}, 3], "s": "x"}
+    got = checkpoint.broadcast_from_rank0(obj if rank == 0 else None, d)
+    seen["broadcast"] = (torch.equal(got["w"], obj["w"]) and got["opt"][0]["m"].dtype == torch.bfloat16
+                         and got["opt"][1] == 3 and got["s"] == "x")
+
+    # only rank 0 reads the run folder: on rank 1 checkpoint.load refuses (as on a node without --out)
+    if rank == 1:
+        checkpoint.load = lambda *a, **k: (_ for _ in ()).throw(AssertionError("rank 1 read the checkpoint"))
+    cfg = train.TrainConfig(model="eavl", variant="tiny", dataset="refcoco_unc", shards=Path(run), recipe=None,
+                            out=Path(run), resume=True)
+    seen["resume"] = outcome(lambda: train._start_checkpoint(cfg, d, Path(run) / "last.pt")["step"])
+    cfg.resume = False
+    seen["exists"] = outcome(lambda: train._start_checkpoint(cfg, d, Path(run) / "last.pt"))
+
+    # a non-finite loss on rank 1 only: every rank raises, naming the first bad step
+    health = train._LossHealth(d)
+    for step in (1, 2, 3):
+        bad = rank == 1 and step >= 2
+        health.add(torch.tensor(float("nan") if bad else 1.0), step)
+    seen["finite"] = outcome(lambda: health.check(3))
+
+    # each rank its own dropout stream, and its own RNG states in a checkpoint
+    train._seed_rank(0, d)
+    seen["dropout"] = torch.nn.functional.dropout(torch.ones(64), 0.5).tolist()
+    states = checkpoint.rank_rng_states(d)
+    expected = torch.rand(4).tolist()
+    torch.manual_seed(12345)
+    seen["rng_note"] = checkpoint.restore_rank_rng(states, d)
+    seen["rng_restored"] = torch.rand(4).tolist() == expected
+    dist.destroy_process_group()
+    with open(f"{out}.{rank}", "w") as f:
+        f.write(repr(seen))
+
+
+def test_rank0_decides_and_every_rank_follows(tmp_path):
+    """Two gloo ranks: rank 0 alone reads last.pt and sends it; 'a run already exists' and a
+    non-finite loss on one rank raise on every rank (no rank left waiting in a collective);
+    dropout differs across ranks; each rank gets its own RNG states back."""
+    import ast
+    import dataclasses
+
+    import torch.multiprocessing as mp
+
+    from refbench import checkpoint
+
+    run = tmp_path / "run"
+    run.mkdir()
+    torch.manual_seed(0)
+    net = models.build("blind", "tiny")
+    checkpoint.save(run / "last.pt", {"model": {"name": "eavl", "variant": "tiny", "config": dataclasses.asdict(net.config)},
+                                      "state_dict": net.state_dict(), "optimizer": {"state": {}}, "step": 7,
+                                      "dataset": {"name": "refcoco_unc"}})
+    out = tmp_path / "seen"
+    mp.spawn(_decisions_worker, args=(2, _free_port(), str(run), str(out)), nprocs=2, join=True)
+    seen = [ast.literal_eval(Path(f"{out}.{r}").read_text()) for r in (0, 1)]
+    for s in seen:
+        assert s["broadcast"] and s["resume"] == 7
+        assert s["exists"].startswith("RefbenchError") and "a run already exists here" in s["exists"]
+        assert s["finite"] == "RefbenchError: the training loss became non-finite (nan or inf) at step 2"
+        assert s["rng_note"] is None and s["rng_restored"]
+    assert seen[0]["dropout"] != seen[1]["dropout"]
+
+
+def test_rng_states_of_another_world_size_are_not_restored():
+    from refbench import checkpoint, train
+
+    d1 = train.Dist(rank=0, world=1, local_rank=0, device=torch.device("cpu"))
+    d2 = train.Dist(rank=1, world=2, local_rank=1, device=torch.device("cpu"))
+    states = checkpoint.rank_rng_states(d1)
+    assert states["world"] == 1 and len(states["ranks"]) == 1 and "cuda" not in states["ranks"][0]
+    note = checkpoint.restore_rank_rng(states, d2)
+    assert "written by 1 rank(s), this run has 2" in note
+    # a checkpoint from before per-rank states: one dict, CUDA states of every visible GPU
+    legacy = {**checkpoint.rng_state(), "cuda": [torch.zeros(16, dtype=torch.uint8)] * 8}
+    expected = torch.rand(3)
+    torch.manual_seed(99)
+    assert "CUDA" in checkpoint.restore_rank_rng(legacy, d1)  # on a CPU: torch and python restored, CUDA said
+    assert torch.equal(torch.rand(3), expected)
+    assert train.rank_seed(0, 0) != train.rank_seed(0, 1) != train.rank_seed(0, 1, step=5)
+
+
+def test_syncbatchnorm_on_cuda_with_several_ranks_only():
+    """The decision (the conversion runs on any device; SyncBatchNorm's forward needs CUDA)."""
+    import dataclasses
+
+    from refbench import recipes, train
+
+    rec = recipes.get_recipe("paper")
+    torch.manual_seed(0)
+    cases = {("cuda", 2, True): True, ("cuda", 1, True): False, ("cpu", 2, True): False, ("cuda", 2, False): False}
+    for (device, world, sync_bn), converted in cases.items():
+        net = models.build("eavl", "tiny")
+        assert any(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules())  # CLIP ResNet's BN
+        d = train.Dist(rank=0, world=world, local_rank=0, device=torch.device(device))
+        out = train.sync_batchnorm(net, d, dataclasses.replace(rec, sync_bn=sync_bn))
+        kinds = {type(m) for m in out.modules()}
+        assert (torch.nn.SyncBatchNorm in kinds) is converted and (torch.nn.BatchNorm2d not in kinds) is converted
+        assert out.model_name == "eavl" and out.state_dict().keys() == net.state_dict().keys()
+
+
+def test_fp16_resume_of_a_bf16_run_starts_the_scaler_afresh():
+    from refbench import train
+
+    bf16_state = torch.amp.GradScaler("cpu", enabled=False).state_dict()  # what a bf16 run saves: {}
+    scaler = torch.amp.GradScaler("cpu", enabled=True)
+    assert "scaler starts afresh" in train._load_scaler(scaler, bf16_state, "fp16")
+    fp16 = torch.amp.GradScaler("cpu", enabled=True, init_scale=1024.0)
+    assert train._load_scaler(scaler, fp16.state_dict(), "fp16") is None and scaler.get_scale() == 1024.0
+    assert train._load_scaler(torch.amp.GradScaler("cpu", enabled=False), fp16.state_dict(), "bf16") is None
+
+
+class _Probe(torch.nn.Module):
+    """Records the dtype its forward computes in."""
+
+    threshold, image_size = 0.35, 32
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 1, 1)
+        self.seen = []
+
+    def forward(self, image, tokens):
+        out = self.conv(image)
+        self.seen.append(out.dtype)
+        return {"logits": out}
+
+
+def test_scoring_runs_in_float32_under_a_bf16_autocast():
+    from refbench import evaluate
+
+    probe = _Probe()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        probs = evaluate.probabilities(probe, torch.randn(2, 3, 32, 32), torch.zeros(2, 17, dtype=torch.long))
+    assert probe.seen == [torch.float32] and probs.dtype == torch.float32
+    assert evaluate.EVAL_PRECISION == "float32"
+
+
+def test_predict_uses_the_gpu_when_there_is_one(monkeypatch):
+    from refbench import visualize
+
+    assert visualize.predict_device().type == ("cuda" if torch.cuda.is_available() else "cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    assert visualize.predict_device() == torch.device("cuda", 0)

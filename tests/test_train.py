@@ -92,8 +92,9 @@ def test_stop_and_resume_is_bitwise_an_uninterrupted_run(shards_root, tmp_path, 
 @pytest.mark.parametrize("model", ["eavl", pytest.param("blind", marks=pytest.mark.slow)])
 def test_torchrun_two_ranks_on_cpu(small_shards_root, tmp_path, model):
     out = tmp_path / "ddp"
-    proc = torchrun(2, "train", model, "--recipe", "tiny", "--steps", "3", "--batch-size", "8", "--workers", "0",
-                    "--shards", small_shards_root, "--out", out)
+    args = ("train", model, "--recipe", "tiny", "--steps", "3", "--batch-size", "8", "--workers", "0",
+            "--shards", small_shards_root, "--out", out)
+    proc = torchrun(2, *args, "--amp", "bf16")  # bf16 autocast training (CPU), float32 validation
     assert_ok(proc)
     assert sorted(p.name for p in out.iterdir()) == ["best.pt", "config.json", "curves.png", "last.pt", "log.jsonl"]
     ckpt = checkpoint.load(out / "last.pt")
@@ -106,10 +107,17 @@ def test_torchrun_two_ranks_on_cpu(small_shards_root, tmp_path, model):
     (end,) = [r for r in log if r.get("event") == "end"]
     assert len(end["param_checksums"]) == 2 and end["ranks_agree"]
     assert end["param_checksums"][0] == end["param_checksums"][1]
-    ranks = [set(s) for s in end["train_shards"]]
+    assert [r["val_precision"] for r in log if "val" in r] == ["float32"]
+    ranks = [{(url, i) for url, a, b in pieces for i in range(a, b)} for pieces in end["train_pieces"]]
     manifest = data.load_manifest(small_shards_root / DATASET)
-    every = {s["url"] for s in data.split_shards(manifest, small_shards_root / DATASET, "train")}
-    assert ranks[0] and ranks[1] and not ranks[0] & ranks[1] and ranks[0] | ranks[1] == every
+    every = {(s["url"], i) for s in data.split_shards(manifest, small_shards_root / DATASET, "train")
+             for i in range(s["samples"])}
+    assert ranks[0] and ranks[1] and not ranks[0] & ranks[1] and ranks[0] | ranks[1] == every  # images
+
+    # rank 0 decides: both ranks stop with the one error line (none waits in a collective)
+    again = torchrun(2, *args, timeout=300)
+    assert again.returncode != 0
+    assert again.stderr.count("a run already exists here") >= 2
 
 
 def _ref_ids_in(shard_urls: list[str]) -> set[int]:
@@ -135,16 +143,13 @@ def test_ranks_draw_disjoint_train_data(small_shards_root, workers):
     assert seen[0] and seen[1] and not seen[0] & seen[1]
     for rank in (0, 1):
         assert seen[rank] <= _ref_ids_in(shards[rank])
-    manifest = data.load_manifest(ds)
-    urls = [s["url"] for s in data.split_shards(manifest, ds, "train")]
-    assert shards == [urls[0::2], urls[1::2]]
 
 
-def test_fewer_train_shards_than_ranks_is_refused(shards_root):
-    n = data.load_manifest(shards_root / DATASET)["splits"]["train"]["shards"]
+def test_fewer_train_images_than_ranks_is_refused(shards_root):
+    n = data.load_manifest(shards_root / DATASET)["splits"]["train"]["images"]
     with pytest.raises(RefbenchError) as e:
         data.train_loader(shards_root / DATASET, batch_size=2, rank=0, world=n + 1)
-    assert f"{n} shard(s), fewer than the {n + 1} ranks" in e.value.message and "--shard-size" in e.value.hint
+    assert f"{n} image(s), fewer than the {n + 1} ranks" in e.value.message and "fewer ranks" in e.value.hint
 
 
 def test_missing_shards_name_the_prepare_command(tmp_path):
