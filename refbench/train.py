@@ -264,6 +264,8 @@ def train(cfg: TrainConfig) -> Path:
                     log.write({"step": step, "epoch": epoch, "lr": lr, **terms,
                                "samples_per_s": window.samples_per_s(d.world), "data_wait": window.data_wait_share()})
                     window.reset()
+                if ran_here == 1 and math.isnan(shown_loss):
+                    shown_loss = float(terms["loss"])  # one sync, so the bar never starts at "nan"
                 progress.update(step, epoch=epoch, loss=shown_loss, lr=lr, samples_per_s=window.samples_per_s(d.world))
                 end_of_epoch = step_in_epoch == steps_per_epoch or step == total_steps
                 validate_now = (rec.val_every and step % rec.val_every == 0) or (rec.val_every is None and end_of_epoch)
@@ -272,6 +274,7 @@ def train(cfg: TrainConfig) -> Path:
                     metrics = evaluate.validate(net, dataset_dir, manifest, d, batch_size=micro * 2,
                                                 workers=rec.workers, max_batches=rec.val_max_batches)
                     log.write({"step": step, "epoch": epoch, "val": metrics, "val_precision": evaluate.EVAL_PRECISION})
+                    window.reset()  # throughput counts training only
                     progress.note(f"step {step}: val mIoU {metrics['mIoU']:.4f}, oIoU {metrics['oIoU']:.4f} "
                                   f"({cfg.dataset} val, original protocol, n={metrics['n']})")
                     if best["value"] is None or metrics["mIoU"] > best["value"]:
@@ -514,24 +517,30 @@ def _optimizer_step(ddp, net, optimizer, scaler, it, rec: Recipe, d: Dist, amp_d
 
 
 class _Window:
-    """Throughput and data-wait accounting over a logging window."""
+    """Throughput and data-wait accounting over a logging window, in wall time since the window
+    opened: on a GPU the steps' kernels run after their Python returns, and the log's one host
+    sync (reading the losses) closes the window, so wall time counts the GPU's work too."""
 
     def __init__(self) -> None:
         self.reset()
 
     def reset(self) -> None:
-        self.samples, self.wait, self.total = 0, 0.0, 0.0
+        self.samples, self.wait, self.start = 0, 0.0, time.perf_counter()
 
     def add(self, samples: int, wait: float, total: float) -> None:
         self.samples += samples
         self.wait += wait
-        self.total += total
+
+    def _elapsed(self) -> float:
+        return time.perf_counter() - self.start
 
     def samples_per_s(self, world: int) -> float:
-        return world * self.samples / self.total if self.total else 0.0
+        elapsed = self._elapsed()
+        return world * self.samples / elapsed if elapsed > 0 and self.samples else 0.0
 
     def data_wait_share(self) -> float:
-        return self.wait / self.total if self.total else 0.0
+        elapsed = self._elapsed()
+        return min(1.0, self.wait / elapsed) if elapsed > 0 else 0.0
 
 
 def _payload(net, optimizer, scaler, cfg: TrainConfig, manifest: dict, step: int, epoch: int,
