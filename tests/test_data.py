@@ -183,6 +183,7 @@ def _one_epoch_ref_ids(ds: Path, world: int, workers: int, batch_size: int, monk
     return ids
 
 
+@pytest.mark.filterwarnings("ignore:This DataLoader will create")  # 3 workers on a 2-core machine
 @pytest.mark.parametrize("world,workers", [(1, 0), (2, 2), (4, 3)])
 def test_an_epoch_of_steps_reads_nearly_every_train_ref(tmp_path, world, workers, monkeypatch):
     """Coverage: over one epoch's steps, at any world size and worker count, the streams together
