@@ -146,6 +146,28 @@ def _decisions_worker(rank: int, world: int, port: int, run: str, out: str) -> N
         health.add(torch.tensor(float("nan") if bad else 1.0), step)
     seen["finite"] = outcome(lambda: health.check(3))
 
+    # CLIP weights: the node's first rank builds (downloads) first, the others after it, from its
+    # cache; a failure there is raised on every rank
+    import time
+
+    from refbench import models as models_mod
+
+    built = []
+
+    def build(*args, **kw):
+        if kw.get("pretrained") == "broken":
+            raise models_mod.ModelError("weights RN50/broken cannot be downloaded")
+        if rank == 0:
+            time.sleep(0.5)  # a slow download
+        built.append(time.time())
+        return "net"
+
+    models_mod.build = build
+    cfg.recipe = type("R", (), {"pretrained": "openai"})()
+    seen["built"] = (train._build_model(cfg, d), built[0])
+    cfg.recipe.pretrained = "broken"
+    seen["build_error"] = outcome(lambda: train._build_model(cfg, d))
+
     # each rank its own dropout stream, and its own RNG states in a checkpoint
     train._seed_rank(0, d)
     seen["dropout"] = torch.nn.functional.dropout(torch.ones(64), 0.5).tolist()
@@ -161,8 +183,9 @@ def _decisions_worker(rank: int, world: int, port: int, run: str, out: str) -> N
 
 def test_rank0_decides_and_every_rank_follows(tmp_path):
     """Two gloo ranks: rank 0 alone reads last.pt and sends it; 'a run already exists' and a
-    non-finite loss on one rank raise on every rank (no rank left waiting in a collective);
-    dropout differs across ranks; each rank gets its own RNG states back."""
+    non-finite loss on one rank raise on every rank (no rank left waiting in a collective); the
+    first local rank builds (downloads the weights) before the others, and its failure stops
+    every rank; dropout differs across ranks; each rank gets its own RNG states back."""
     import ast
     import dataclasses
 
@@ -186,6 +209,10 @@ def test_rank0_decides_and_every_rank_follows(tmp_path):
         assert s["finite"] == "RefbenchError: the training loss became non-finite (nan or inf) at step 2"
         assert s["rng_note"] is None and s["rng_restored"]
     assert seen[0]["dropout"] != seen[1]["dropout"]
+    assert seen[0]["built"][0] == seen[1]["built"][0] == "net"
+    assert seen[1]["built"][1] >= seen[0]["built"][1]  # rank 1 (local rank 1) built after rank 0 had finished
+    for s in seen:
+        assert s["build_error"] == "RefbenchError: weights RN50/broken cannot be downloaded"
 
 
 def test_rng_states_of_another_world_size_are_not_restored():
