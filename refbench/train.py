@@ -4,14 +4,17 @@ Read top to bottom, a run is:
 
     setup_distributed()            torchrun env -> rank/world/device (NCCL on GPU, gloo on CPU)
     load the dataset manifest      refbench.prepare.load_manifest (errors name the prepare command)
-    build the model                models.build(name, variant, **overrides)
-    resume?                        last.pt -> model, optimiser, scaler, RNG, (epoch, step_in_epoch)
+    fresh or resume?               rank 0 decides and reads last.pt, every rank gets it (or the error)
+    build the model                models.build(name, variant, **overrides), each node's first rank
+                                   first (weights download); then each rank its own RNG stream;
+                                   SyncBatchNorm on CUDA with several ranks
+    resume                         model, optimiser, scaler, this rank's RNG, (epoch, step_in_epoch)
     for each epoch:
         stream train batches       refbench.data.train_loader(epoch, skip=step_in_epoch * accum)
         step                       lr = get_lr(step) (pure), autocast, grad accumulation, clip
         every ckpt_every steps     last.pt (atomic)
         validate                   refbench.evaluate.score_split on val, every sentence, the same
-                                   metric code as `refbench eval`; best.pt chosen on val mIoU only
+                                   metric code as `refbench eval` (float32); best.pt chosen on val mIoU only
         log                        rich progress, log.jsonl, curves.png
 
 Batch size semantics: `batch_size` is the GLOBAL batch per optimiser step. Each rank takes
@@ -25,6 +28,12 @@ optimiser. The train stream of an epoch is a pure function of (seed, epoch, rank
 `--resume` replays the epoch's stream and skips the batches already used (their JPEGs are
 decoded again, which costs at most one epoch of data loading, never model compute). On CPU a
 resumed run ends with bitwise the same weights as an uninterrupted one (tests/test_train.py).
+
+Ranks never decide alone: an error one rank would raise (a run already there, an unresumable
+checkpoint, weights that do not load, a non-finite loss) is decided on rank 0 or shared with a
+collective, and every rank raises it, so none is left waiting in a collective until the NCCL
+timeout. Losses stay on the device between logs (no host sync per micro-batch); non-finite
+ones are checked at each log, checkpoint and validation, so no checkpoint holds diverged weights.
 """
 
 from __future__ import annotations
