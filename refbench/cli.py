@@ -193,6 +193,78 @@ def compare(result_a, result_b, samples, seed) -> None:
     results_mod.main_compare(result_a, result_b, samples=samples, seed=seed)
 
 
+# --------------------------------------------------------------------------------- any model's masks
+
+
+@cli.command()
+@click.option("--dataset", required=True, help="Prepared dataset <dataset>_<splitby>, e.g. refcoco_unc.")
+@click.option("--split", required=True, help="Split (val, testA, testB, test, ...).")
+@click.option("--shards", type=click.Path(path_type=Path), default=Path("shards"), show_default=True, help="Shard root written by `refbench prepare`.")
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="Write the JSONL here (gzip if it ends in .gz) [default: stdout].")
+def sentences(dataset, split, shards, out) -> None:
+    """The exact list of sentences to predict for a split: JSONL, one line per sentence.
+
+    \b
+    Fields, in a stable order (the shards'): sent_id, ref_id, ann_id, image_id,
+    file_name (the COCO image file), height, width, category_id, sentence (raw text).
+    Run your model over it and score the masks with `refbench score`.
+    """
+    from refbench import score as score_mod
+
+    score_mod.main_sentences(dataset=dataset, split=split, shards=shards, out=out)
+
+
+@cli.command()
+@click.option("--checkpoint", type=click.Path(path_type=Path), required=True, help="Checkpoint written by `refbench train`.")
+@click.option("--split", required=True, help="Split to predict (val, testA, testB, test, ...).")
+@click.option("--dataset", default=None, help="Prepared dataset <dataset>_<splitby> [default: the checkpoint's].")
+@click.option("--shards", type=click.Path(path_type=Path), default=Path("shards"), show_default=True, help="Shard root written by `refbench prepare`.")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Submission file to write: JSONL of COCO RLEs (gzip if it ends in .gz).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True, help="Sentences per forward pass.")
+@click.option("--workers", type=click.IntRange(min=0), default=None, help="DataLoader workers.")
+def predictions(checkpoint, split, dataset, shards, out, batch_size, workers) -> None:
+    """Export a checkpoint's binarised masks at the original image size, as a `refbench score` submission.
+
+    Scoring the file gives exactly the per-sentence I and U of `refbench eval` (protocol original).
+    """
+    from refbench import predictions as predictions_mod
+
+    predictions_mod.main(checkpoint=checkpoint, split=split, dataset=dataset, shards=shards, out=out,
+                         batch_size=batch_size, workers=workers)
+
+
+@cli.command("score")
+@click.argument("predictions_path", metavar="PREDICTIONS", type=click.Path(path_type=Path))
+@click.option("--dataset", required=True, help="Prepared dataset <dataset>_<splitby> the masks are for, e.g. refcoco_unc.")
+@click.option("--split", required=True, help="Split the masks are for (val, testA, testB, test, ...).")
+@click.option("--method", required=True, help="Name of the method on the leaderboard, e.g. LAVT.")
+@click.option("--variant", default="default", show_default=True, help="Variant of the method (backbone, checkpoint name, ...).")
+@click.option("--shards", type=click.Path(path_type=Path), default=Path("shards"), show_default=True, help="Shard root written by `refbench prepare` (the ground truth).")
+@click.option("--protocol", default="original", show_default=True,
+              help="Metric protocol. Protocols that compare at the original image size (original, and any "
+                   "other of that resolution) apply to binary masks; those that compare at the network input "
+                   "(input) need the model's probability map and refuse a submission.")
+@click.option("--results", type=click.Path(path_type=Path), default=Path("leaderboard/results"), show_default=True, help="Where the result record is written.")
+@click.option("--note", default="", help="Free text kept in the record and shown in the leaderboard's provenance.")
+def score_cmd(predictions_path, dataset, split, method, variant, shards, protocol, results, note) -> None:
+    """Score any model's binary masks against the split's ground truth; writes a result record.
+
+    \b
+    PREDICTIONS is one of (masks at the original image size, one per sentence):
+      - a JSONL file (optionally .gz), one line per sentence:
+        {"sent_id": 123, "rle": {"size": [H, W], "counts": "..."}}
+        (COCO compressed RLE as pycocotools' mask.encode writes it, counts as a string);
+      - a JSONL file of {"sent_id": 123, "png": "relative/path.png"} lines;
+      - a folder of <sent_id>.png files, nonzero = foreground.
+    Every sentence of the split exactly once (see `refbench sentences`); a bad submission
+    is refused with one line and nothing is written.
+    """
+    from refbench import score as score_mod
+
+    score_mod.main(predictions=predictions_path, dataset=dataset, split=split, method=method, variant=variant,
+                   shards=shards, protocol=protocol, results=results, note=note)
+
+
 @cli.command()
 @click.option("--checkpoint", type=click.Path(path_type=Path), required=True, help="Checkpoint written by `refbench train`.")
 @click.option("--image", type=click.Path(path_type=Path), required=True, help="Image file (JPEG/PNG).")

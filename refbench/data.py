@@ -569,6 +569,23 @@ def train_loader(
     )
 
 
+# --------------------------------------------------------------------------------- metadata only
+
+
+def split_images(dataset_dir: str | Path, manifest: dict | None = None, *, split: str, verify: bool = True) -> Iterator[dict]:
+    """The checked JSON of every image of `split`, in the eval order (shard order, image order).
+
+    No JPEG is decoded: this is what `refbench sentences` and `refbench score` read (refs, RLE
+    masks, sentences). Shards are checked as the loaders check them (sample count, and the
+    sha256 with `verify`); a bad one raises `RefbenchError` naming it.
+    """
+    manifest = load_manifest(dataset_dir) if manifest is None else manifest
+    context_length = manifest["tokenizer"]["context_length"]
+    for entry in split_shards(manifest, dataset_dir, split):
+        for sample in _read_shard(entry, verify):
+            yield _parse_meta(sample, context_length)
+
+
 # --------------------------------------------------------------------------------- eval
 
 

@@ -98,15 +98,25 @@ def count_iu(probs, batch: dict, threshold: float, protocol: str) -> tuple[np.nd
         inter, union = zip(*pairs) if pairs else ((), ())
         return np.asarray(inter, dtype=np.int64), np.asarray(union, dtype=np.int64)
     if protocol == "original":
-        maps = transforms.to_original(probs, boxes)  # B x float [H_b, W_b]
-        pairs = [metrics.intersection_union(m.cpu().numpy() > threshold, gt.numpy().astype(bool))
-                 for m, gt in zip(maps, batch["gt_mask"])]
+        pairs = [metrics.intersection_union(m, gt.numpy().astype(bool))
+                 for m, gt in zip(original_masks(probs, boxes, threshold), batch["gt_mask"])]
         inter, union = zip(*pairs) if pairs else ((), ())
         return np.asarray(inter, dtype=np.int64), np.asarray(union, dtype=np.int64)
     size = boxes[0].size
     pred = F.interpolate(probs, size=(size, size), mode="bilinear", align_corners=False)[:, 0] > threshold  # [B,S,S]
     gt = np.stack([transforms.mask_to_input(g.numpy(), b) for g, b in zip(batch["gt_mask"], boxes)])  # [B,S,S]
     return metrics.intersection_union_batch(pred.cpu(), torch.from_numpy(gt).bool())
+
+
+def original_masks(probs, boxes, threshold: float) -> list[np.ndarray]:
+    """The binarised predictions at each image's original size (protocol `original`): bool [H_b, W_b] each.
+
+    The one place this mapping is done: `refbench eval` counts I/U on these masks and
+    `refbench predictions` writes them out, so the two agree exactly.
+    """
+    from refbench import transforms
+
+    return [m.cpu().numpy() > threshold for m in transforms.to_original(probs, boxes)]  # B x bool [H_b, W_b]
 
 
 def score_split(net, dataset_dir: Path, manifest: dict, split: str, d, *, batch_size: int = 16,

@@ -8,7 +8,9 @@
     <split> <metric> (%, <protocol>) ... | date | reference | note
 
 - one row per (source, method, variant, run, dataset, protocol, protocol_version); `source`
-  is "measured", "measured (synthetic)" (scored on `refbench synth` data) or "reported";
+  is "measured" (refbench ran the model), "submitted" (someone's binary masks scored by
+  `refbench score`; the note carries the submission's sha256), either with " (synthetic)"
+  when scored on `refbench synth` data, or "reported";
 - every value column names its split, its metric and its protocol, e.g.
   "testB mIoU (%, original)": mIoU and oIoU never share a column, nor do two protocols;
 - values are percent (0-100); an empty cell means "not measured / not published";
@@ -184,10 +186,18 @@ def _measured_long(results_root: Path) -> pl.DataFrame:
 
     rows = []
     for rec in iter_records(results_root):
+        source = rec.source + (" (synthetic)" if rec.meta["data"].get("synthetic") else "")
+        note = f"n={rec.metrics['n']} sentences; " + (
+            f"threshold {rec.protocol['threshold']:g}" if rec.protocol.get("threshold") is not None else "binary masks"
+        )
+        if rec.submission is not None:
+            sub = rec.submission
+            note += f"; submission {Path(sub['file']).name} ({sub['format']}) sha256 {sub['sha256']}"
+            note += f"; note: {sub['note']}" if sub.get("note") else ""
         for metric in METRICS:
             rows.append(
                 {
-                    "source": "measured (synthetic)" if rec.meta["data"].get("synthetic") else "measured",
+                    "source": source,
                     "method": rec.model["name"],
                     "variant": rec.model["variant"],
                     "run": rec.model["run"],
@@ -199,7 +209,7 @@ def _measured_long(results_root: Path) -> pl.DataFrame:
                     "value": 100.0 * rec.metrics[metric],
                     "date": rec.date,
                     "reference": str(rec.path.relative_to(results_root)),
-                    "note": f"n={rec.metrics['n']} sentences; threshold {rec.protocol['threshold']:g}",
+                    "note": note,
                 }
             )
     return pl.DataFrame(rows, schema=_LONG_SCHEMA)
@@ -303,9 +313,10 @@ def value_columns(table: pl.DataFrame) -> list[str]:
 def _legend() -> list[str]:
     lines = [
         f"Values are {UNITS}. mIoU = mean of per-sentence IoU; oIoU = sum of intersections / sum of unions.",
-        "source: measured = a refbench result record; reported = as published (see reference); measured (synthetic) ="
-        " scored on refbench's synthetic stand-in (`refbench synth`) that shares the dataset's name and format, not on"
-        " the real images: not comparable with reported rows.",
+        "source: measured = refbench ran the model (a result record); submitted = a method's own binary masks scored by"
+        " `refbench score` against the same ground truth (the note gives the submission's sha256); reported = as"
+        " published (see reference); (synthetic) = scored on refbench's synthetic stand-in (`refbench synth`) that"
+        " shares the dataset's name and format, not on the real images: not comparable with reported rows.",
         "Each column names its split, metric and protocol; measured cells hold the latest record of the run.",
     ]
     lines += [f"protocol {p.name} (v{p.version}): {p.description}." for p in metrics.PROTOCOLS.values()]

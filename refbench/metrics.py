@@ -89,6 +89,16 @@ PROTOCOLS: dict[str, Protocol] = {
 DEFAULT_PROTOCOL = "original"
 
 
+def takes_binary_masks(protocol: Protocol) -> bool:
+    """Whether `protocol` can score submitted binary masks (`refbench score`).
+
+    Those that compare at the original image size apply directly to a mask at that size; those
+    that compare at the network input need the model's probability map (resized to the input
+    before it is binarised), which a submission does not hold.
+    """
+    return protocol.resolution == "original"
+
+
 def get_protocol(name: str) -> Protocol:
     """The registered protocol `name`; a one-line error naming the known ones otherwise."""
     if name not in PROTOCOLS:

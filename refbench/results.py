@@ -11,11 +11,17 @@ writing at once never pick the same name. The sidecar is written first and the J
 each atomically (temp file + rename, `refbench.fsutil`): a record whose JSON exists is
 complete, and readers only ever look for `*.json`.
 
-Schema v1 (`"schema": "refbench-result", "schema_version": 1`), also in docs/results.md:
+Schema v2 (`"schema": "refbench-result", "schema_version": 2`), also in docs/results.md:
 
+    source         "measured" (refbench ran the model: `refbench eval`) or "submitted"
+                   (binary masks scored by `refbench score`)
+    submission     null, or for a submitted record {file, format, sha256, entries, note}:
+                   the predictions as given, their layout (refbench.score.FORMATS), the
+                   sha256 of their bytes, how many masks they held, the submitter's note
     dataset        "refcoco_unc" (<dataset>_<splitby>, as the shard folder)
     split          "testB"
-    protocol       {name, version, threshold, description, pr_strict}   see refbench.metrics.PROTOCOLS
+    protocol       {name, version, threshold, description, pr_strict}   see refbench.metrics.PROTOCOLS;
+                   threshold is null for submitted binary masks
     metrics        {n, mIoU, oIoU, Pr@0.5 .. Pr@0.9,          fractions in [0, 1]
                     ci95: {mIoU: [lo, hi], oIoU: [lo, hi]},
                     bootstrap: {samples, seed, level}}
@@ -26,6 +32,8 @@ Schema v1 (`"schema": "refbench-result", "schema_version": 1`), also in docs/res
     breakdowns     {length, category, location_words}          see refbench.metrics.breakdowns
     sentences      {file, format: "parquet", sha256, rows, columns}
                    columns: sent_id, ref_id, image_id, category_id, sent, I, U, IoU
+
+v1 records (no `source`, no `submission`) still load, as measured records.
 
 `write_record` refuses (RefbenchError, nothing written) a record whose sentence count differs
 from `sentences_expected`, whose sent_ids repeat, or whose I/U are not valid pixel counts.
@@ -55,7 +63,9 @@ from refbench import fsutil, metrics
 from refbench.errors import RefbenchError
 
 SCHEMA = "refbench-result"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # v1 lacks `source` and `submission` (a measured record)
+SOURCES = ("measured", "submitted")
 SIDECAR_SUFFIX = ".sentences.parquet"
 CI_LEVEL = 0.95  # the record's confidence intervals (metrics.ci95)
 
@@ -115,6 +125,15 @@ class Record:
         return self.meta["protocol"]
 
     @property
+    def source(self) -> str:
+        """ "measured" (refbench ran the model) or "submitted" (`refbench score`)."""
+        return self.meta.get("source", "measured")
+
+    @property
+    def submission(self) -> dict | None:
+        return self.meta.get("submission")
+
+    @property
     def metrics(self) -> dict:
         return self.meta["metrics"]
 
@@ -158,7 +177,7 @@ def build_record(
     dataset: str,
     split: str,
     protocol: str,
-    threshold: float,
+    threshold: float | None,
     model: ModelInfo,
     data: DataInfo,
     sentences: pl.DataFrame,
@@ -166,6 +185,8 @@ def build_record(
     samples: int = 1000,
     seed: int = 0,
     date: datetime | None = None,
+    source: str = "measured",
+    submission: dict | None = None,
 ) -> dict:
     """The record's JSON object for a `sentence_frame` table (no file written, no checks on counts).
 
@@ -179,12 +200,14 @@ def build_record(
     return {
         "schema": SCHEMA,
         "schema_version": SCHEMA_VERSION,
+        "source": source,
+        "submission": submission,
         "dataset": dataset,
         "split": split,
         "protocol": {
             "name": proto.name,
             "version": proto.version,
-            "threshold": float(threshold),
+            "threshold": None if threshold is None else float(threshold),
             "description": proto.description,
             "pr_strict": proto.pr_strict,
         },
@@ -214,13 +237,15 @@ def write_record(
     dataset: str,
     split: str,
     protocol: str,
-    threshold: float,
+    threshold: float | None,
     model: ModelInfo,
     data: DataInfo,
     sentences: pl.DataFrame | Mapping[str, Any],
     command: str | None = None,
     samples: int = 1000,
     seed: int = 0,
+    source: str = "measured",
+    submission: dict | None = None,
 ) -> Path:
     """Publish a result record; returns the path of its JSON file.
 
@@ -229,8 +254,13 @@ def write_record(
     Refuses (RefbenchError, nothing written) if the count differs from
     `data.sentences_expected`, if a sent_id repeats, or if I/U are not valid counts.
     Writes `<results_root>/<dataset>/<split>/<model>-<run>-<time>.json` and its sidecar:
-    sidecar first, JSON last, both atomic.
+    sidecar first, JSON last, both atomic. `source` "submitted" needs a `submission` entry
+    {file, format, sha256, entries, note}; a measured record has none.
     """
+    if source not in SOURCES:
+        raise RefbenchError(f"record source must be one of {', '.join(SOURCES)}, got {source!r}")
+    if (source == "submitted") != (submission is not None):
+        raise RefbenchError("a submitted record needs its submission entry (file, format, sha256), a measured one none")
     for what, value in (("dataset", dataset), ("split", split)):
         if not value or _SAFE.search(value):
             raise RefbenchError(f"{what} name {value!r} is not usable as a folder name")
@@ -254,6 +284,7 @@ def write_record(
     record = build_record(
         dataset=dataset, split=split, protocol=protocol, threshold=threshold, model=model,
         data=data, sentences=df, command=command, samples=samples, seed=seed, date=date,
+        source=source, submission=submission,
     )
     folder = Path(results_root) / dataset / split
     while True:  # the random suffix makes a clash vanishingly rare; never overwrite one anyway
@@ -326,10 +357,16 @@ def load_record(path: str | Path) -> Record:
     if not isinstance(meta, dict) or meta.get("schema") != SCHEMA:
         raise bad(f"not a refbench result (schema is not {SCHEMA!r})")
     version = meta.get("schema_version")
-    if version != SCHEMA_VERSION:
+    if version not in READABLE_VERSIONS:
         raise bad(
-            f"schema version {version!r}, this refbench reads version {SCHEMA_VERSION}"
+            f"schema version {version!r}, this refbench reads versions {', '.join(map(str, READABLE_VERSIONS))}"
         )
+    if version >= 2:
+        source, sub = meta.get("source"), meta.get("submission")
+        if source not in SOURCES:
+            raise bad(f"source {source!r} is not one of {', '.join(SOURCES)}")
+        if source == "submitted" and not (isinstance(sub, dict) and isinstance(sub.get("sha256"), str)):
+            raise bad("a submitted record without its submission's sha256")
     missing = [k for k in _TOP_KEYS if not isinstance(meta.get(k), (dict, str))]
     if missing:
         raise bad(f"missing or malformed field(s) {', '.join(missing)}")

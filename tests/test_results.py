@@ -68,7 +68,8 @@ def test_round_trip(tmp_path):
 
     rec = results.load_record(path)
     m = rec.meta
-    assert (m["schema"], m["schema_version"]) == ("refbench-result", 1)
+    assert (m["schema"], m["schema_version"]) == ("refbench-result", 2)
+    assert (rec.source, rec.submission) == ("measured", None)
     assert (rec.dataset, rec.split) == ("refcoco_unc", "testB")
     assert m["protocol"] == {
         "name": "original", "version": 1, "threshold": 0.35,
@@ -142,7 +143,9 @@ def _tamper(path: Path, edit) -> None:
         (lambda m: m["metrics"].update(mIoU=m["metrics"]["mIoU"] + 0.01), "stored mIoU"),
         (lambda m: m["metrics"].update(n=59), "stored n"),
         (lambda m: m["metrics"].update({"Pr@0.7": 0.0}), r"stored Pr@0\.7"),
-        (lambda m: m.update(schema_version=2), "schema version 2"),
+        (lambda m: m.update(schema_version=3), "schema version 3"),
+        (lambda m: m.update(source="borrowed"), "source 'borrowed'"),
+        (lambda m: m.update(source="submitted"), "without its submission's sha256"),
         (lambda m: m.update(schema="something-else"), "not a refbench result"),
         (lambda m: m["breakdowns"]["length"].clear(), "breakdowns disagree"),
         (lambda m: m["sentences"].update(sha256="0" * 64), "does not match the stored sha256"),

@@ -1,0 +1,81 @@
+"""`refbench predictions`: a refbench checkpoint's binarised masks, written as a submission.
+
+    checkpoint -> model -> data.eval_loader -> sigmoid -> map back to the original image
+    (evaluate.original_masks: the `original` protocol's own code) -> > threshold
+    -> COCO RLE per sentence -> JSONL (gzip with .gz) in the order of `refbench sentences`
+
+The file is exactly what `refbench score` reads (refbench.score), so scoring it gives the same
+per-sentence I and U as `refbench eval --protocol original` of the same checkpoint: the masks
+come from the same function, and the scorer counts I and U exactly.
+
+Under torchrun every rank predicts its own shards and rank 0 gathers the lines and writes the
+file (atomically).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from refbench.errors import RefbenchError
+
+
+def export(checkpoint: Path, *, split: str, out: Path, dataset: str | None = None, shards: Path = Path("shards"),
+           batch_size: int = 16, workers: int | None = None) -> dict:
+    """Predict every sentence of `split` and write the submission to `out` (rank 0).
+
+    Returns {"path", "sentences", "dataset", "split", "threshold", "rank"} (on every rank; only rank 0 writes).
+    """
+    import torch
+
+    from refbench import checkpoint as ckpt_mod
+    from refbench import data, evaluate, score
+    from refbench.train import autocast_dtype, setup_distributed
+
+    d = setup_distributed()
+    ckpt = ckpt_mod.load(checkpoint)
+    net = ckpt_mod.build_model(ckpt, checkpoint).to(d.device)
+    dataset = dataset or ckpt.get("dataset", {}).get("name")
+    if not dataset:
+        raise RefbenchError(f"{checkpoint}: the checkpoint names no dataset", hint="pass --dataset, e.g. refcoco_unc")
+    dataset_dir = Path(shards) / dataset
+    manifest = data.load_manifest(dataset_dir)
+    if split not in manifest["splits"]:
+        raise RefbenchError(f"split {split!r} is not in {dataset_dir / 'manifest.json'}; splits: {', '.join(manifest['splits'])}")
+    workers = 2 if workers is None else workers
+    amp = autocast_dtype("auto", d.device)  # as `refbench eval`
+    loader = data.eval_loader(dataset_dir, manifest, split=split, image_size=net.image_size, batch_size=batch_size,
+                              workers=workers, rank=d.rank, world=d.world)
+    net.eval()
+    lines: dict[int, str] = {}
+    for batch in loader:
+        probs = evaluate.probabilities(net, batch["image"].to(d.device), batch["tokens"].to(d.device), amp)
+        for sid, mask in zip(batch["sent_id"], evaluate.original_masks(probs, batch["letterbox"], net.threshold)):
+            lines[int(sid)] = score.rle_line(sid, score.encode_mask(mask))
+    if d.world > 1:
+        gathered: list = [None] * d.world
+        torch.distributed.all_gather_object(gathered, lines)
+        lines = {k: v for part in gathered for k, v in part.items()}
+    info = {"path": out, "sentences": len(lines), "dataset": dataset, "split": split, "threshold": net.threshold,
+            "rank": d.rank}
+    if d.rank != 0:
+        return info
+    order = score.ground_truth(dataset_dir, manifest, split=split).sent_id
+    missing = [sid for sid in order if sid not in lines]
+    if missing or len(lines) != len(order):
+        raise RefbenchError(
+            f"predictions for {dataset}/{split}: {len(lines)} sentences predicted, the split has {len(order)}; "
+            f"nothing written"
+        )
+    score.write_jsonl(out, (lines[sid] for sid in order))
+    return info
+
+
+def main(checkpoint: Path, split: str, dataset: str | None, shards: Path, out: Path, batch_size: int,
+         workers: int | None) -> dict:
+    """`refbench predictions`: export, then say what was written."""
+    info = export(checkpoint, split=split, out=out, dataset=dataset, shards=shards, batch_size=batch_size,
+                  workers=workers)
+    if info["rank"] == 0:
+        print(f"{info['sentences']} masks of {info['dataset']}/{info['split']} (original image size, "
+              f"sigmoid > {info['threshold']:g}) written to {out}")
+    return info
