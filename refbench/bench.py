@@ -1,6 +1,6 @@
 """`refbench bench`: refbench measured against its baselines, side by side in one run.
 
-    refbench bench [prepare|loader|shards|model|eval|all] --workdir bench --images 2000 --log bench/bench.jsonl
+    refbench bench [prepare|loader|shards|model|eval|score|all] --workdir bench --images 2000 --log bench/bench.jsonl
 
 Each benchmark is a function `bench_x(workdir, images) -> list[row]` registered in `BENCHES`.
 A row is a dict: bench, what (the quantity, with its unit, data set and setting), ours,
@@ -29,6 +29,8 @@ loader, shards and eval benchmarks.
   style datasets do per sample, both in the main process (no DataLoader workers), one torch thread.
 - shards: bytes of the refcoco_unc shards vs the raw JPEGs plus one 8-bit PNG mask per ref.
 - model: EAVL vs CRIS forward + backward step time.
+- score: `refbench score`'s parse + validation + I/U on RLEs vs merely decoding the submitted
+  masks, on a synthetic RefCOCO testB-sized submission of COCO-size masks (score_bench.py).
 - eval: share of `evaluate.main` wall time spent in metric code (count_iu: mapping back,
   binarising, I/U; metrics.summarize, bootstrap_ci, breakdowns), for a random-init tiny EAVL.
 """
@@ -568,12 +570,20 @@ def bench_model(workdir: Path, images: int) -> list[dict]:
     return rows
 
 
+def bench_score(workdir: Path, images: int) -> list[dict]:
+    """`refbench score` vs decoding the submitted masks (refbench/score_bench.py)."""
+    from refbench.score_bench import bench_score as run
+
+    return run(workdir, images)
+
+
 BENCHES: dict[str, Callable[[Path, int], list[dict]]] = {
     "prepare": bench_prepare,
     "loader": bench_loader,
     "shards": bench_shards,
     "model": bench_model,
     "eval": bench_eval,
+    "score": bench_score,
 }
 
 

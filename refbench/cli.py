@@ -301,7 +301,7 @@ def ablate(workdir, steps) -> None:
 
 
 @cli.command()
-@click.argument("which", nargs=-1, type=click.Choice(["prepare", "loader", "shards", "model", "eval", "all"]))
+@click.argument("which", nargs=-1, type=click.Choice(["prepare", "loader", "shards", "model", "eval", "score", "all"]))
 @click.option("--workdir", type=click.Path(path_type=Path), default=Path("bench"), show_default=True, help="Scratch folder for the benchmark data.")
 @click.option("--images", type=click.IntRange(min=20), default=2000, show_default=True, help="Synthetic images for the data benchmarks.")
 @click.option("--log", type=click.Path(path_type=Path), default=Path("bench/bench.jsonl"), show_default=True, help="JSON lines file the results are appended to.")

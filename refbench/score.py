@@ -214,9 +214,20 @@ def count_iu(pred: list[dict], gt: list[dict]) -> tuple[np.ndarray, np.ndarray]:
     if not pred:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
     inter = [mask_utils.merge([p, g], intersect=True) for p, g in zip(pred, gt)]
-    i = mask_utils.area(inter).astype(np.int64)  # [N]
-    u = mask_utils.area(pred).astype(np.int64) + mask_utils.area(gt).astype(np.int64) - i  # [N]
+    i = _areas(inter)  # [N]
+    u = _areas(pred) + _areas(gt) - i  # [N]
     return i, u
+
+
+_AREA_CHUNK = 255  # pycocotools 2.0.11's mask.area overflows on lists of more than 255 RLEs (numpy 2)
+
+
+def _areas(rles: list[dict]) -> np.ndarray:
+    """Foreground pixels of each RLE, int64 [N] (pycocotools mask.area, in chunks)."""
+    from pycocotools import mask as mask_utils
+
+    parts = [mask_utils.area(rles[k : k + _AREA_CHUNK]) for k in range(0, len(rles), _AREA_CHUNK)]
+    return np.concatenate(parts).astype(np.int64)
 
 
 # --------------------------------------------------------------------------- submissions
