@@ -608,8 +608,8 @@ def _page_data(table: pl.DataFrame) -> dict:
             **{k: row[k] for k in KEY},
             "values": {c: row[c] for c in vals if row[c] is not None},
             "date": row["date"],
-            "references": [t for t in (row["reference"] or "").split("; ") if t],
-            "notes": [t for t in (row["note"] or "").split("; ") if t],
+            "references": list(dict.fromkeys(t for t in (row["reference"] or "").split("; ") if t)),
+            "notes": list(dict.fromkeys(t for t in (row["note"] or "").split("; ") if t)),
         })
     columns = []
     for c in vals:

@@ -195,7 +195,7 @@ def screenshot(out: Path) -> None:
         root = board(Path(tmp) / "results", synthetic=True)
         html = Path(tmp) / "leaderboard.html"
         lb.main(dataset=DATASET, fmt="html", out=html, results=root)
-        driver = _driver(1366, 600)
+        driver = _driver(1366, 860)
         try:
             driver.get(html.as_uri())
             driver.find_element(By.CSS_SELECTOR, '#board th[data-key="testB mIoU (%, original)"]').click()
