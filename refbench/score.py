@@ -248,18 +248,24 @@ class _Problems:
 
     def __init__(self) -> None:
         self.kinds: dict[str, list[str]] = {}
+        self.totals: dict[str, int] = {}  # kinds counted out of something other than the entries
 
-    def add(self, kind: str, offender: Any) -> None:
+    def add(self, kind: str, offender: Any, out_of: int | None = None) -> None:
         self.kinds.setdefault(kind, []).append(str(offender))
+        if out_of is not None:
+            self.totals[kind] = out_of
 
     def raise_if_any(self, path: Path, total: int | None = None) -> None:
+        """One RefbenchError: "<n> of <total> entries <kind> (first: ...)", other kinds counted in the hint."""
         if not self.kinds:
             return
         (kind, offenders), *others = self.kinds.items()
+        noun = "entries" if kind not in self.totals else "sentences of the split"
+        total = self.totals.get(kind, total)
         of = f" of {total}" if total is not None else ""
         first = ", ".join(offenders[:SHOW]) + (", ..." if len(offenders) > SHOW else "")
-        message = f"submission {path}: {len(offenders)}{of} entries {kind} (first: {first}); nothing was written"
-        also = "; ".join(f"{len(o)} {k}" for k, o in others)
+        message = f"submission {path}: {len(offenders)}{of} {noun} {kind} (first: {first}); nothing was written"
+        also = "; ".join(f"{len(o)} {'entries' if k not in self.totals else 'sentences'} {k}" for k, o in others)
         hint = (f"also: {also}. " if also else "") + f"expected {FORMAT_HINT}"
         raise RefbenchError(message, hint=hint)
 
@@ -410,11 +416,12 @@ def match(sub: Submission, truth: Truth) -> list[dict]:
             slot[i] = e
     missing = [sid for sid, e in zip(truth.sent_id, slot) if e is None]
     for sid in missing:
-        problems.add("are missing: sentences of the split without a mask", f"sent_id {sid}")
-    problems.raise_if_any(sub.path, len(sub.entries))
+        problems.add("have no mask in the submission", f"sent_id {sid}", out_of=len(truth))
 
     rles: list[dict] = []
     for e, h, w in zip(slot, truth.height, truth.width):
+        if e is None:
+            continue
         if "rle" in e:
             rle = e["rle"]
             if list(rle["size"]) != [h, w]:

@@ -264,7 +264,7 @@ def _bad_cases(masks):
 
     return {
         "not json": (text([good[0], "{not json\n", *good[1:]]), ["not valid JSON", "line 2", f"of {len(good) + 1}"]),
-        "missing": (text(good[1:]), ["1 of", "missing", f"sent_id {first}"]),
+        "missing": (text(good[1:]), [f"1 of {len(good)} sentences of the split have no mask", f"sent_id {first}"]),
         "unknown": (text([*good, score.rle_line(999999, json.loads(good[0])["rle"])]), ["not in this split", "999999"]),
         "duplicate": (text([*good, good[0]]), ["repeat a sent_id", f"sent_id {first}"]),
         "wrong size": (text([wrong_size, *good[1:]]), ["size is not its image's", f"[{h + 1}, {w}] vs [{h}, {w}]"]),
@@ -305,7 +305,7 @@ def test_problems_name_the_first_few_offenders_and_count_the_rest(tiny, tmp_path
         _score(tiny, tmp_path / "b.jsonl", tmp_path / "res")
     msg, hint = e.value.message, e.value.hint
     assert "1 of" in msg and "repeat a sent_id" in msg  # the first kind of problem met
-    assert "also: 7 are missing" in hint
+    assert "also: 7 sentences have no mask" in hint
 
 
 # --------------------------------------------------------------------------- round trip
