@@ -220,17 +220,18 @@ def sentences(dataset, split, shards, out) -> None:
 @click.option("--dataset", default=None, help="Prepared dataset <dataset>_<splitby> [default: the checkpoint's].")
 @click.option("--shards", type=click.Path(path_type=Path), default=Path("shards"), show_default=True, help="Shard root written by `refbench prepare`.")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Submission file to write: JSONL of COCO RLEs (gzip if it ends in .gz).")
+@click.option("--protocol", default="original", show_default=True, help="Whose chain makes the masks: original (one bilinear map back) or cris (CRIS's OpenCV chain); input has no original-size masks.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True, help="Sentences per forward pass.")
 @click.option("--workers", type=click.IntRange(min=0), default=None, help="DataLoader workers.")
-def predictions(checkpoint, split, dataset, shards, out, batch_size, workers) -> None:
+def predictions(checkpoint, split, dataset, shards, out, protocol, batch_size, workers) -> None:
     """Export a checkpoint's binarised masks at the original image size, as a `refbench score` submission.
 
-    Scoring the file gives exactly the per-sentence I and U of `refbench eval` (protocol original).
+    Scoring the file under the same --protocol gives exactly the per-sentence I and U of `refbench eval`.
     """
     from refbench import predictions as predictions_mod
 
     predictions_mod.main(checkpoint=checkpoint, split=split, dataset=dataset, shards=shards, out=out,
-                         batch_size=batch_size, workers=workers)
+                         protocol=protocol, batch_size=batch_size, workers=workers)
 
 
 @cli.command("score")
@@ -241,9 +242,9 @@ def predictions(checkpoint, split, dataset, shards, out, batch_size, workers) ->
 @click.option("--variant", default="default", show_default=True, help="Variant of the method (backbone, checkpoint name, ...).")
 @click.option("--shards", type=click.Path(path_type=Path), default=Path("shards"), show_default=True, help="Shard root written by `refbench prepare` (the ground truth).")
 @click.option("--protocol", default="original", show_default=True,
-              help="Metric protocol. Protocols that compare at the original image size (original, and any "
-                   "other of that resolution) apply to binary masks; those that compare at the network input "
-                   "(input) need the model's probability map and refuse a submission.")
+              help="Metric protocol. Those that compare at the original image size apply to binary masks "
+                   "(original: Pr@X counts IoU >= X; cris: IoU > X, as CRIS's code); those that compare at the "
+                   "network input (input) need the model's probability map and refuse a submission.")
 @click.option("--results", type=click.Path(path_type=Path), default=Path("leaderboard/results"), show_default=True, help="Where the result record is written.")
 @click.option("--note", default="", help="Free text kept in the record and shown in the leaderboard's provenance.")
 def score_cmd(predictions_path, dataset, split, method, variant, shards, protocol, results, note) -> None:

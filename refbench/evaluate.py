@@ -90,16 +90,9 @@ def count_iu(probs, batch: dict, threshold: float, protocol: str) -> tuple[np.nd
 
     proto = metrics.get_protocol(protocol)
     boxes = batch["letterbox"]
-    if proto.preprocess == "cris":
-        from refbench import cvwarp
-
-        maps = cvwarp.cris_to_original(probs, batch["warp"])  # B x float32 [H_b, W_b]
-        pairs = [metrics.intersection_union(m > threshold, gt.numpy().astype(bool)) for m, gt in zip(maps, batch["gt_mask"])]
-        inter, union = zip(*pairs) if pairs else ((), ())
-        return np.asarray(inter, dtype=np.int64), np.asarray(union, dtype=np.int64)
-    if protocol == "original":
+    if proto.resolution == "original":
         pairs = [metrics.intersection_union(m, gt.numpy().astype(bool))
-                 for m, gt in zip(original_masks(probs, boxes, threshold), batch["gt_mask"])]
+                 for m, gt in zip(binary_masks(probs, batch, threshold, protocol), batch["gt_mask"])]
         inter, union = zip(*pairs) if pairs else ((), ())
         return np.asarray(inter, dtype=np.int64), np.asarray(union, dtype=np.int64)
     size = boxes[0].size
@@ -108,15 +101,25 @@ def count_iu(probs, batch: dict, threshold: float, protocol: str) -> tuple[np.nd
     return metrics.intersection_union_batch(pred.cpu(), torch.from_numpy(gt).bool())
 
 
-def original_masks(probs, boxes, threshold: float) -> list[np.ndarray]:
-    """The binarised predictions at each image's original size (protocol `original`): bool [H_b, W_b] each.
+def binary_masks(probs, batch: dict, threshold: float, protocol: str) -> list[np.ndarray]:
+    """A batch's binarised predictions at each image's original size: bool [H_b, W_b] each.
 
-    The one place this mapping is done: `refbench eval` counts I/U on these masks and
-    `refbench predictions` writes them out, so the two agree exactly.
+    For the protocols that compare at the original size: `original` maps the letterboxed map
+    back (transforms.to_original), `cris` inverts CRIS's warp (cvwarp.cris_to_original). The
+    one place this is done: `refbench eval` counts I/U on these masks and `refbench
+    predictions` writes them out, so the two agree exactly.
     """
-    from refbench import transforms
+    from refbench import metrics, transforms
 
-    return [m.cpu().numpy() > threshold for m in transforms.to_original(probs, boxes)]  # B x bool [H_b, W_b]
+    proto = metrics.get_protocol(protocol)
+    if proto.resolution != "original":
+        raise RefbenchError(f"protocol {protocol!r} compares at the network input: it has no masks at the original size")
+    if proto.preprocess == "cris":
+        from refbench import cvwarp
+
+        maps = cvwarp.cris_to_original(probs, batch["warp"])  # B x float32 [H_b, W_b]
+        return [np.asarray(m) > threshold for m in maps]
+    return [m.cpu().numpy() > threshold for m in transforms.to_original(probs, batch["letterbox"])]  # B x bool [H_b, W_b]
 
 
 def score_split(net, dataset_dir: Path, manifest: dict, split: str, d, *, batch_size: int = 16,

@@ -1,12 +1,14 @@
 """`refbench predictions`: a refbench checkpoint's binarised masks, written as a submission.
 
-    checkpoint -> model -> data.eval_loader -> sigmoid -> map back to the original image
-    (evaluate.original_masks: the `original` protocol's own code) -> > threshold
+    checkpoint -> model -> data.eval_loader (the protocol's preprocessing) -> sigmoid
+    -> back to the original image and > threshold (evaluate.binary_masks: the protocol's own code)
     -> COCO RLE per sentence -> JSONL (gzip with .gz) in the order of `refbench sentences`
 
-The file is exactly what `refbench score` reads (refbench.score), so scoring it gives the same
-per-sentence I and U as `refbench eval --protocol original` of the same checkpoint: the masks
-come from the same function, and the scorer counts I and U exactly.
+The file is exactly what `refbench score` reads (refbench.score), so scoring it under the same
+protocol gives the same per-sentence I and U as `refbench eval --protocol P` of the same
+checkpoint: the masks come from the same function, and the scorer counts I and U exactly.
+Protocols that compare at the network input (`input`) have no original-size masks and are
+refused.
 
 Under torchrun every rank predicts its own shards and rank 0 gathers the lines and writes the
 file (atomically).
@@ -20,7 +22,7 @@ from refbench.errors import RefbenchError
 
 
 def export(checkpoint: Path, *, split: str, out: Path, dataset: str | None = None, shards: Path = Path("shards"),
-           batch_size: int = 16, workers: int | None = None) -> dict:
+           protocol: str = "original", batch_size: int = 16, workers: int | None = None) -> dict:
     """Predict every sentence of `split` and write the submission to `out` (rank 0).
 
     Returns {"path", "sentences", "dataset", "split", "threshold", "rank"} (on every rank; only rank 0 writes).
@@ -28,9 +30,10 @@ def export(checkpoint: Path, *, split: str, out: Path, dataset: str | None = Non
     import torch
 
     from refbench import checkpoint as ckpt_mod
-    from refbench import data, evaluate, score
+    from refbench import data, evaluate, metrics, score
     from refbench.train import autocast_dtype, setup_distributed
 
+    proto = score.check_protocol(protocol)
     d = setup_distributed()
     ckpt = ckpt_mod.load(checkpoint)
     net = ckpt_mod.build_model(ckpt, checkpoint).to(d.device)
@@ -44,19 +47,19 @@ def export(checkpoint: Path, *, split: str, out: Path, dataset: str | None = Non
     workers = 2 if workers is None else workers
     amp = autocast_dtype("auto", d.device)  # as `refbench eval`
     loader = data.eval_loader(dataset_dir, manifest, split=split, image_size=net.image_size, batch_size=batch_size,
-                              workers=workers, rank=d.rank, world=d.world)
+                              workers=workers, rank=d.rank, world=d.world, preprocess=proto.preprocess)
     net.eval()
     lines: dict[int, str] = {}
     for batch in loader:
         probs = evaluate.probabilities(net, batch["image"].to(d.device), batch["tokens"].to(d.device), amp)
-        for sid, mask in zip(batch["sent_id"], evaluate.original_masks(probs, batch["letterbox"], net.threshold)):
+        for sid, mask in zip(batch["sent_id"], evaluate.binary_masks(probs, batch, net.threshold, protocol)):
             lines[int(sid)] = score.rle_line(sid, score.encode_mask(mask))
     if d.world > 1:
         gathered: list = [None] * d.world
         torch.distributed.all_gather_object(gathered, lines)
         lines = {k: v for part in gathered for k, v in part.items()}
     info = {"path": out, "sentences": len(lines), "dataset": dataset, "split": split, "threshold": net.threshold,
-            "rank": d.rank}
+            "rank": d.rank, "protocol": metrics.get_protocol(protocol).name}
     if d.rank != 0:
         return info
     order = score.ground_truth(dataset_dir, manifest, split=split).sent_id
@@ -70,12 +73,12 @@ def export(checkpoint: Path, *, split: str, out: Path, dataset: str | None = Non
     return info
 
 
-def main(checkpoint: Path, split: str, dataset: str | None, shards: Path, out: Path, batch_size: int,
+def main(checkpoint: Path, split: str, dataset: str | None, shards: Path, out: Path, protocol: str, batch_size: int,
          workers: int | None) -> dict:
     """`refbench predictions`: export, then say what was written."""
-    info = export(checkpoint, split=split, out=out, dataset=dataset, shards=shards, batch_size=batch_size,
-                  workers=workers)
+    info = export(checkpoint, split=split, out=out, dataset=dataset, shards=shards, protocol=protocol,
+                  batch_size=batch_size, workers=workers)
     if info["rank"] == 0:
-        print(f"{info['sentences']} masks of {info['dataset']}/{info['split']} (original image size, "
-              f"sigmoid > {info['threshold']:g}) written to {out}")
+        print(f"{info['sentences']} masks of {info['dataset']}/{info['split']} (original image size, protocol "
+              f"{info['protocol']}'s mapping, sigmoid > {info['threshold']:g}) written to {out}")
     return info

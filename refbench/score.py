@@ -518,7 +518,7 @@ def score_submission(
             "entries": len(sub.entries), "note": note,
         },
     )
-    return Scored(record=path, submission=sub, sentences=columns, metrics=metrics.summarize(inter, union))
+    return Scored(record=path, submission=sub, sentences=columns, metrics=metrics.summarize_protocol(inter, union, protocol))
 
 
 def main(predictions: Path, dataset: str, split: str, method: str, variant: str, shards: Path, protocol: str,

@@ -214,6 +214,27 @@ def test_score_cli_prints_the_metrics_and_the_leaderboard_shows_a_submitted_row(
     assert out["n"] == len(masks) and out["mIoU"]["b"] == 1.0
 
 
+def test_cris_protocol_scores_a_submission_with_strict_pr(tiny, tmp_path):
+    _, _, _, masks = tiny
+    pred = dict(masks)
+    first, second = list(masks)[:2]
+    m = masks[first].astype(bool)
+    half = m.copy()
+    half[tuple(np.argwhere(m)[: int(m.sum()) // 2].T)] = False  # keeps ceil(n/2) of n pixels: IoU exactly 0.5 for an even n
+    pred[first] = half.astype(np.uint8)
+    sub = _rle_file(tmp_path / "p.jsonl", pred)
+    a = results.load_record(_score(tiny, sub, tmp_path / "r", protocol="original").record)
+    b = results.load_record(_score(tiny, sub, tmp_path / "r", protocol="cris").record)
+    assert a.sentences["I"].equals(b.sentences["I"]) and a.sentences["U"].equals(b.sentences["U"])
+    assert b.protocol["name"] == "cris" and b.protocol["pr_strict"] is True
+    i, u = b.sentences["I"].to_numpy(), b.sentences["U"].to_numpy()
+    for key, value in metrics.summarize(i, u, strict=True).items():
+        assert b.metrics[key] == value
+    assert b.metrics["Pr@0.9"] < 1.0 and a.metrics["mIoU"] == b.metrics["mIoU"]
+    if int(m.sum()) % 2 == 0:  # an exact IoU of 0.5 passes Pr@0.5 under >= only
+        assert a.metrics["Pr@0.5"] > b.metrics["Pr@0.5"]
+
+
 def test_input_protocol_refuses_a_submission(tiny, tmp_path):
     root, _, _, masks = tiny
     sub = _rle_file(tmp_path / "p.jsonl", masks)
@@ -311,18 +332,19 @@ def test_problems_name_the_first_few_offenders_and_count_the_rest(tiny, tmp_path
 # --------------------------------------------------------------------------- round trip
 
 
-def test_predictions_then_score_equals_eval(init_run, shards_root, tmp_path, one_torch_thread):
+@pytest.mark.parametrize("protocol", ["original", "cris"])
+def test_predictions_then_score_equals_eval(init_run, shards_root, tmp_path, one_torch_thread, protocol):
     ckpt = init_run / "best.pt"
-    done = evaluate.evaluate_checkpoint(ckpt, splits=["testB"], shards=shards_root, workers=0,
+    done = evaluate.evaluate_checkpoint(ckpt, splits=["testB"], shards=shards_root, workers=0, protocol=protocol,
                                         results=tmp_path / "eval")
     evaluated = results.load_record(done[0].path)
     sub = tmp_path / "pred.jsonl.gz"
     result = cli("predictions", "--checkpoint", ckpt, "--split", "testB", "--shards", shards_root, "--out", sub,
-                 "--workers", "0")
+                 "--workers", "0", "--protocol", protocol)
     assert_cli_ok(result)
-    assert "original image size" in result.output
+    assert "original image size" in result.output and f"protocol {protocol}" in result.output
     out = score.score_submission(sub, dataset=DATASET, split="testB", method="eavl", variant="tiny",
-                                 shards=shards_root, results=tmp_path / "scored")
+                                 shards=shards_root, results=tmp_path / "scored", protocol=protocol)
     scored = results.load_record(out.record)
     a = evaluated.sentences.sort("sent_id")
     b = scored.sentences.sort("sent_id")
