@@ -31,7 +31,7 @@ def export(checkpoint: Path, *, split: str, out: Path, dataset: str | None = Non
 
     from refbench import checkpoint as ckpt_mod
     from refbench import data, evaluate, metrics, score
-    from refbench.train import autocast_dtype, setup_distributed
+    from refbench.train import setup_distributed
 
     proto = score.check_protocol(protocol)
     d = setup_distributed()
@@ -45,13 +45,12 @@ def export(checkpoint: Path, *, split: str, out: Path, dataset: str | None = Non
     if split not in manifest["splits"]:
         raise RefbenchError(f"split {split!r} is not in {dataset_dir / 'manifest.json'}; splits: {', '.join(manifest['splits'])}")
     workers = 2 if workers is None else workers
-    amp = autocast_dtype("auto", d.device)  # as `refbench eval`
     loader = data.eval_loader(dataset_dir, manifest, split=split, image_size=net.image_size, batch_size=batch_size,
                               workers=workers, rank=d.rank, world=d.world, preprocess=proto.preprocess)
     net.eval()
     lines: dict[int, str] = {}
     for batch in loader:
-        probs = evaluate.probabilities(net, batch["image"].to(d.device), batch["tokens"].to(d.device), amp)
+        probs = evaluate.probabilities(net, batch["image"].to(d.device), batch["tokens"].to(d.device))  # float32, as eval
         for sid, mask in zip(batch["sent_id"], evaluate.binary_masks(probs, batch, net.threshold, protocol)):
             lines[int(sid)] = score.rle_line(sid, score.encode_mask(mask))
     if d.world > 1:
