@@ -65,15 +65,19 @@ def cli() -> None:
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Folder to write the raw REFER-format dataset into.")
 @click.option("--images", type=click.IntRange(min=20), default=None, help="Number of images (default: small, ~a minute for synth + prepare; 20000 ~ RefCOCO size).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Random seed; the output is byte-identical for a seed.")
-def synth(out: Path, images: int | None, seed: int) -> None:
+@click.option("--parquet", is_flag=True, help="Also write each dataset as a Hugging Face parquet mirror snapshot "
+                                                 "(OUT/<dataset>/data/*.parquet, the jxu124 layout; same refs, same ids).")
+def synth(out: Path, images: int | None, seed: int, parquet: bool) -> None:
     """Write a synthetic referring dataset in exactly the raw REFER layout.
 
     Writes OUT/refcoco/refs(unc).p, OUT/refcoco+/refs(unc).p, OUT/refcocog/refs(umd).p and
-    refs(google).p, an instances.json per dataset, and JPEGs under OUT/images/train2014/.
+    refs(google).p, an instances.json per dataset, and JPEGs under OUT/images/train2014/; with
+    --parquet also OUT/<dataset>/README.md and data/<split>-00000-of-00001.parquet (prepare them
+    with `refbench prepare --source hf`).
     """
     from refbench import synth as synth_mod
 
-    synth_mod.main(out=out, images=images, seed=seed)
+    synth_mod.main(out=out, images=images, seed=seed, parquet=parquet)
 
 
 @cli.command()
@@ -86,8 +90,15 @@ def synth(out: Path, images: int | None, seed: int) -> None:
 @click.option("--workers", type=click.IntRange(min=1), default=None, help="Parallel worker processes [default: number of cores].")
 @click.option("--skip-bad", is_flag=True, help="Skip bad refs/images (counted and listed in the manifest) instead of stopping.")
 @click.option("--shard-size", type=click.IntRange(min=1), default=None, help="Maximum images per shard tar.")
-def prepare(dataset, split_by, all_, data, images, out, workers, skip_bad, shard_size) -> None:
-    """Convert raw REFER files (refs pickle + instances.json + COCO JPEGs) into webdataset shards.
+@click.option("--source", type=click.Choice(["refer", "hf"]), default=None,
+              help="Raw annotations: refer files (refs(<splitby>).p + instances.json) or a Hugging Face parquet mirror snapshot "
+                   "(<data>/<dataset>/data/*.parquet, e.g. jxu124/refcoco) [default: whichever is there].")
+def prepare(dataset, split_by, all_, data, images, out, workers, skip_bad, shard_size, source) -> None:
+    """Convert raw annotations + COCO JPEGs into webdataset shards.
+
+    Reads the refer toolkit's files (refs pickle + instances.json) or a local snapshot of a parquet
+    mirror (jxu124/refcoco, jxu124/refcocoplus, jxu124/refcocog under <data>/refcoco, refcoco+,
+    refcocog); both give the same shards.
 
     Output: OUT/<dataset>_<splitby>/<split>/<split>-NNNNNN.tar and OUT/<dataset>_<splitby>/manifest.json.
     """
@@ -95,7 +106,7 @@ def prepare(dataset, split_by, all_, data, images, out, workers, skip_bad, shard
 
     prepare_mod.main(
         dataset=dataset, split_by=split_by, all_=all_, data=data, images=images, out=out,
-        workers=workers, skip_bad=skip_bad, shard_size=shard_size,
+        workers=workers, skip_bad=skip_bad, shard_size=shard_size, source=source,
     )
 
 

@@ -270,6 +270,9 @@ def _write_shard(task: dict) -> dict:
 # ---------------------------------------------------------------------------------- one dataset
 
 
+SOURCES = ("refer", "hf")  # --source: the refer toolkit's files, or a Hugging Face parquet mirror snapshot
+
+
 def _sources(data: Path, dataset: str, split_by: str) -> tuple[Path, Path]:
     from refbench.refer import DATA_HINT
 
@@ -280,9 +283,46 @@ def _sources(data: Path, dataset: str, split_by: str) -> tuple[Path, Path]:
     return refs_path, inst_path
 
 
-def _plan(dataset: str, split_by: str, data: Path, images: Path, out: Path, skip_bad: bool, shard_size: int, cache: dict):
-    """Read, validate, join and tokenize; returns (shard tasks, manifest skeleton, image count)."""
-    from refbench import refer, text
+def detect_source(data: Path, dataset: str, split_by: str, source: str | None = None) -> str:
+    """Which raw source `data/<dataset>` holds for this partition: "refer" or "hf" (checked).
+
+    Given `source`, checks that its files are there; not given, it is the one found (refer files:
+    refs(<split_by>).p + instances.json; a parquet mirror snapshot: data/*.parquet). Both found, or
+    a partition the mirror does not hold, is an error that says what to do.
+    """
+    from refbench import refer_hf
+    from refbench.refer import DATA_HINT
+
+    folder = data / dataset
+    has_refer = (folder / f"refs({split_by}).p").is_file()
+    has_hf = refer_hf.is_snapshot(folder)
+    mirror = refer_hf.MIRRORS[dataset]
+    name = dataset_name(dataset, split_by)
+    if source is None:
+        if has_refer and has_hf:
+            raise RefbenchError(f"{folder} holds both refer files (refs({split_by}).p) and a parquet snapshot (data/*.parquet)",
+                                hint="say which to read: --source refer or --source hf")
+        source = "refer" if has_refer else "hf" if has_hf else None
+        if source is None:
+            raise RefbenchError(f"{name}: neither {folder / f'refs({split_by}).p'} (refer) nor {folder / 'data'}/*.parquet "
+                                f"(a {mirror.repo} snapshot) found", hint=DATA_HINT)
+    if source == "refer":
+        _sources(data, dataset, split_by)
+    elif source == "hf":
+        if split_by != mirror.split_by:
+            raise RefbenchError(f"{name}: the parquet mirror {mirror.repo} holds only the {mirror.split_by} partition of {dataset}",
+                                hint="the refer files (refs(google).p) have the google partition; --source refer")
+        if not has_hf:
+            raise RefbenchError(f"{folder / 'data'}/*.parquet not found (a {mirror.repo} snapshot, needed for {name})",
+                                hint=refer_hf.SNAPSHOT_HINT)
+    else:
+        raise RefbenchError(f"unknown --source {source!r}; one of {', '.join(SOURCES)}")
+    return source
+
+
+def _read_refer(dataset, split_by, data: Path, images: Path, skip_bad: bool, cache: dict):
+    """(splits, skipped, categories, sources entry) from the refer files."""
+    from refbench import refer
 
     refs_path, inst_path = _sources(data, dataset, split_by)
     inst_sha = sha256_file(inst_path)
@@ -291,6 +331,36 @@ def _plan(dataset: str, split_by: str, data: Path, images: Path, out: Path, skip
     inst = cache[inst_sha]
     refs = refer.load_refs(refs_path)
     splits, skipped = refer.join(refs, inst, refs_path, skip_bad=skip_bad)
+    sources = {"source": "refer", "refs": {"path": str(refs_path), "sha256": sha256_file(refs_path)},
+               "instances": {"path": str(inst_path), "sha256": inst_sha}, "images": str(images)}
+    return splits, skipped, inst.categories, sources
+
+
+def _read_hf(dataset, split_by, data: Path, images: Path, skip_bad: bool):
+    """(splits, skipped, categories, sources entry) from a parquet mirror snapshot (refbench.refer_hf)."""
+    from refbench import refer, refer_hf
+
+    categories = None
+    if (data / "SYNTH.json").is_file():  # refbench synth's shapes, not COCO's categories
+        from refbench.synth import CATEGORIES
+
+        categories = {cid: name for cid, name, _ in CATEGORIES}
+    snap = refer_hf.load_snapshot(data / dataset, dataset, images=images, skip_bad=skip_bad, categories=categories)
+    if categories is not None:
+        snap.sources["category_names"] = "refbench synth (SYNTH.json in the data folder)"
+    splits, skipped = refer.join(snap.refs, snap.instances, data / dataset, skip_bad=skip_bad, files=snap.files)
+    return splits, snap.skipped + skipped, snap.instances.categories, snap.sources
+
+
+def _plan(dataset: str, split_by: str, data: Path, images: Path, out: Path, skip_bad: bool, shard_size: int, cache: dict,
+          source: str | None = None):
+    """Read, validate, join and tokenize; returns (shard tasks, manifest skeleton, image count)."""
+    from refbench import text
+
+    if detect_source(data, dataset, split_by, source) == "hf":
+        splits, skipped, categories, sources = _read_hf(dataset, split_by, data, images, skip_bad)
+    else:
+        splits, skipped, categories, sources = _read_refer(dataset, split_by, data, images, skip_bad, cache)
 
     length = text.context_length(dataset)
     sentences = [s for entries in splits.values() for im in entries for r in im["refs"] for s in r["sentences"]]
@@ -308,11 +378,10 @@ def _plan(dataset: str, split_by: str, data: Path, images: Path, out: Path, skip
         "schema": SCHEMA, "schema_version": SCHEMA_VERSION,
         "dataset": dataset, "split_by": split_by, "name": name,
         "tokenizer": text.tokenizer_info(length),
-        "categories": {str(k): v for k, v in sorted(inst.categories.items())},
+        "categories": {str(k): v for k, v in sorted(categories.items())},
         "splits": {s: {"images": 0, "refs": 0, "sentences": 0, "shards": 0, "truncated_sentences": 0} for s in splits},
         "shards": [],
-        "sources": {"refs": {"path": str(refs_path), "sha256": sha256_file(refs_path)},
-                    "instances": {"path": str(inst_path), "sha256": inst_sha}, "images": str(images)},
+        "sources": sources,
         "skipped": skipped,
         "synthetic": (data / "SYNTH.json").is_file(),  # written by `refbench synth`: not the real dataset
         "refbench_version": __version__,
@@ -392,7 +461,7 @@ def _drain(queue, progress) -> None:
 
 
 def prepare_all(targets: list[tuple[str, str]], data: Path, images: Path, out: Path, workers: int,
-                skip_bad: bool, shard_size: int, console=None) -> dict[str, dict]:
+                skip_bad: bool, shard_size: int, console=None, source: str | None = None) -> dict[str, dict]:
     """Prepare datasets/partitions; returns {name: manifest}. See the module docstring.
 
     Each dataset is planned (read, validated, tokenized) in this process and its shards handed to
@@ -405,18 +474,18 @@ def prepare_all(targets: list[tuple[str, str]], data: Path, images: Path, out: P
     pool, queue = _writers(workers)
     try:
         with erased_on_error(_progress(console)) as progress:
-            return _prepare_all(targets, data, images, out, skip_bad, shard_size, pool, queue, progress)
+            return _prepare_all(targets, data, images, out, skip_bad, shard_size, pool, queue, progress, source)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _prepare_all(targets, data, images, out, skip_bad, shard_size, pool, queue, progress) -> dict[str, dict]:
+def _prepare_all(targets, data, images, out, skip_bad, shard_size, pool, queue, progress, source=None) -> dict[str, dict]:
     from concurrent.futures import FIRST_EXCEPTION, wait
 
     jobs, created, cache = [], [], {}
     try:
         for dataset, split_by in targets:
-            tasks, manifest, n_images = _plan(dataset, split_by, data, images, out, skip_bad, shard_size, cache)
+            tasks, manifest, n_images = _plan(dataset, split_by, data, images, out, skip_bad, shard_size, cache, source)
             out_dir = out / manifest["name"]
             for d in [out_dir] + sorted({Path(t["folder"]) for t in tasks}):
                 if not d.exists():
@@ -471,16 +540,25 @@ def _progress(console=None):
                     console=console or Console(stderr=True))
 
 
-def _targets(dataset, split_by, all_, data: Path) -> list[tuple[str, str]]:
+def _targets(dataset, split_by, all_, data: Path, source: str | None = None) -> list[tuple[str, str]]:
+    from refbench import refer_hf
     from refbench.refer import DATA_HINT
 
     if all_ and (dataset or split_by):
         raise RefbenchError("give either --all or --dataset/--split-by, not both")
     if all_:
-        found = [(d, s) for d, s in PARTITIONS if (data / d / f"refs({s}).p").is_file()]
+        def found_refer(d, s):
+            return (data / d / f"refs({s}).p").is_file()
+
+        def found_hf(d, s):
+            return s == refer_hf.MIRRORS[d].split_by and refer_hf.is_snapshot(data / d)
+
+        test = {"refer": found_refer, "hf": found_hf}.get(source, lambda d, s: found_refer(d, s) or found_hf(d, s))
+        found = [(d, s) for d, s in PARTITIONS if test(d, s)]
         if not found:
-            looked = ", ".join(str(data / d / f"refs({s}).p") for d, s in PARTITIONS)
-            raise RefbenchError(f"no REFER refs pickle under {data} (looked for {looked})", hint=DATA_HINT)
+            looked = ", ".join([str(data / d / f"refs({s}).p") for d, s in PARTITIONS if source != "hf"]
+                               + [f"{data / d / 'data'}/*.parquet" for d in refer_hf.MIRRORS if source != "refer"])
+            raise RefbenchError(f"no raw annotations under {data} (looked for {looked})", hint=DATA_HINT)
         return found
     if dataset is None:
         raise RefbenchError("say what to prepare: --dataset refcoco|refcoco+|refcocog [--split-by ...], or --all")
@@ -492,7 +570,7 @@ def _targets(dataset, split_by, all_, data: Path) -> list[tuple[str, str]]:
 
 
 def main(dataset=None, split_by=None, all_=False, data=Path("data"), images=None, out=Path("shards"),
-         workers=None, skip_bad=False, shard_size=None) -> dict:
+         workers=None, skip_bad=False, shard_size=None, source=None) -> dict:
     """`refbench prepare`: prepare the requested datasets; returns {name: manifest}."""
     import time
 
@@ -501,9 +579,9 @@ def main(dataset=None, split_by=None, all_=False, data=Path("data"), images=None
 
     data, out = Path(data), Path(out)
     images = Path(images) if images is not None else data / "images" / "train2014"
-    targets = _targets(dataset, split_by, all_, data)
+    targets = _targets(dataset, split_by, all_, data, source)
     for d, s in targets:
-        _sources(data, d, s)
+        detect_source(data, d, s, source)
     if not images.is_dir():
         raise RefbenchError(f"image folder {images} not found",
                             hint="--images DIR: the COCO train2014 JPEG folder (default <data>/images/train2014)")
@@ -514,10 +592,10 @@ def main(dataset=None, split_by=None, all_=False, data=Path("data"), images=None
     console = Console(stderr=True)  # progress and warnings; the summary table goes to stdout
     table = Table(title=f"refbench prepare -> {out} (shard schema v{SCHEMA_VERSION})",
                   caption="truncated: sentences longer than the context length L, cut with EOT kept")
-    for col in ("dataset", "split", "images", "refs", "sentences", "truncated", "shards"):
-        table.add_column(col, justify="left" if col in ("dataset", "split") else "right")
+    for col in ("dataset", "source", "split", "images", "refs", "sentences", "truncated", "shards"):
+        table.add_column(col, justify="left" if col in ("dataset", "source", "split") else "right")
     t0 = time.perf_counter()
-    manifests = prepare_all(targets, data, images, out, workers, skip_bad, shard_size, console)
+    manifests = prepare_all(targets, data, images, out, workers, skip_bad, shard_size, console, source)
     for m in manifests.values():
         for entry in m["skipped"]:
             console.print(f"[yellow]warning:[/] skipped {entry['kind']} {entry['id']} ({entry['file']}): {entry['reason']}")
@@ -525,11 +603,16 @@ def main(dataset=None, split_by=None, all_=False, data=Path("data"), images=None
     n_images = 0
     for name, m in manifests.items():
         for split, c in m["splits"].items():
-            table.add_row(name, split, str(c["images"]), str(c["refs"]), str(c["sentences"]),
+            table.add_row(name, m["sources"]["source"], split, str(c["images"]), str(c["refs"]), str(c["sentences"]),
                           f"{c['truncated_sentences']} (L={m['tokenizer']['context_length']})", str(c["shards"]))
             n_images += c["images"]
     out_console = Console()
     out_console.print(table)
+    for name, m in manifests.items():
+        src = m["sources"]
+        if src["source"] == "hf":
+            mapping = ", ".join(f"{a} -> {b}" for a, b in src["split_map"].items())
+            out_console.print(f"{name}: read from the parquet snapshot {src['snapshot']} ({src['repo']}; splits {mapping})")
     skipped = sum(len(m["skipped"]) for m in manifests.values())
     out_console.print(f"{n_images} images written to shards in {seconds:.1f} s ({n_images / max(seconds, 1e-9):,.0f} images/s, "
                       f"{workers} workers); skipped refs/images: {skipped}")

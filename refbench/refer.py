@@ -187,8 +187,12 @@ def decode_mask(rle: dict):
     return mask_utils.decode({"size": list(rle["size"]), "counts": counts.encode("ascii") if isinstance(counts, str) else counts})
 
 
-def join(refs: list[dict], inst: Instances, refs_path: str | Path, skip_bad: bool = False):
+def join(refs: list[dict], inst: Instances, refs_path: str | Path, skip_bad: bool = False,
+         files: dict[int, str] | None = None):
     """Join refs to instances.json and group them per split and image.
+
+    `files` (ref_id -> file) names the file each ref came from in error lines when the refs were
+    read from several files (a parquet snapshot, refbench.refer_hf); otherwise `refs_path` is named.
 
     Returns (splits, skipped): `splits` maps split name -> image entries sorted by image id, each
     {image_id, file_name, height, width, refs: [{ref_id, ann_id, category_id, bbox, split,
@@ -200,11 +204,12 @@ def join(refs: list[dict], inst: Instances, refs_path: str | Path, skip_bad: boo
     seen_ref_ids: set[int] = set()
     for ref in refs:
         rid = ref["ref_id"]
+        where = files.get(rid, refs_path) if files else refs_path
         try:
             if rid in seen_ref_ids:
-                raise BadInput("ref", rid, refs_path, "duplicate ref_id")
+                raise BadInput("ref", rid, where, "duplicate ref_id")
             seen_ref_ids.add(rid)
-            entry = _join_one(ref, inst, refs_path)
+            entry = _join_one(ref, inst, where)
         except BadInput as e:
             if not skip_bad:
                 raise

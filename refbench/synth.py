@@ -606,7 +606,7 @@ def _check_out(out: Path) -> None:
     if (out / "SYNTH.json").exists():
         return
     ours = [out / ds / f"refs({sb}).p" for ds, sb in PARTITIONS] + [out / ds / "instances.json" for ds, _ in PARTITIONS]
-    found = [p for p in ours if p.exists()]
+    found = [p for p in ours if p.exists()] + sorted(p for ds, _ in PARTITIONS for p in (out / ds / "data").glob("*.parquet"))
     img_dir = out / "images" / "train2014"
     if found or (img_dir.is_dir() and any(img_dir.iterdir())):
         raise RefbenchError(
@@ -635,8 +635,14 @@ def is_complete(out: Path) -> bool:
     return (Path(out) / ds / f"refs({sb}).p").is_file()
 
 
-def generate(out: Path, images: int, seed: int, cfg: SynthConfig = SynthConfig(), workers: int | None = None) -> dict:
-    """Write the dataset; returns the counts summary. `workers` processes render the images."""
+def generate(out: Path, images: int, seed: int, cfg: SynthConfig = SynthConfig(), workers: int | None = None,
+             parquet: bool = False) -> dict:
+    """Write the dataset; returns the counts summary. `workers` processes render the images.
+
+    `parquet`: also write each dataset as a Hugging Face parquet mirror snapshot (refbench.refer_hf:
+    OUT/<dataset>/README.md + data/*.parquet, the partitions the mirrors hold), from the refs
+    pickles and instances.json just written: same refs, same ids.
+    """
     import numpy as np
     from pycocotools import mask as mask_utils
 
@@ -650,6 +656,9 @@ def generate(out: Path, images: int, seed: int, cfg: SynthConfig = SynthConfig()
                                            **identity(images, seed, cfg)})
     for stale in img_dir.glob("COCO_train2014_*.jpg"):  # our previous output (SYNTH.json marks the folder)
         stale.unlink()
+    for ds in ("refcoco", "refcoco+", "refcocog"):  # a parquet snapshot of a previous run
+        for stale in [*(out / ds / "data").glob("*.parquet"), out / ds / "README.md"]:
+            stale.unlink(missing_ok=True)
 
     rng = np.random.default_rng([seed, 0])
     image_ids = [int(x) + 1 for x in rng.choice(581_929, size=images, replace=False)]
@@ -714,6 +723,10 @@ def generate(out: Path, images: int, seed: int, cfg: SynthConfig = SynthConfig()
             part = [dict(r, split=splits[sb][index[r["image_id"]]]) for r in refs]
             atomic_write_bytes(out / ds / f"refs({sb}).p", pickle.dumps(part, protocol=2))
             summary["datasets"][f"{ds}_{sb}"] = _counts(part)
+    if parquet:
+        from refbench import refer_hf
+
+        summary["parquet"] = {ds: [str(p) for p in refer_hf.convert_refer(out, ds)] for ds in refer_hf.MIRRORS}
     return summary
 
 
@@ -732,7 +745,7 @@ def _counts(refs: list[dict]) -> dict:
     return dict(sorted(per.items(), key=lambda kv: split_order(kv[0])))
 
 
-def main(out: Path, images: int | None, seed: int) -> dict:
+def main(out: Path, images: int | None, seed: int, parquet: bool = False) -> dict:
     """`refbench synth`: write the dataset, print a summary table, return the summary dict."""
     import time
 
@@ -743,7 +756,7 @@ def main(out: Path, images: int | None, seed: int) -> dict:
     console = Console()
     t0 = time.perf_counter()
     with console.status(f"writing {n} synthetic images and their REFER annotations to {out} ..."):
-        summary = generate(Path(out), n, seed)
+        summary = generate(Path(out), n, seed, parquet=parquet)
     seconds = time.perf_counter() - t0
     table = Table(title=f"refbench synth -> {out}: {n} images, seed {seed}")
     for col in ("dataset", "split", "images", "refs", "sentences"):
@@ -753,4 +766,7 @@ def main(out: Path, images: int | None, seed: int) -> dict:
             table.add_row(name, split, str(c["images"]), str(c["refs"]), str(c["sentences"]))
     console.print(table)
     console.print(f"{n} synthetic images and 4 REFER annotation sets written in {seconds:.1f} s")
+    if parquet:
+        console.print(f"parquet mirror snapshots (jxu124 layout): {', '.join(str(Path(out) / ds) for ds in summary['parquet'])} "
+                      f"(`refbench prepare --all --source hf --data {out}`)")
     return summary
