@@ -84,7 +84,7 @@ def synth(out: Path, images: int | None, seed: int, parquet: bool) -> None:
 @click.option("--dataset", type=click.Choice(DATASETS), default=None, help="Dataset to prepare (or use --all).")
 @click.option("--split-by", "split_by", type=click.Choice(SPLIT_BYS), default=None, help="Split partition: unc (RefCOCO/+), umd or google (G-Ref).")
 @click.option("--all", "all_", is_flag=True, help="Prepare every dataset/partition found under --data.")
-@click.option("--data", type=click.Path(path_type=Path), default=Path("data"), show_default=True, help="Folder holding refcoco/, refcoco+/, refcocog/ raw REFER files.")
+@click.option("--data", type=click.Path(path_type=Path), default=Path("data"), show_default=True, help="Folder holding refcoco/, refcoco+/, refcocog/: raw refer files or parquet mirror snapshots.")
 @click.option("--images", type=click.Path(path_type=Path), default=None, help="COCO train2014 JPEG folder [default: <data>/images/train2014].")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("shards"), show_default=True, help="Shard root; writes <out>/<dataset>_<splitby>/.")
 @click.option("--workers", type=click.IntRange(min=1), default=None, help="Parallel worker processes [default: number of cores].")

@@ -1,7 +1,11 @@
 """`refbench prepare`: raw REFER files -> webdataset shards (schema v1, docs/shards.md).
 
     refbench prepare --dataset refcoco --split-by unc --data data --out shards
-    refbench prepare --all --data data --out shards
+    refbench prepare --all --data data --out shards [--source refer|hf]
+
+Two sources of the same annotations (`detect_source`): the refer toolkit's files, or a local
+snapshot of a Hugging Face parquet mirror (refbench.refer_hf reads it into the same refs and COCO
+records, which then take the same path: same checks, same shards).
 
 For each dataset/partition: load the refs pickle (safely) and instances.json, join and validate
 every ref (refbench.refer), tokenize every sentence in one batch (refbench.text), cut each split's

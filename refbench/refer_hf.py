@@ -21,7 +21,9 @@ What was READ from the dataset cards (the `dataset_info` YAML of each card's REA
   `anns_id` (strings) and `captions` (list of strings);
 - splits `train`, `validation`, `test` and, for RefCOCO and RefCOCO+, `testB`; row counts
   RefCOCO 42,404 / 3,811 / 1,975 / 1,810, G-Ref 42,226 / 2,573 / 5,023 (train / validation /
-  test [/ testB]): the refer unc and umd refs counts.
+  test [/ testB]): the refer unc and umd refs counts. A snapshot's own card is read for its
+  row counts (`card_rows`), and a split whose files hold another number of rows is refused (the
+  mirrors' history has had two `test` files side by side; a mixed download would double a split).
 What was INFERRED (the cards say no more than the column types; checked where it can be):
 - `test` is testA for RefCOCO/RefCOCO+ (its 1,975 rows are testA's count, and there is no
   `testA` split) and G-Ref umd's `test` for refcocog; `validation` is `val`. The `split` column
@@ -133,6 +135,18 @@ def snapshot_files(folder: str | Path, dataset: str) -> dict[str, list[Path]]:
     return {s: [found[s][i] for i in sorted(found[s])] for s in mirror.splits if s in found}
 
 
+_CARD_SPLIT = re.compile(r"-\s*name:\s*([A-Za-z]+)\s*\n(?:\s*num_bytes:\s*[\d.]+\s*\n)?\s*num_examples:\s*(\d+)")
+
+
+def card_rows(folder: str | Path) -> dict[str, int]:
+    """Rows per split as the snapshot's dataset card (README.md, `dataset_info.splits`) lists them; {} without a card."""
+    try:
+        text = (Path(folder) / "README.md").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return {}
+    return {m[1]: int(m[2]) for m in _CARD_SPLIT.finditer(text)}
+
+
 def check_schema(path: Path) -> list[str]:
     """Check a parquet file's columns against the cards; returns the column names to read."""
     import polars as pl
@@ -221,16 +235,27 @@ def load_snapshot(folder: str | Path, dataset: str, images: str | Path | None = 
     file_records: list[dict] = []
     split_values: dict[str, set] = {}
 
+    card = card_rows(folder)
+    absent = [s for s in card if s in mirror.splits and s not in per_split]
+    if absent:
+        raise RefbenchError(f"{folder / 'data'}: no parquet file of split(s) {', '.join(absent)}, which its card "
+                            f"({folder / 'README.md'}) lists", hint="a partial download? download the snapshot again into an empty folder")
     for mirror_split, paths in per_split.items():
         ours = mirror.splits[mirror_split]
+        loaded = []
         for path in paths:
             columns = check_schema(path)
             try:
-                rows = pl.read_parquet(path, columns=columns).to_dicts()
+                loaded.append((path, pl.read_parquet(path, columns=columns).to_dicts()))
             except Exception as e:
                 raise RefbenchError(f"{path}: cannot read its rows ({type(e).__name__}: {e})") from None
             file_records.append({"path": str(path), "sha256": _sha256(path), "split": mirror_split,
-                                 "maps_to": ours, "rows": len(rows)})
+                                 "maps_to": ours, "rows": len(loaded[-1][1])})
+        n_rows = sum(len(rows) for _, rows in loaded)
+        if mirror_split in card and card[mirror_split] != n_rows:
+            raise RefbenchError(f"{folder / 'data'}: split {mirror_split!r} has {n_rows} rows, its card ({folder / 'README.md'}) "
+                                f"lists {card[mirror_split]}", hint="a partial or mixed download? download the snapshot again into an empty folder")
+        for path, rows in loaded:
             for i, row in enumerate(rows):
                 rid = row["ref_id"]
                 if rid is None:
@@ -264,6 +289,7 @@ def load_snapshot(folder: str | Path, dataset: str, images: str | Path | None = 
         "split_map": {s: mirror.splits[s] for s in per_split},
         "split_column": {s: sorted(v) for s, v in split_values.items()},
         "files": file_records,
+        "card_rows": card,
         "category_names": "COCO 2014 (the mirrors carry category ids only)" if categories is None else "given by the caller",
         "images": None if images is None else str(images),
     }
@@ -284,6 +310,11 @@ def _row(row: dict, mirror_split: str, ours: str, path: Path) -> tuple[dict, dic
         image = _json_object(row["raw_image_info"], "raw_image_info")
     except ValueError as e:
         raise BadInput("ref", rid, path, str(e)) from None
+    for column, record, keys in (("raw_anns", ann, ("segmentation", "bbox")), ("raw_image_info", image, ("file_name", "height", "width"))):
+        missing = [k for k in keys if k not in record]
+        if missing:
+            raise BadInput("ref", rid, path, f"{column} has no {', '.join(map(repr, missing))} (a COCO "
+                                             f"{'annotation' if column == 'raw_anns' else 'image'} record is expected)")
     if ann.setdefault("id", row["ann_id"]) != row["ann_id"]:
         raise BadInput("ref", rid, path, f"raw_anns is annotation {ann['id']}, but ann_id is {row['ann_id']}")
     if image.setdefault("id", row["image_id"]) != row["image_id"]:

@@ -124,6 +124,24 @@ def test_file_names_with_hash_suffixes_and_shards(snap):
         refer_hf.snapshot_files(snap / "refcoco", "refcoco")
 
 
+def test_row_counts_checked_against_the_card(snap, both):
+    shutil.copy(both / "refcoco" / "README.md", snap / "refcoco" / "README.md")
+    card = refer_hf.card_rows(snap / "refcoco")
+    assert set(card) == {"train", "validation", "test", "testB"}
+    assert refer_hf.load_snapshot(snap / "refcoco", "refcoco").sources["card_rows"] == card
+    data = snap / "refcoco" / "data"
+    test = next(data.glob("test-*.parquet"))
+    pl.concat([pl.read_parquet(test)] * 2).write_parquet(test)  # as if two test files had been merged
+    with pytest.raises(RefbenchError, match=rf"split 'test' has {2 * card['test']} rows, its card .* lists {card['test']}"):
+        refer_hf.load_snapshot(snap / "refcoco", "refcoco")
+    test.unlink()
+    with pytest.raises(RefbenchError, match="no parquet file of split.s. test, which its card"):
+        refer_hf.load_snapshot(snap / "refcoco", "refcoco")
+    real = "  splits:\n  - name: train\n    num_bytes: 81385755\n    num_examples: 42404\n  - name: testB\n    num_examples: 1810\n"
+    (snap / "refcoco" / "README.md").write_text("---\ndataset_info:\n  features:\n  - name: ref_id\n    dtype: int64\n" + real + "---\n")
+    assert refer_hf.card_rows(snap / "refcoco") == {"train": 42404, "testB": 1810}
+
+
 def _edit_row(data: Path, split: str, column: str, value, row: int = 0) -> int:
     """Set `column` of one row of a split file; returns that row's ref_id."""
     path = next((data / "refcoco" / "data").glob(f"{split}-*.parquet"))
@@ -168,6 +186,15 @@ def test_raw_anns_of_another_annotation(snap):
     ann = json.loads(df["raw_anns"][1])
     ref_id = _edit_row(snap, "train", "raw_anns", json.dumps(ann))
     with pytest.raises(refer.BadInput, match=rf"{path}: ref {ref_id}: raw_anns is annotation {ann['id']}, but ann_id is"):
+        refer_hf.load_snapshot(snap / "refcoco", "refcoco")
+
+
+def test_raw_records_without_the_fields_read(snap):
+    path = next((snap / "refcoco" / "data").glob("train-*.parquet"))
+    ann = json.loads(pl.read_parquet(path)["raw_anns"][2])
+    del ann["segmentation"]
+    ref_id = _edit_row(snap, "train", "raw_anns", json.dumps(ann), row=2)
+    with pytest.raises(refer.BadInput, match=rf"{path}: ref {ref_id}: raw_anns has no 'segmentation'"):
         refer_hf.load_snapshot(snap / "refcoco", "refcoco")
 
 
