@@ -30,6 +30,18 @@ Choices the paper leaves open, and where we read it, documented once here:
   (F_tv = sigma(F_t W_t); the backbone then builds no F_vg projection); `estimator=False` sums the
   masks (query_weights are then all ones).
 
+Known defect, measured (refbench.diversity) and not yet fixed here: the N_q queries collapse
+into one. Eq 8's product of two ReLU outputs of default-initialised Linear layers is ~0.006,
+so every later sigma(F W) outputs about its bias: all words give one value vector, eq 9's
+logits vary by ~0.01 across words (a uniform softmax, more so after the 1/sqrt(C) scale) and
+F_q is N_q copies of one vector (at init: mask correlation 1.0000, S_q uniform to 5 digits,
+A's spread across queries 7e-5). The estimator's MHSA without a residual averages the queries
+again, so S_q cannot differ. LayerNorms inside eqs 8-10, eq 9 unscaled and a residual in the
+estimator give distinct queries at init (mask correlation 0.88), but training with the
+paper's loss alone pulls them together again within ~50 steps (0.99 at step 20, 0.9997 at 50):
+eq 14 hands every mask the same gradient S_qn dL/dy, and the kernels come from non-negative
+queries through one W_p, so every kernel moves along one direction.
+
 forward returns logits [B,1,H/4,W/4] and, for visualisation, query_masks [B,Nq,H/4,W/4]
 (per-query logits), query_weights [B,Nq] (S_q) and word_attention [B,Nq,L] (A of eq 9);
 the fixed aligner has no per-query masks, so it returns logits and word_attention only.

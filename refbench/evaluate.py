@@ -49,6 +49,7 @@ class SplitScores:
     columns: dict[str, list] = field(default_factory=lambda: {k: [] for k in (*COLUMNS, "I", "U")})
     seconds_total: float = 0.0  # wall time of the scoring loop on this rank
     seconds_metric: float = 0.0  # of which: mapping predictions back, binarising, counting I and U
+    diversity: dict | None = None  # query diversity over the split (refbench.diversity; None: the model has no queries)
 
     def __len__(self) -> int:
         return len(self.columns["sent_id"])
@@ -58,14 +59,17 @@ class SplitScores:
             self.columns[k].extend(v)
 
 
-def probabilities(net, image, tokens):
+def probabilities(net, image, tokens, meter=None):
     """sigmoid(logits) of the model in float32 (autocast off, whatever the caller has on):
-    float32 [B,1,h,w] over the square input."""
+    float32 [B,1,h,w] over the square input. `meter` (a refbench.diversity.DiversityMeter),
+    if given, takes the batch's query figures."""
     import torch
 
     with torch.inference_mode(), torch.autocast(image.device.type, enabled=False), _no_tf32():
-        logits = net(image.float(), tokens)["logits"]
-    return torch.sigmoid(logits.float())
+        out = net(image.float(), tokens)
+    if meter is not None:
+        meter.update(out)
+    return torch.sigmoid(out["logits"].float())
 
 
 @contextlib.contextmanager
@@ -127,7 +131,7 @@ def score_split(net, dataset_dir: Path, manifest: dict, split: str, d, *, batch_
     """I/U of every sentence of `split` (this rank's shards; gathered on every rank when distributed)."""
     import torch
 
-    from refbench import data, metrics
+    from refbench import data, diversity, metrics
 
     loader = data.eval_loader(dataset_dir, manifest, split=split, image_size=net.image_size,
                               batch_size=batch_size, workers=workers, rank=d.rank, world=d.world,
@@ -136,12 +140,13 @@ def score_split(net, dataset_dir: Path, manifest: dict, split: str, d, *, batch_
     was_training = net.training
     net.eval()
     scores = SplitScores()
+    meter = diversity.DiversityMeter()
     start = time.perf_counter()
     for b, batch in enumerate(loader):
         if max_batches is not None and b >= max_batches:
             break
         probs = probabilities(net, batch["image"].to(d.device, non_blocking=True),
-                              batch["tokens"].to(d.device, non_blocking=True))
+                              batch["tokens"].to(d.device, non_blocking=True), meter)
         t0 = time.perf_counter()
         inter, union = count_iu(probs, batch, net.threshold, protocol)
         scores.seconds_metric += time.perf_counter() - t0
@@ -153,23 +158,30 @@ def score_split(net, dataset_dir: Path, manifest: dict, split: str, d, *, batch_
     net.train(was_training)
     if d.world > 1:
         gathered: list = [None] * d.world
-        torch.distributed.all_gather_object(gathered, scores.columns)
+        torch.distributed.all_gather_object(gathered, (scores.columns, meter.state()))
         merged = SplitScores(seconds_total=scores.seconds_total, seconds_metric=scores.seconds_metric)
-        for cols in gathered:
+        meter = diversity.DiversityMeter()
+        for cols, state in gathered:
             merged.extend(SplitScores(columns=cols))
+            meter.merge(state)
         scores = merged
+    scores.diversity = meter.result()
     return scores
 
 
 def validate(net, dataset_dir: Path, manifest: dict, d, *, batch_size: int, workers: int,
              max_batches: int | None = None, protocol: str = "original") -> dict:
     """Training-time validation: mIoU, oIoU, Pr@X on the val split (the recipe's protocol,
-    default original; float32)."""
+    default original; float32), and the query diversity figures on val for models with queries
+    (`query_diversity`)."""
     from refbench import metrics
 
     scores = score_split(net, dataset_dir, manifest, "val", d, batch_size=batch_size, workers=workers,
                          max_batches=max_batches, protocol=protocol)
-    return metrics.summarize(scores.columns["I"], scores.columns["U"], strict=metrics.get_protocol(protocol).pr_strict)
+    summary = metrics.summarize(scores.columns["I"], scores.columns["U"], strict=metrics.get_protocol(protocol).pr_strict)
+    if scores.diversity is not None:
+        summary["query_diversity"] = scores.diversity
+    return summary
 
 
 # ------------------------------------------------------------------------------ `refbench eval`
@@ -248,6 +260,7 @@ def evaluate_checkpoint(checkpoint: Path, *, dataset: str | None = None, splits:
             data=results_mod.DataInfo(manifest_sha256=manifest_sha, sentences_expected=manifest["splits"][s]["sentences"],
                                       synthetic=bool(manifest.get("synthetic", False))),
             sentences=scores.columns,
+            extras={"query_diversity": scores.diversity} if scores.diversity is not None else None,
         )
         item = Evaluated(dataset=dataset, split=s, protocol=protocol, model=model_info, path=path, scores=scores)
         if vis:
@@ -291,5 +304,12 @@ def print_scores(done: list[Evaluated]) -> None:
         share = e.scores.seconds_metric / e.scores.seconds_total if e.scores.seconds_total else 0.0
         console.print(f"{e.split}: record {e.path} ({len(e.scores)} sentences, {e.scores.seconds_total:.1f} s, "
                       f"{100 * share:.1f}% of it in metric code)")
+        if e.scores.diversity is not None:
+            from refbench import diversity
+
+            console.print(f"{e.split}: query diversity of {e.model.name}, mean over {e.scores.diversity['n']} sentences "
+                          f"of {e.dataset}/{e.split}:")
+            for line in diversity.describe(e.scores.diversity):
+                console.print(f"  {line}")
         if e.pictures:
             console.print(f"{e.split}: {len(e.pictures)} pictures in {results_dir_for(e.path)}")

@@ -202,8 +202,11 @@ def _summary(plan, workdir, checkpoints, evaluated, exports, pictures, timings, 
 
     scores = {}
     for e in evaluated:
-        m = results.load_record(e.path).meta["metrics"]
+        record = results.load_record(e.path)
+        m = record.metrics
         scores.setdefault(e.model.name, {})[e.split] = {"mIoU": m["mIoU"], "oIoU": m["oIoU"], "n": m["n"]}
+        if "query_diversity" in record.extras:
+            scores[e.model.name][e.split]["query_diversity"] = record.extras["query_diversity"]
     return {
         "workdir": str(workdir), "plan": dataclasses.asdict(plan), "seconds": round(seconds, 1),
         "timings": timings, "checkpoints": {k: str(v) for k, v in checkpoints.items()},
@@ -228,6 +231,13 @@ def _print_summary(console, s: dict) -> None:
         table.add_row(model, *[f"{100 * per[sp][m]:.2f}" if sp in per else "-" for sp in splits for m in ("mIoU", "oIoU")])
     console.rule("[bold]done")
     console.print(table)
+    for model, per in s["scores"].items():
+        for sp in splits:
+            qd = per.get(sp, {}).get("query_diversity")
+            if qd:
+                console.print(f"query diversity of {model} on {sp} (mean over {qd['n']} sentences): mask correlation "
+                              f"{qd['query_mask_corr']:.3f}, S_q entropy / log Nq {qd['query_weight_entropy']:.3f}, "
+                              f"word attention spread {qd['word_attention_spread']:.3f}")
     console.print(f"time: {s['seconds']:.0f} s in all ({', '.join(f'{k} {v:.0f} s' for k, v in s['timings'].items())})")
     console.print(f"data:        {s['workdir']}/data (raw REFER format), {s['workdir']}/shards (webdataset)")
     for model, ckpt in s["checkpoints"].items():

@@ -32,6 +32,9 @@ Schema v2 (`"schema": "refbench-result", "schema_version": 2`), also in docs/res
     breakdowns     {length, category, location_words}          see refbench.metrics.breakdowns
     sentences      {file, format: "parquet", sha256, rows, columns}
                    columns: sent_id, ref_id, image_id, category_id, sent, I, U, IoU
+    extras         optional {name: JSON object}: model-specific figures measured in the same pass,
+                   e.g. query_diversity (refbench.diversity) for models with queries; absent in
+                   records written before it existed, which read as {}
 
 v1 records (no `source`, no `submission`) still load, as measured records.
 
@@ -142,6 +145,11 @@ class Record:
         return self.meta["model"]
 
     @property
+    def extras(self) -> dict:
+        """Model-specific figures (e.g. query_diversity); {} in records without any."""
+        return self.meta.get("extras") or {}
+
+    @property
     def date(self) -> str:
         return self.meta["provenance"]["date"]
 
@@ -187,6 +195,7 @@ def build_record(
     date: datetime | None = None,
     source: str = "measured",
     submission: dict | None = None,
+    extras: Mapping[str, Any] | None = None,
 ) -> dict:
     """The record's JSON object for a `sentence_frame` table (no file written, no checks on counts).
 
@@ -228,6 +237,7 @@ def build_record(
             sentences["sent"].to_list(), sentences["category_id"].to_list(), inter, union
         ),
         "sentences": None,  # filled in by write_record
+        **({"extras": dict(extras)} if extras else {}),
     }
 
 
@@ -246,11 +256,13 @@ def write_record(
     seed: int = 0,
     source: str = "measured",
     submission: dict | None = None,
+    extras: Mapping[str, Any] | None = None,
 ) -> Path:
     """Publish a result record; returns the path of its JSON file.
 
     `sentences`: per-sentence columns sent_id, ref_id, image_id, category_id, sent, I, U (a
     polars DataFrame or a dict of equal-length sequences), every sentence of the split once.
+    `extras`: optional JSON-able figures kept under the record's `extras` (e.g. query_diversity).
     Refuses (RefbenchError, nothing written) if the count differs from
     `data.sentences_expected`, if a sent_id repeats, or if I/U are not valid counts.
     Writes `<results_root>/<dataset>/<split>/<model>-<run>-<time>.json` and its sidecar:
@@ -284,7 +296,7 @@ def write_record(
     record = build_record(
         dataset=dataset, split=split, protocol=protocol, threshold=threshold, model=model,
         data=data, sentences=df, command=command, samples=samples, seed=seed, date=date,
-        source=source, submission=submission,
+        source=source, submission=submission, extras=extras,
     )
     folder = Path(results_root) / dataset / split
     while True:  # the random suffix makes a clash vanishingly rare; never overwrite one anyway
@@ -407,6 +419,8 @@ def load_record(path: str | Path) -> Record:
         pair = ci.get(key) if isinstance(ci, dict) else None
         if not (isinstance(pair, list) and len(pair) == 2 and 0.0 <= pair[0] <= pair[1] <= 1.0):
             raise bad(f"metrics.ci95.{key} is not an interval [lo, hi] within [0, 1]")
+    if not isinstance(meta.get("extras", {}), dict):
+        raise bad("the 'extras' field is not a JSON object")
     if not _agree_tree(meta["breakdowns"], recomputed_breakdowns):
         raise bad("stored breakdowns disagree with its sentences")
     if not np.allclose(df["IoU"].to_numpy(), metrics.iou(df["I"].to_numpy(), df["U"].to_numpy()), rtol=0, atol=1e-12):

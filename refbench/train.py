@@ -15,7 +15,8 @@ Read top to bottom, a run is:
         every ckpt_every steps     last.pt (atomic)
         validate                   refbench.evaluate.score_split on val, every sentence, the same
                                    metric code as `refbench eval` (float32); best.pt chosen on val mIoU only
-        log                        rich progress, log.jsonl, curves.png
+        log                        rich progress, log.jsonl (loss terms and, for models with
+                                   queries, refbench.diversity's figures), curves.png
 
 Batch size semantics: `batch_size` is the GLOBAL batch per optimiser step. Each rank takes
 batch_size / (world_size * grad_accum) samples per micro-batch, so changing the number of GPUs
@@ -493,6 +494,8 @@ def _optimizer_step(ddp, net, optimizer, scaler, it, rec: Recipe, d: Dist, amp_d
 
     import torch
 
+    from refbench import diversity
+
     optimizer.zero_grad(set_to_none=True)
     totals: dict = {}  # name -> 0-dim tensor on the device: no host sync per micro-batch
     for k in range(rec.grad_accum):
@@ -514,6 +517,7 @@ def _optimizer_step(ddp, net, optimizer, scaler, it, rec: Recipe, d: Dist, amp_d
                 out = ddp(image, tokens)
                 terms = net.loss(out, mask)
             scaler.scale(terms["loss"] / rec.grad_accum).backward()
+        terms = {**terms, **diversity.batch_means(out)}  # query diversity, for models with queries
         for name, value in terms.items():
             totals[name] = totals.get(name, 0.0) + value.detach().float() / rec.grad_accum
         window.add(samples=image.shape[0], wait=t1 - t0, total=time.perf_counter() - t0)

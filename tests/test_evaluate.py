@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 from _harness import DATASET, assert_cli_ok, assert_ok, cli, torchrun
-from refbench import data, evaluate, metrics, refer, results, visualize
+from refbench import data, diversity, evaluate, metrics, refer, results, visualize
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -57,6 +57,10 @@ def test_one_valid_record_per_split_with_every_sentence(evaluated, init_run, sha
         assert rec.model["name"] == "eavl" and rec.model["run"] == init_run.name
         assert rec.meta["data"]["sentences_expected"] == rec.metrics["n"]
         assert split in result.stdout and str(rec.metrics["n"]) in result.stdout  # the table names it
+        qd = rec.extras["query_diversity"]  # EAVL has queries: their diversity is kept with the record
+        assert qd["n"] == rec.metrics["n"] and set(qd) == {"n", *diversity.KEYS}
+        assert -1.0 <= qd["query_mask_corr"] <= 1.0 and 0.0 < qd["query_weight_entropy"] <= 1.0
+    assert "query diversity" in result.stdout and "mask correlation" in result.stdout
 
 
 def test_vis_draws_best_worst_and_random_with_query_grids(evaluated, synth_root):
@@ -150,3 +154,6 @@ def test_torchrun_eval_gives_the_single_process_iu(init_run, small_shards_root, 
         frame_a, frame_b = a.sentences.sort("sent_id"), b.sentences.sort("sent_id")
         assert frame_a.equals(frame_b), split
         assert {k: a.metrics[k] for k in ("mIoU", "oIoU")} == {k: b.metrics[k] for k in ("mIoU", "oIoU")}
+        qa, qb = a.extras["query_diversity"], b.extras["query_diversity"]  # gathered over the ranks
+        assert qa["n"] == qb["n"] == a.metrics["n"]
+        assert all(qa[k] == pytest.approx(qb[k], abs=1e-5) for k in diversity.KEYS)

@@ -1,0 +1,110 @@
+"""Query diversity of multi-query models (EAVL): are the N_q queries really different queries?
+
+A model "has queries" when its forward output holds `query_masks` [B,Nq,h,w] (the per-query
+mask logits), and, optionally, `query_weights` [B,Nq] (the estimator's S_q, each row summing
+to 1) and `word_attention` [B,Nq,L] (A: each row a softmax over the words, exactly 0 on
+padding). Three figures, each averaged over samples:
+
+  query_mask_corr        mean pairwise Pearson correlation (over pixels) of the N_q mask logits
+                         of a sample; 1.0 = one mask N_q times
+  query_weight_entropy   entropy of S_q divided by log N_q; 1.0 = uniform weights, the estimator
+                         weighs nothing
+  word_attention_spread  standard deviation of A across the queries, averaged over the sample's
+                         real (non-padding) words; 0.0 = every query attends to the words alike
+
+A figure that does not exist for a model is left out: correlation and entropy need N_q >= 2,
+entropy needs weights that are a distribution (not the all-ones of an ablated estimator), the
+spread needs word attention. `batch_means` / `batch_stats` give a batch's means (training logs them
+in log.jsonl); `DiversityMeter` accumulates a whole split (`refbench eval` prints it and keeps it
+in the result record's extras).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping
+
+KEYS = ("query_mask_corr", "query_weight_entropy", "word_attention_spread")
+LABELS = {  # what each figure is, for printed lines
+    "query_mask_corr": "mask correlation (mean pairwise Pearson of the query mask logits; 1 = identical)",
+    "query_weight_entropy": "S_q entropy / log Nq (1 = uniform estimator weights)",
+    "word_attention_spread": "word attention spread (std of A across queries; 0 = identical)",
+}
+
+
+def has_queries(out: Mapping[str, Any]) -> bool:
+    """Whether a forward output carries per-query masks."""
+    return out.get("query_masks") is not None
+
+
+def sample_stats(out: Mapping[str, Any]) -> dict[str, Any]:
+    """Per-sample figures: {key: float tensor [B]} for the figures this output has."""
+    import torch
+
+    from refbench.models.blocks import mask_correlation
+
+    stats: dict[str, Any] = {}
+    masks = out.get("query_masks")
+    if masks is None:
+        return stats
+    masks = masks.detach().float()  # [B,Nq,h,w]
+    nq = masks.shape[1]
+    if nq >= 2:
+        stats["query_mask_corr"] = mask_correlation(masks).clamp(-1.0, 1.0)  # float rounding aside
+        weights = out.get("query_weights")
+        if weights is not None:
+            w = weights.detach().float()  # [B,Nq]
+            if torch.allclose(w.sum(dim=1), torch.ones_like(w[:, 0]), atol=1e-3):
+                entropy = -(w * w.clamp_min(1e-30).log()).sum(dim=1)
+                stats["query_weight_entropy"] = (entropy / math.log(nq)).clamp(0.0, 1.0)
+    attention = out.get("word_attention")
+    if attention is not None and attention.shape[1] >= 2:
+        a = attention.detach().float()  # [B,Nq,L]
+        real = (a > 0).any(dim=1)  # [B,L]: padding gets exactly 0 from every query
+        spread = a.std(dim=1)  # [B,L]
+        stats["word_attention_spread"] = (spread * real).sum(dim=1) / real.sum(dim=1).clamp_min(1)
+    return stats
+
+
+def batch_means(out: Mapping[str, Any]) -> dict[str, Any]:
+    """A batch's mean figures as 0-dim tensors on the output's device (no host sync)."""
+    return {k: v.mean() for k, v in sample_stats(out).items()}
+
+
+def batch_stats(out: Mapping[str, Any]) -> dict[str, float]:
+    """A batch's mean figures {key: float} ({} for a model without queries)."""
+    return {k: float(v) for k, v in batch_means(out).items()}
+
+
+class DiversityMeter:
+    """Sums of the per-sample figures over a split; `result()` gives the means."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.counts: dict[str, int] = {}
+
+    def update(self, out: Mapping[str, Any]) -> None:
+        for k, v in sample_stats(out).items():
+            self.sums[k] = self.sums.get(k, 0.0) + float(v.double().sum())
+            self.counts[k] = self.counts.get(k, 0) + int(v.numel())
+
+    def state(self) -> dict:
+        """Picklable sums and counts (for gathering over ranks)."""
+        return {"sums": dict(self.sums), "counts": dict(self.counts)}
+
+    def merge(self, state: dict) -> None:
+        for k, v in state["sums"].items():
+            self.sums[k] = self.sums.get(k, 0.0) + v
+            self.counts[k] = self.counts.get(k, 0) + state["counts"][k]
+
+    def result(self) -> dict[str, Any] | None:
+        """{key: mean, ..., "n": samples} or None when nothing had queries."""
+        if not self.counts:
+            return None
+        means = {k: self.sums[k] / self.counts[k] for k in KEYS if self.counts.get(k)}
+        return {**means, "n": max(self.counts.values())}
+
+
+def describe(stats: Mapping[str, Any]) -> list[str]:
+    """One printable line per figure present in `stats`."""
+    return [f"{LABELS[k]}: {stats[k]:.4f}" for k in KEYS if k in stats]
