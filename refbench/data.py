@@ -8,15 +8,24 @@ train_loader (one epoch of one rank; infinite underneath, cut to a fixed number 
     ->  one record per ref, one random sentence each  ->  ref-level shuffle buffer, drained per pass
     ->  [the part again, forever]  ->  batches of refs  ->  [skip the first k on resume]
     ->  decode + letterbox + collate
-    {"image": float[B,3,S,S], "tokens": int64[B,L], "mask": float[B,1,S,S],
+    {"image": uint8[B,3,S,S], "content": int64[B,4], "tokens": int64[B,L], "mask": uint8[B,1,S,S],
      "sent_id": int64[B], "ref_id": int64[B]}
 
 eval_loader (every sentence of every ref of a split exactly once, fixed order):
     this rank's shards (r, r+W, ...)  ->  this worker's shards  ->  tar samples (checked)
     ->  decode the image once, one item per sentence  ->  batches (custom collate)
-    {"image": float[B,3,S,S], "tokens": int64[B,L]} + lists: sent_id, ref_id, image_id,
-    category_id, sent, height, width, letterbox (transforms.Letterbox), warp (cvwarp.CrisWarp
-    under CRIS's preprocessing, else None), gt_mask (uint8 [H,W])
+    {"image": uint8[B,3,S,S] (float32 under CRIS's preprocessing), "content": int64[B,4],
+     "tokens": int64[B,L], "gt": uint8[B,max H,max W] (the GT masks, zero-padded)} + lists:
+    sent_id, ref_id, image_id, category_id, sent, height, width, letterbox
+    (transforms.Letterbox), warp (cvwarp.CrisWarp under CRIS's preprocessing, else None),
+    gt_mask (uint8 [H,W], views of "gt")
+
+Images leave the loaders as uint8 letterboxes (padding 0) with their content box (top, left,
+height, width), masks as uint8 0/1: `to_device` moves a batch to the model's device and
+normalises there (`transforms.normalize_batch`), so the CPU never touches a float image and a
+batch is a quarter of the bytes to collate, pin and copy. (CRIS's own preprocessing, the
+`cris` protocol, keeps its float input made exactly as CRIS makes it; `to_device` passes a
+float image through.)
 
 Determinism. Every random choice (which shard, which sentence, the shuffle) comes from RNGs
 seeded by (seed, epoch, rank, DataLoader worker id), never from the global RNGs or the clock.
@@ -456,18 +465,21 @@ def _expand_train(samples: Iterable[dict], rng: random.Random, size: int, contex
 
 
 def _collate_train(refs: list[_TrainRef], size: int) -> dict:
-    """Decode (images once), letterbox, normalise and stack a batch of refs."""
+    """Decode (images once), letterbox and stack a batch of refs (uint8; normalised by `to_device`)."""
     n = len(refs)
-    images = _batch_tensor(n, 3, size, size)  # [B, 3, S, S]
-    masks = _batch_tensor(n, 1, size, size)  # [B, 1, S, S]
+    images = _batch_tensor(n, 3, size, size, dtype=torch.uint8)  # [B, 3, S, S]
+    masks = _batch_tensor(n, 1, size, size, dtype=torch.uint8)  # [B, 1, S, S]
+    content = torch.empty(n, 4, dtype=torch.int64)  # [B, 4]: top, left, height, width
     mask_view = masks.numpy()  # filled with numpy: single-threaded, no intra-op thread contention
     for b, r in enumerate(refs):
         rgb, box = r.image.get()
-        transforms.normalize(rgb, box, out=images[b])
+        transforms.letterbox_uint8(rgb, box, out=images[b])
+        content[b] = torch.tensor(transforms.content_box(box))
         mask = _decode_mask(r.image.url, r.image.key, r.ref, r.image.meta)  # uint8 [H, W] of 0/1
         transforms.mask_to_input(mask, box, out=mask_view[b, 0])
     return {
         "image": images,
+        "content": content,
         "tokens": torch.tensor([r.sentence["tokens"] for r in refs], dtype=torch.int64),  # [B, L]
         "mask": masks,
         "sent_id": torch.tensor([r.sentence["sent_id"] for r in refs], dtype=torch.int64),  # [B]
@@ -586,13 +598,40 @@ def split_images(dataset_dir: str | Path, manifest: dict | None = None, *, split
             yield _parse_meta(sample, context_length)
 
 
+# --------------------------------------------------------------------------------- to the device
+
+
+def to_device(batch: dict, device: Any, *, non_blocking: bool = True, channels_last: bool = False) -> dict:
+    """A loader batch on `device`, ready for the model: the uint8 tensors copied, then widened there.
+
+    Returns a new dict: "image" float32 [B,3,S,S] CLIP-normalised with exact-0 padding
+    (`transforms.normalize_batch`), "tokens" int64 [B,L], and for train batches "mask" float32
+    [B,1,S,S] of 0/1; list fields (eval) are passed through. `non_blocking` overlaps the copy
+    with compute when the batch is in pinned memory; `channels_last` lays the image out NHWC.
+    """
+    import torch
+
+    device = torch.device(device)
+    image = batch["image"].to(device, non_blocking=non_blocking)
+    if channels_last:
+        image = image.contiguous(memory_format=torch.channels_last)
+    out = dict(batch)
+    if image.dtype == torch.uint8:
+        image = transforms.normalize_batch(image, batch["content"].to(device, non_blocking=non_blocking))
+    out["image"] = image  # a float image (CRIS's preprocessing) is already normalised
+    out["tokens"] = batch["tokens"].to(device, non_blocking=non_blocking)
+    if "mask" in batch:
+        out["mask"] = batch["mask"].to(device, non_blocking=non_blocking).float()
+    return out
+
+
 # --------------------------------------------------------------------------------- eval
 
 
 def _letterbox_input(url: str, key: str, jpeg: bytes, meta: dict, size: int):
-    """refbench's input: PIL decode, antialiased letterbox -> (float32 [3,S,S], Letterbox, None)."""
+    """refbench's input: scaled decode, antialiased letterbox -> (uint8 [3,S,S], Letterbox, None)."""
     rgb, box = _decode_image(url, key, jpeg, meta, size)
-    return transforms.normalize(rgb, box), box, None
+    return transforms.letterbox_uint8(rgb, box), box, None
 
 
 def _cris_input(url: str, key: str, jpeg: bytes, meta: dict, size: int):
@@ -641,14 +680,31 @@ def _stack(tensors: list[torch.Tensor]) -> torch.Tensor:
 
 
 def collate_eval(items: list[dict]) -> dict:
-    """Stack "image" [B,3,S,S] and "tokens" [B,L]; every other field becomes a list of B."""
+    """Stack "image" uint8 [B,3,S,S], "content" [B,4] and "tokens" [B,L]; every other field becomes a list of B."""
     batch = {
-        "image": _stack([it["image"] for it in items]),  # [B, 3, S, S]
+        "image": _stack([it["image"] for it in items]),  # uint8 [B, 3, S, S]
+        "content": torch.tensor([transforms.content_box(it["letterbox"]) for it in items], dtype=torch.int64),  # [B, 4]
         "tokens": torch.tensor([it["tokens"] for it in items], dtype=torch.int64),
     }
     for k in EVAL_LISTS:
         batch[k] = [it[k] for it in items]
+    # the GT masks once, as one padded stack that scoring moves to its device in one copy;
+    # "gt_mask" holds views of it (one tensor crosses from a worker, not B)
+    batch["gt"] = pad_stack(batch["gt_mask"])  # uint8 [B, max H, max W], zero beyond each mask
+    batch["gt_mask"] = [batch["gt"][i, : g.shape[0], : g.shape[1]] for i, g in enumerate(batch["gt_mask"])]
     return batch
+
+
+def pad_stack(masks: list[torch.Tensor]) -> torch.Tensor:
+    """uint8 [H_b, W_b] masks -> one zero-padded uint8 [B, max H, max W] (shared memory in a worker)."""
+    h, w = max(m.shape[0] for m in masks), max(m.shape[1] for m in masks)
+    out = _batch_tensor(len(masks), h, w, dtype=torch.uint8)
+    view = out.numpy()
+    for i, m in enumerate(masks):
+        view[i, : m.shape[0], : m.shape[1]] = m.numpy()
+        view[i, m.shape[0]:, :] = 0
+        view[i, : m.shape[0], m.shape[1]:] = 0
+    return out
 
 
 class _EvalStream(IterableDataset):

@@ -90,10 +90,22 @@ def count_iu(probs, batch: dict, threshold: float, protocol: str) -> tuple[np.nd
     import torch
     import torch.nn.functional as F
 
-    from refbench import metrics, transforms
+    from refbench import data, metrics, transforms
 
     proto = metrics.get_protocol(protocol)
     boxes = batch["letterbox"]
+    if not boxes:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    if proto.resolution == "original" and proto.preprocess == "letterbox":
+        # the whole batch at once, on probs' device: one padded stack of maps (the same values
+        # `binary_masks` thresholds, so eval and `refbench predictions` agree), one of GT masks
+        warped = transforms.to_original_batch(probs, boxes)  # float [B, max H, max W]
+        gt = batch["gt"] if "gt" in batch else data.pad_stack(batch["gt_mask"])  # uint8 [B, max H, max W]
+        gt = gt.to(probs.device, non_blocking=True)
+        pred = warped > threshold  # [B, max H, max W]; beyond each image the map reads 0
+        if threshold < 0:  # then 0 passes: keep each prediction inside its image
+            pred &= transforms.original_extent(boxes, warped.shape[1], warped.shape[2], probs.device)
+        return metrics.intersection_union_batch(pred, gt)
     if proto.resolution == "original":
         pairs = [metrics.intersection_union(m, gt.numpy().astype(bool))
                  for m, gt in zip(binary_masks(probs, batch, threshold, protocol), batch["gt_mask"])]
@@ -145,8 +157,8 @@ def score_split(net, dataset_dir: Path, manifest: dict, split: str, d, *, batch_
     for b, batch in enumerate(loader):
         if max_batches is not None and b >= max_batches:
             break
-        probs = probabilities(net, batch["image"].to(d.device, non_blocking=True),
-                              batch["tokens"].to(d.device, non_blocking=True), meter)
+        on_device = data.to_device(batch, d.device)  # uint8 images normalised on the device
+        probs = probabilities(net, on_device["image"], on_device["tokens"], meter)
         t0 = time.perf_counter()
         inter, union = count_iu(probs, batch, net.threshold, protocol)
         scores.seconds_metric += time.perf_counter() - t0

@@ -132,18 +132,19 @@ def intersection_union(pred: Any, gt: Any) -> tuple[int, int]:
 def intersection_union_batch(pred: Any, gt: Any) -> tuple[np.ndarray, np.ndarray]:
     """I and U per mask of two stacks of boolean masks: [N, H, W] -> (int64[N], int64[N]).
 
-    numpy arrays are counted with numpy; torch tensors are counted on their own device (GPU
-    included) and only the 2*N counts are copied back. Nonzero means foreground.
+    numpy arrays and CPU tensors are counted with numpy (one `count_nonzero` per mask: ~100x
+    faster on a CPU than torch's reduction over bools); other torch tensors are counted on their
+    own device (GPU) and only the 2*N counts are copied back. Nonzero means foreground.
     """
     if _is_torch(pred) or _is_torch(gt):
         return _intersection_union_torch(pred, gt)
     pred = np.asarray(pred)
     gt = np.asarray(gt)
     _check_masks(pred, gt, batched=True)
-    pred = pred.astype(bool, copy=False).reshape(pred.shape[0], -1)  # [N, H*W]
-    gt = gt.astype(bool, copy=False).reshape(gt.shape[0], -1)  # [N, H*W]
-    inter = np.count_nonzero(pred & gt, axis=1).astype(np.int64)  # [N]
-    union = np.count_nonzero(pred | gt, axis=1).astype(np.int64)  # [N]
+    pred = pred.astype(bool, copy=False)  # [N, H, W]
+    gt = gt.astype(bool, copy=False)  # [N, H, W]
+    inter = np.fromiter((np.count_nonzero(m) for m in pred & gt), dtype=np.int64, count=pred.shape[0])  # [N]
+    union = np.fromiter((np.count_nonzero(m) for m in pred | gt), dtype=np.int64, count=pred.shape[0])  # [N]
     return inter, union
 
 
@@ -153,6 +154,8 @@ def _intersection_union_torch(pred: Any, gt: Any) -> tuple[np.ndarray, np.ndarra
     pred = torch.as_tensor(pred)
     gt = torch.as_tensor(gt, device=pred.device)
     _check_masks(pred, gt, batched=True)
+    if pred.device.type == "cpu":
+        return intersection_union_batch(pred.bool().numpy(), gt.bool().numpy())
     pred = pred.bool().flatten(1)  # [N, H*W]
     gt = gt.bool().flatten(1)  # [N, H*W]
     inter = (pred & gt).sum(dim=1, dtype=torch.int64)  # [N]

@@ -494,7 +494,7 @@ def _optimizer_step(ddp, net, optimizer, scaler, it, rec: Recipe, d: Dist, amp_d
 
     import torch
 
-    from refbench import diversity
+    from refbench import data, diversity
 
     optimizer.zero_grad(set_to_none=True)
     totals: dict = {}  # name -> 0-dim tensor on the device: no host sync per micro-batch
@@ -505,11 +505,8 @@ def _optimizer_step(ddp, net, optimizer, scaler, it, rec: Recipe, d: Dist, amp_d
         except StopIteration:
             raise RuntimeError("the train stream ended early: the loader yielded fewer batches than an epoch needs") from None
         t1 = time.perf_counter()
-        image = batch["image"].to(d.device, non_blocking=True)
-        tokens = batch["tokens"].to(d.device, non_blocking=True)
-        mask = batch["mask"].to(d.device, non_blocking=True)
-        if d.device.type == "cuda":
-            image = image.contiguous(memory_format=torch.channels_last)
+        on_device = data.to_device(batch, d.device, channels_last=d.device.type == "cuda")
+        image, tokens, mask = on_device["image"], on_device["tokens"], on_device["mask"]
         last = k == rec.grad_accum - 1
         sync = contextlib.nullcontext() if last or ddp is net else ddp.no_sync()
         with sync:

@@ -78,10 +78,14 @@ def test_train_batches_are_well_formed_and_match_the_shards(tiny):
     batches = _batches(loader)
     assert len(batches) == len(loader)
     for b in batches:
-        assert b["image"].shape == (3, 3, SIZE, SIZE) and b["image"].dtype == torch.float32
+        assert b["image"].shape == (3, 3, SIZE, SIZE) and b["image"].dtype == torch.uint8
+        assert b["content"].shape == (3, 4) and b["content"].dtype == torch.int64
         assert b["tokens"].shape == (3, 17) and b["tokens"].dtype == torch.int64
-        assert b["mask"].shape == (3, 1, SIZE, SIZE) and b["mask"].dtype == torch.float32
-        assert set(b["mask"].unique().tolist()) <= {0.0, 1.0}
+        assert b["mask"].shape == (3, 1, SIZE, SIZE) and b["mask"].dtype == torch.uint8
+        assert set(b["mask"].unique().tolist()) <= {0, 1}
+        ready = data.to_device(b, "cpu")  # what the model gets: float image and mask
+        assert ready["image"].dtype == torch.float32 and ready["mask"].dtype == torch.float32
+        assert torch.equal(ready["mask"], b["mask"].float())
         assert torch.all(b["mask"].flatten(1).sum(1) > 0)
         assert torch.all((b["tokens"] == EOT).sum(1) == 1)
         assert torch.equal(b["tokens"].argmax(1), (b["tokens"] == EOT).int().argmax(1))
@@ -91,10 +95,12 @@ def test_train_batches_are_well_formed_and_match_the_shards(tiny):
             assert b["tokens"][i].tolist() == sents[sent]["tokens"]
             box = transforms.Letterbox.fit(truth.masks[ref_id].shape[1], truth.masks[ref_id].shape[0], SIZE)
             expected = transforms.mask_to_tensor(truth.masks[ref_id], box)
-            assert torch.equal(b["mask"][i], expected)  # the mask is the ref's, letterboxed
-            pad = expected[0] == 0
+            assert torch.equal(ready["mask"][i], expected)  # the mask is the ref's, letterboxed
+            assert b["content"][i].tolist() == [box.pad_y, box.pad_x, box.new_h, box.new_w]
+            pad = torch.ones(SIZE, SIZE, dtype=torch.bool)
             pad[box.pad_y : box.pad_y + box.new_h, box.pad_x : box.pad_x + box.new_w] = False
-            assert torch.all(b["image"][i][:, pad] == 0)  # letterbox padding reads 0
+            assert torch.all(ready["image"][i][:, pad] == 0)  # letterbox padding reads 0 after normalisation
+            assert torch.all(b["image"][i][:, pad] == 0)
 
 
 def test_train_stream_draws_sentences_at_random(tiny):
@@ -256,7 +262,11 @@ def test_eval_items_carry_what_scoring_needs(tiny):
             assert np.array_equal(gt.numpy(), truth.masks[rid])  # the RLE decodes to the drawn mask
             assert (box.orig_w, box.orig_h, box.size) == (b["width"][i], b["height"][i], SIZE)
             expected, _ = transforms.decode_image(truth.jpeg[b["image_id"][i]], SIZE)
-            assert torch.equal(b["image"][i], transforms.normalize(expected, box))
+            assert torch.equal(b["image"][i], transforms.letterbox_uint8(expected, box))
+            assert b["content"][i].tolist() == list(transforms.content_box(box))
+            assert torch.equal(b["gt"][i, : gt.shape[0], : gt.shape[1]], gt) and not b["gt"][i, gt.shape[0]:].any()
+            normalised = data.to_device(b, "cpu")["image"][i]  # on the device: exactly `normalize`, to float32 rounding
+            assert torch.allclose(normalised, transforms.normalize(expected, box), atol=1e-5)
             first_image.setdefault(b["image_id"][i], b["image"][i])
             assert torch.equal(first_image[b["image_id"][i]], b["image"][i])
 

@@ -31,6 +31,7 @@ def _fixed_batch_loss(net, shards_root: Path) -> float:
     """The loss of `net` on one fixed batch of 8 train refs (seed 123), in eval mode."""
     batch = next(iter(data.train_loader(shards_root / DATASET, batch_size=8, image_size=net.image_size, seed=123,
                                         num_batches=1)))
+    batch = data.to_device(batch, "cpu")
     net.eval()
     with torch.no_grad():
         return float(net.loss(net(batch["image"], batch["tokens"]), batch["mask"])["loss"])

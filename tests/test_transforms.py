@@ -188,3 +188,80 @@ def test_to_original_equals_a_float64_grid_sample(cells):
         ref = F.grid_sample(probs[i:i + 1].double(), grid, mode="bilinear", padding_mode="border", align_corners=False)[0, 0]
         assert out[i].shape == (b.orig_h, b.orig_w)
         assert torch.allclose(out[i].double(), ref, atol=1e-6)
+
+
+def _stripes(h: int, w: int) -> np.ndarray:
+    """White left 30%, grey bottom 40%, black elsewhere: uint8 [h, w, 3] with known edges."""
+    pixels = np.zeros((h, w, 3), dtype=np.uint8)
+    pixels[:, : int(w * 0.3)] = 255
+    pixels[int(h * 0.6) :, :] = 128
+    return pixels
+
+
+@pytest.mark.parametrize("w,h,size,decoded", [
+    (640, 480, 480, (360, 480)),  # COCO 4:3 at 480: the IDCT at 6/8 lands on the letterbox exactly
+    (640, 427, 480, (321, 480)),  # 6/8 gives 321 rows for 320.25: one-row remainder resampled with its box
+    (640, 427, 96, (107, 160)),  # 2/8: the smallest scale that still covers 96 x 64 (1/8 is 80 x 54)
+])
+def test_scaled_decode_keeps_the_letterbox_geometry(w, h, size, decoded):
+    """DCT-scaled decoding lands every edge where the exact full-decode + resize puts it."""
+    import simplejpeg
+
+    jpeg = _jpeg(_stripes(h, w))
+    box = Letterbox.fit(w, h, size)
+    assert simplejpeg.decode_jpeg(jpeg, min_width=box.new_w, min_height=box.new_h).shape[:2] == decoded
+    scaled = T.scaled_decode(jpeg, size)
+    assert scaled is not None
+    rgb, got = scaled
+    assert got == box and rgb.shape == (box.new_h, box.new_w, 3) and rgb.dtype == np.uint8
+    exact, _ = T.resize_image(Image.open(io.BytesIO(jpeg)), size)  # PIL full decode + bilinear
+    assert np.abs(rgb.astype(int) - exact.astype(int)).mean() < 3.0
+    edge = np.argmax(rgb[2, :, 0] < 128)  # first dark column on a top row
+    assert abs(edge - 0.3 * box.new_w) <= 1
+    row = np.argmax(rgb[:, -2, 0] > 64)  # first grey row at the right edge
+    assert abs(row - 0.6 * box.new_h) <= 1
+    assert np.array_equal(T.decode_image(jpeg, size)[0], rgb)  # decode_image takes this path
+
+
+def test_scaled_decode_leaves_upscales_and_non_jpegs_to_pil():
+    assert T.scaled_decode(_jpeg(_stripes(40, 60)), 96) is None  # an upscale
+    buf = io.BytesIO()
+    Image.fromarray(_stripes(200, 300)).save(buf, format="PNG")
+    assert T.scaled_decode(buf.getvalue(), 96) is None
+    rgb, box = T.decode_image(buf.getvalue(), 96)  # PIL decodes it
+    assert rgb.shape == (box.new_h, box.new_w, 3)
+    with pytest.raises(Exception):
+        T.decode_image(b"\xff\xd8\xff\xe0 not a jpeg", 96)  # bad bytes still raise (via PIL)
+
+
+@pytest.mark.parametrize("w,h", [(64, 40), (33, 61), (50, 50)])
+def test_uint8_letterbox_normalised_on_the_device_equals_normalize(w, h):
+    rng = np.random.default_rng(w)
+    img = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+    rgb, box = T.resize_image(img, 96)
+    u8 = T.letterbox_uint8(rgb, box)
+    assert u8.dtype == torch.uint8 and u8.shape == (3, 96, 96)
+    content = torch.tensor([T.content_box(box)] * 2)
+    batch = torch.stack([u8, u8])
+    out = T.normalize_batch(batch, content)
+    ref = T.normalize(rgb, box)
+    assert out.dtype == torch.float32 and torch.allclose(out[1], ref, atol=1e-5)
+    pad = torch.ones(96, 96, dtype=torch.bool)
+    pad[box.pad_y : box.pad_y + box.new_h, box.pad_x : box.pad_x + box.new_w] = False
+    assert torch.all(out[:, :, pad] == 0)  # the padding is exactly the mean colour
+    cl = T.normalize_batch(batch.contiguous(memory_format=torch.channels_last), content)
+    assert torch.equal(cl, out) and cl.is_contiguous(memory_format=torch.channels_last)
+    with pytest.raises(ValueError):
+        T.normalize_batch(batch.float(), content)
+
+
+def test_to_original_batch_pads_with_exact_zeros():
+    boxes = [Letterbox.fit(50, 30, 32), Letterbox.fit(20, 70, 32)]
+    probs = torch.rand(2, 1, 8, 8) + 0.5  # nowhere 0
+    stack = T.to_original_batch(probs, boxes)
+    assert stack.shape == (2, 70, 50)
+    for i, (b, m) in enumerate(zip(boxes, T.to_original(probs, boxes))):
+        assert torch.equal(stack[i, : b.orig_h, : b.orig_w], m) and torch.all(m > 0)
+        assert not stack[i, b.orig_h :].any() and not stack[i, :, b.orig_w :].any()
+    inside = T.original_extent(boxes, 70, 50)
+    assert torch.equal(inside, stack > 0)
