@@ -83,9 +83,8 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
-from refbench import transforms
+from refbench import remote, transforms
 from refbench.errors import RefbenchError
-from refbench.fsutil import sha256_file
 
 REPREPARE = "re-run `refbench prepare` for this dataset (or copy the shard again)"  # hint for bad shards
 
@@ -94,22 +93,25 @@ REPREPARE = "re-run `refbench prepare` for this dataset (or copy the shard again
 
 
 def load_manifest(dataset_dir: str | Path) -> dict:
-    """The checked manifest of a prepared dataset folder `<shard root>/<dataset>_<splitby>`."""
+    """The checked manifest of a prepared dataset folder (or URL) `<shard root>/<dataset>_<splitby>`."""
     from refbench import prepare
 
+    if remote.is_url(dataset_dir):
+        root, _, name = str(dataset_dir).rstrip("/").rpartition("/")
+        return prepare.load_manifest(root, name)
     dataset_dir = Path(dataset_dir)
     return prepare.load_manifest(dataset_dir.parent, dataset_dir.name)
 
 
 def split_shards(manifest: dict, dataset_dir: str | Path, split: str) -> list[dict]:
-    """The manifest's shard entries of `split`, sorted by path, each with "url" = its file path."""
+    """The manifest's shard entries of `split`, sorted by path, each with "url" = its file path or URL."""
     splits = manifest.get("splits", {})
     if split not in splits:
         raise RefbenchError(
-            f"split {split!r} is not in {Path(dataset_dir) / 'manifest.json'}; splits: {', '.join(splits) or 'none'}"
+            f"split {split!r} is not in {remote.join(dataset_dir, 'manifest.json')}; splits: {', '.join(splits) or 'none'}"
         )
     entries = sorted((s for s in manifest["shards"] if s["split"] == split), key=lambda s: s["path"])
-    return [{**s, "url": str(Path(dataset_dir) / s["path"])} for s in entries]
+    return [{**s, "url": str(remote.join(dataset_dir, s["path"]))} for s in entries]
 
 
 def verify_shards(manifest: dict, dataset_dir: str | Path, split: str) -> int:
@@ -119,9 +121,13 @@ def verify_shards(manifest: dict, dataset_dir: str | Path, split: str) -> int:
     """
     entries = split_shards(manifest, dataset_dir, split)
     for s in entries:
-        if not Path(s["url"]).is_file():
+        if not remote.is_url(s["url"]) and not Path(s["url"]).is_file():
             raise RefbenchError(f"shard {s['url']} is missing", hint=REPREPARE)
-        if sha256_file(s["url"]) != s["sha256"]:
+        try:
+            digest = remote.sha256(s["url"])
+        except OSError as e:
+            raise RefbenchError(f"shard {s['url']} cannot be read ({e.strerror or e})", hint=REPREPARE) from None
+        if digest != s["sha256"]:
             raise RefbenchError(f"shard {s['url']} is corrupt: its sha256 differs from the manifest", hint=REPREPARE)
     return len(entries)
 
@@ -173,6 +179,8 @@ def _raise_for_shard(url: str):
     """A webdataset exception handler that re-raises as a RefbenchError naming the shard."""
 
     def handler(exn: BaseException) -> bool:
+        if isinstance(exn, RefbenchError):  # e.g. a broken connection (refbench.remote): not corruption
+            raise exn
         raise _shard_error(url, exn) from None
 
     return handler
@@ -183,9 +191,10 @@ def _read_shard(entry: dict, verify: bool, start: int = 0, stop: int | None = No
     the whole file is read either way, so its sample count and sha256 are always checked."""
     url = entry["url"]
     try:
-        f = open(url, "rb")
+        f = remote.open_stream(url)  # a URL streams, reconnecting at the byte reached (bounded retries)
     except OSError as e:
-        raise RefbenchError(f"shard {url} cannot be read ({e.strerror})", hint=REPREPARE) from None
+        hint = remote.NETWORK_HINT if remote.is_url(url) and not isinstance(e, FileNotFoundError) else REPREPARE
+        raise RefbenchError(f"shard {url} cannot be read ({e.strerror or e})", hint=hint) from None
     with f:
         reader = _HashingReader(f)
         handler = _raise_for_shard(url)

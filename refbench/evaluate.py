@@ -234,7 +234,7 @@ def evaluate_checkpoint(checkpoint: Path, *, dataset: str | None = None, splits:
     Returns the published records on rank 0 (an empty list on other ranks).
     """
     from refbench import checkpoint as ckpt_mod
-    from refbench import data, metrics
+    from refbench import data, metrics, remote
     from refbench import results as results_mod
     from refbench.fsutil import sha256_file
     from refbench.train import setup_distributed
@@ -246,13 +246,13 @@ def evaluate_checkpoint(checkpoint: Path, *, dataset: str | None = None, splits:
     dataset = dataset or ckpt.get("dataset", {}).get("name")
     if not dataset:
         raise RefbenchError(f"{checkpoint}: the checkpoint names no dataset", hint="pass --dataset, e.g. refcoco_unc")
-    dataset_dir = Path(shards) / dataset
+    dataset_dir = remote.join(shards, dataset)  # a folder or a URL
     manifest = data.load_manifest(dataset_dir)
     if list(splits) == ["all"]:
         splits = [s for s in manifest["splits"] if s not in EVAL_SPLITS_EXCLUDE]
     for s in splits:
         if s not in manifest["splits"]:
-            raise RefbenchError(f"{dataset_dir / 'manifest.json'}: no split {s!r}; splits: "
+            raise RefbenchError(f"{remote.join(dataset_dir, 'manifest.json')}: no split {s!r}; splits: "
                                 f"{', '.join(manifest['splits'])} (or 'all')")
     workers = 2 if workers is None else workers
     model_info = results_mod.ModelInfo(
@@ -260,7 +260,7 @@ def evaluate_checkpoint(checkpoint: Path, *, dataset: str | None = None, splits:
         run=run_name or Path(checkpoint).resolve().parent.name, checkpoint=str(checkpoint),
         checkpoint_sha256=sha256_file(checkpoint), step=ckpt.get("step"),
     )
-    manifest_sha = sha256_file(dataset_dir / "manifest.json")
+    manifest_sha = remote.sha256(remote.join(dataset_dir, "manifest.json"))
     done: list[Evaluated] = []
     for s in splits:
         scores = score_split(net, dataset_dir, manifest, s, d, batch_size=batch_size, workers=workers,

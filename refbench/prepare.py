@@ -78,9 +78,11 @@ def load_manifest(shards_root: str | Path, name: str) -> dict:
     valid = [dataset_name(d, s) for d, s in PARTITIONS]
     if name not in valid:
         raise RefbenchError(f"unknown dataset {name!r}; prepared datasets are named {', '.join(valid)}")
-    path = Path(shards_root) / name / "manifest.json"
+    from refbench import remote
+
+    path = remote.join(shards_root, name, "manifest.json")  # a file, or a URL (refbench.remote)
     try:
-        manifest = json.loads(path.read_text())
+        manifest = json.loads(remote.read_bytes(path))
     except FileNotFoundError:
         raise RefbenchError(f"{path} not found: {name} is not prepared under {shards_root}",
                             hint=prepare_command(name, shards_root)) from None

@@ -49,7 +49,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from refbench import __version__
+from refbench import __version__, remote
 from refbench.errors import RefbenchError
 from refbench.recipes import Recipe, get_lr, get_recipe
 
@@ -59,7 +59,7 @@ class TrainConfig:
     model: str  # registry name: eavl, cris, blind, ...
     variant: str  # model variant (backbone): tiny, rn50, rn101, vitb16, vitl14, ...
     dataset: str  # prepared dataset folder name under `shards`, e.g. refcoco_unc
-    shards: Path  # shard root written by `refbench prepare`
+    shards: str | Path  # shard root written by `refbench prepare`: a folder or a URL (refbench.remote)
     recipe: Recipe  # optimiser / schedule / batch / cadence (refbench.recipes)
     out: Path  # run folder: last.pt, best.pt, log.jsonl, curves.png, config.json
     resume: bool = False  # continue from out/last.pt
@@ -86,7 +86,7 @@ def main(model: str, variant: str | None, dataset: str, shards: Path, recipe: st
         rec = dataclasses.replace(rec, pretrained=None if pretrained.lower() in ("none", "") else pretrained)
     variant = variant or rec.variant
     cfg = TrainConfig(
-        model=model, variant=variant, dataset=dataset, shards=Path(shards), recipe=rec,
+        model=model, variant=variant, dataset=dataset, shards=shards if remote.is_url(shards) else Path(shards), recipe=rec,
         out=Path(out) if out else Path("runs") / f"{model}-{variant}-{dataset}",
         resume=resume, seed=seed, model_overrides=parse_overrides(overrides),
     )
@@ -170,10 +170,10 @@ def train(cfg: TrainConfig) -> Path:
     d = setup_distributed()
     rec = cfg.recipe
     manifest = load_manifest(cfg.shards, cfg.dataset)
-    dataset_dir = Path(cfg.shards) / cfg.dataset
+    dataset_dir = remote.join(cfg.shards, cfg.dataset)
     train_refs = manifest["splits"].get("train", {}).get("refs", 0)
     if train_refs == 0:
-        raise RefbenchError(f"{dataset_dir / 'manifest.json'}: the dataset has no train split")
+        raise RefbenchError(f"{remote.join(dataset_dir, 'manifest.json')}: the dataset has no train split")
 
     micro = _micro_batch(rec, d.world)
     steps_per_epoch = math.ceil(train_refs / rec.batch_size)
@@ -555,9 +555,6 @@ class _Window:
 
 def _payload(net, optimizer, scaler, cfg: TrainConfig, manifest: dict, step: int, epoch: int,
              step_in_epoch: int, best: dict, metrics: dict | None, rng: dict | None) -> dict:
-    from refbench import checkpoint
-    from refbench.fsutil import sha256_file
-
     return {
         "model": {"name": net.model_name, "variant": net.variant, "config": dataclasses.asdict(net.config)},
         "state_dict": net.state_dict(),
@@ -567,7 +564,7 @@ def _payload(net, optimizer, scaler, cfg: TrainConfig, manifest: dict, step: int
         "recipe": dataclasses.asdict(cfg.recipe),
         "train": {"dataset": cfg.dataset, "seed": cfg.seed, "overrides": cfg.model_overrides, "run": cfg.out.name},
         "rng": rng,  # every rank's own RNG states (checkpoint.rank_rng_states); None in weights-only files
-        "dataset": {"name": cfg.dataset, "manifest_sha256": sha256_file(cfg.shards / cfg.dataset / "manifest.json"),
+        "dataset": {"name": cfg.dataset, "manifest_sha256": remote.sha256(remote.join(cfg.shards, cfg.dataset, "manifest.json")),
                     "context_length": manifest["tokenizer"]["context_length"]},
         "best": best,
         "metrics": metrics,

@@ -36,7 +36,8 @@ def train_config(shards: Path, out: Path, model: str = "eavl", **kw):
     from refbench.train import TrainConfig
 
     own = {k: kw.pop(k) for k in ("resume", "stop_after", "seed", "model_overrides") if k in kw}
-    return TrainConfig(model=model, variant="tiny", dataset=DATASET, shards=Path(shards), recipe=tiny_recipe(**kw),
+    shards = shards if "://" in str(shards) else Path(shards)  # a URL stays a string
+    return TrainConfig(model=model, variant="tiny", dataset=DATASET, shards=shards, recipe=tiny_recipe(**kw),
                        out=Path(out), quiet=True, **own)
 
 
