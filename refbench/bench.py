@@ -1,6 +1,6 @@
 """`refbench bench`: refbench measured against its baselines, side by side in one run.
 
-    refbench bench [prepare|loader|shards|model|eval|score|all] --workdir bench --images 2000 --log bench/bench.jsonl
+    refbench bench [prepare|loader|shards|model|eval|score|gpu|all] --workdir bench --images 2000 --log bench/bench.jsonl [--out DIR]
 
 Each benchmark is a function `bench_x(workdir, images) -> list[row]` registered in `BENCHES`.
 A row is a dict: bench, what (the quantity, with its unit, data set and setting), ours,
@@ -31,6 +31,9 @@ loader, shards and eval benchmarks.
 - model: EAVL vs CRIS forward + backward step time.
 - score: `refbench score`'s parse + validation + I/U on RLEs vs merely decoding the submitted
   masks, on a synthetic RefCOCO testB-sized submission of COCO-size masks (score_bench.py).
+- gpu: EAVL and CRIS rn101 at 480 in bf16 on one GPU (refbench/bench_gpu.py): training samples/s
+  and peak memory per batch, channels_last vs NCHW, data-wait share per loader worker count,
+  eval sentences/s; one line and no rows without a GPU.
 - eval: share of `evaluate.main` wall time spent in metric code (count_iu: mapping back,
   binarising, I/U; metrics.summarize, bootstrap_ci, breakdowns), for a random-init tiny EAVL.
 """
@@ -577,6 +580,13 @@ def bench_score(workdir: Path, images: int) -> list[dict]:
     return run(workdir, images)
 
 
+def bench_gpu(workdir: Path, images: int) -> list[dict]:
+    """The GPU rows (refbench/bench_gpu.py); one line and no rows without a CUDA device."""
+    from refbench import bench_gpu as gpu
+
+    return gpu.bench_gpu(workdir, images)
+
+
 BENCHES: dict[str, Callable[[Path, int], list[dict]]] = {
     "prepare": bench_prepare,
     "loader": bench_loader,
@@ -584,6 +594,7 @@ BENCHES: dict[str, Callable[[Path, int], list[dict]]] = {
     "model": bench_model,
     "eval": bench_eval,
     "score": bench_score,
+    "gpu": bench_gpu,
 }
 
 
@@ -623,8 +634,23 @@ def print_rows(rows: list[dict], caption: str | None = None) -> None:
     Console(width=None if sys.stdout.isatty() else 150).print(table)
 
 
-def main(which, workdir: Path, images: int, log: Path) -> list[dict]:
-    """Run the benchmarks named in `which` ("all" = every registered one), print, log."""
+def write_tables(rows: list[dict], out: Path, caption: str) -> tuple[Path, Path]:
+    """The rows as out/bench.json (with the caption) and out/bench.md (one markdown table), atomically."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    lines = [f"{caption}", "", "| bench | what | ours | baseline | ratio | target | ok |", "|---|---|---:|---:|---:|---|---|"]
+    for r in rows:
+        ok = "-" if r["ok"] is None else ("yes" if r["ok"] else "NO")
+        what = r["what"] + (f" (baseline: {r['baseline_is']})" if r.get("baseline_is") else "")
+        lines.append(f"| {r['bench']} | {what} | {r['ours']:.4g} | {r['baseline']:.4g} | {r['ratio']:.3f} | {r['target'] or '-'} | {ok} |")
+    json_path, md_path = out / "bench.json", out / "bench.md"
+    atomic_write_text(json_path, json.dumps({"caption": caption, "rows": rows}, indent=1) + "\n")
+    atomic_write_text(md_path, "\n".join(lines) + "\n")
+    return json_path, md_path
+
+
+def main(which, workdir: Path, images: int, log: Path, out: Path | None = None) -> list[dict]:
+    """Run the benchmarks named in `which` ("all" = every registered one), print, log (and write to `out`)."""
     names = list(BENCHES) if "all" in which else list(dict.fromkeys(which))
     missing = [n for n in names if n not in BENCHES]
     if missing:
@@ -641,8 +667,14 @@ def main(which, workdir: Path, images: int, log: Path) -> list[dict]:
     import torch
 
     load = [round(x, 2) for x in os.getloadavg()]
-    print_rows(rows, caption=f"{platform.machine()}, {_cores()} cores, load average {load_before[0]:.2f} before / "
-                             f"{load[0]:.2f} after (1 min): other processes share the cores; ratios pair back-to-back runs")
+    caption = (f"{platform.machine()}, {_cores()} cores, torch {torch.__version__}, load average {load_before[0]:.2f} before / "
+               f"{load[0]:.2f} after (1 min): other processes share the cores; ratios pair back-to-back runs")
+    if not rows:  # e.g. `bench gpu` without a GPU: it said so in one line
+        return rows
+    print_rows(rows, caption=caption)
+    if out is not None:
+        for path in write_tables(rows, out, caption):
+            print(f"wrote {path}")
     _append_jsonl(
         Path(log),
         {

@@ -313,15 +313,16 @@ def ablate(workdir, steps) -> None:
 
 
 @cli.command()
-@click.argument("which", nargs=-1, type=click.Choice(["prepare", "loader", "shards", "model", "eval", "score", "all"]))
+@click.argument("which", nargs=-1, type=click.Choice(["prepare", "loader", "shards", "model", "eval", "score", "gpu", "all"]))
 @click.option("--workdir", type=click.Path(path_type=Path), default=Path("bench"), show_default=True, help="Scratch folder for the benchmark data.")
 @click.option("--images", type=click.IntRange(min=20), default=2000, show_default=True, help="Synthetic images for the data benchmarks.")
 @click.option("--log", type=click.Path(path_type=Path), default=Path("bench/bench.jsonl"), show_default=True, help="JSON lines file the results are appended to.")
-def bench(which, workdir, images, log) -> None:
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="Also write the rows to OUT/bench.json and OUT/bench.md.")
+def bench(which, workdir, images, log, out) -> None:
     """Measure refbench against its baselines side by side and print ratios (default: all)."""
     from refbench import bench as bench_mod
 
-    bench_mod.main(which=which or ("all",), workdir=workdir, images=images, log=log)
+    bench_mod.main(which=which or ("all",), workdir=workdir, images=images, log=log, out=out)
 
 
 def main() -> None:
