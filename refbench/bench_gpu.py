@@ -13,7 +13,8 @@ Rows (each names model, backbone, input size, precision and batch):
   real train loader (COCO-like synthetic shards at 480, N DataLoader workers, pinned memory,
   non_blocking copies), EAVL at batch 16;
 - eval: sentences per second of `evaluate.score_split` (the code of `refbench eval`: eval
-  loader, forward in bf16, I/U counted on the GPU at the original size) and its metric share.
+  loader, forward in float32 as CRIS evaluates, I/U counted on the GPU at the original size)
+  and its metric share.
 
 Random-init weights (no download); timings only, no quality. Without a CUDA device the
 benchmark prints one line saying so and returns no rows. It runs from a source tree or a
@@ -258,16 +259,15 @@ def eval_rows(device: Any, workdir: Path, images: int, variant: str = GPU_VARIAN
     torch.manual_seed(0)
     net = zoo.build("eavl", variant, pretrained=None).to(device)
     d = SimpleNamespace(rank=0, world=1, device=device)
-    amp = torch.bfloat16 if device.type == "cuda" else None
     try:
-        evaluate.score_split(net, folder, manifest, "val", d, batch_size=batch, workers=workers, amp_dtype=amp, max_batches=2)
-        scores = evaluate.score_split(net, folder, manifest, "val", d, batch_size=batch, workers=workers, amp_dtype=amp)
+        evaluate.score_split(net, folder, manifest, "val", d, batch_size=batch, workers=workers, max_batches=2)
+        scores = evaluate.score_split(net, folder, manifest, "val", d, batch_size=batch, workers=workers)
     finally:
         del net
         free_memory(device)
     n = len(scores)
     what = (f"eavl {variant} eval sentences/s, coco-like synth val ({n} sentences), protocol original, batch {batch}, "
-            f"{workers} loader workers, bf16, I/U on the device ({_gpu_name(device)}); metric share "
+            f"{workers} loader workers, float32 as `refbench eval` runs it, I/U on the device ({_gpu_name(device)}); metric share "
             f"{100 * scores.seconds_metric / scores.seconds_total:.1f}%")
     return [_row("gpu", what, n / scores.seconds_total, 1.0, None, baseline_is="1 (sentences/s is the number)")]
 
