@@ -104,7 +104,8 @@ def test_training_reads_its_steps_from_the_url(served, shards_root, tmp_path):
         run = train(train_config(url, tmp_path / "run", model="blind", steps=2))
     assert sorted(train_losses(run)) == [1, 2]  # both steps trained, from batches streamed over HTTP
     end = [e for e in read_log(run) if e.get("event") == "end"][-1]
-    assert all(s.startswith(f"{url}/{DATASET}/train/") for s in end["train_shards"][0])
+    pieces = end["train_pieces"][0]  # (shard, first sample, end sample) read by rank 0
+    assert pieces and all(str(p[0]).startswith(f"{url}/{DATASET}/train/") for p in pieces)
     assert (run / "last.pt").is_file()
 
 
