@@ -50,7 +50,8 @@ def export(checkpoint: Path, *, split: str, out: Path, dataset: str | None = Non
     net.eval()
     lines: dict[int, str] = {}
     for batch in loader:
-        probs = evaluate.probabilities(net, batch["image"].to(d.device), batch["tokens"].to(d.device))  # float32, as eval
+        on_device = data.to_device(batch, d.device)  # uint8 images normalised on the device, as eval
+        probs = evaluate.probabilities(net, on_device["image"], on_device["tokens"])  # float32, as eval
         for sid, mask in zip(batch["sent_id"], evaluate.binary_masks(probs, batch, net.threshold, protocol)):
             lines[int(sid)] = score.rle_line(sid, score.encode_mask(mask))
     if d.world > 1:
