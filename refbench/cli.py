@@ -210,7 +210,7 @@ def compare(result_a, result_b, samples, seed) -> None:
 @cli.command()
 @click.option("--dataset", required=True, help="Prepared dataset <dataset>_<splitby>, e.g. refcoco_unc.")
 @click.option("--split", required=True, help="Split (val, testA, testB, test, ...).")
-@click.option("--shards", type=click.Path(path_type=Path), default=Path("shards"), show_default=True, help="Shard root written by `refbench prepare`.")
+@click.option("--shards", default="shards", show_default=True, help="Shard root written by `refbench prepare`: a folder or a URL (http(s)://, s3://, ...).")
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Write the JSONL here (gzip if it ends in .gz) [default: stdout].")
 def sentences(dataset, split, shards, out) -> None:
     """The exact list of sentences to predict for a split: JSONL, one line per sentence.
@@ -229,7 +229,7 @@ def sentences(dataset, split, shards, out) -> None:
 @click.option("--checkpoint", type=click.Path(path_type=Path), required=True, help="Checkpoint written by `refbench train`.")
 @click.option("--split", required=True, help="Split to predict (val, testA, testB, test, ...).")
 @click.option("--dataset", default=None, help="Prepared dataset <dataset>_<splitby> [default: the checkpoint's].")
-@click.option("--shards", type=click.Path(path_type=Path), default=Path("shards"), show_default=True, help="Shard root written by `refbench prepare`.")
+@click.option("--shards", default="shards", show_default=True, help="Shard root written by `refbench prepare`: a folder or a URL (http(s)://, s3://, ...).")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Submission file to write: JSONL of COCO RLEs (gzip if it ends in .gz).")
 @click.option("--protocol", default="original", show_default=True, help="Whose chain makes the masks: original (one bilinear map back) or cris (CRIS's OpenCV chain); input has no original-size masks.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True, help="Sentences per forward pass.")
@@ -251,7 +251,7 @@ def predictions(checkpoint, split, dataset, shards, out, protocol, batch_size, w
 @click.option("--split", required=True, help="Split the masks are for (val, testA, testB, test, ...).")
 @click.option("--method", required=True, help="Name of the method on the leaderboard, e.g. LAVT.")
 @click.option("--variant", default="default", show_default=True, help="Variant of the method (backbone, checkpoint name, ...).")
-@click.option("--shards", type=click.Path(path_type=Path), default=Path("shards"), show_default=True, help="Shard root written by `refbench prepare` (the ground truth).")
+@click.option("--shards", default="shards", show_default=True, help="Shard root written by `refbench prepare`: a folder or a URL (http(s)://, s3://, ...) (the ground truth).")
 @click.option("--protocol", default="original", show_default=True,
               help="Metric protocol. Those that compare at the original image size apply to binary masks "
                    "(original: Pr@X counts IoU >= X; cris: IoU > X, as CRIS's code); those that compare at the "

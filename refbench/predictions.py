@@ -30,7 +30,7 @@ def export(checkpoint: Path, *, split: str, out: Path, dataset: str | None = Non
     import torch
 
     from refbench import checkpoint as ckpt_mod
-    from refbench import data, evaluate, metrics, score
+    from refbench import data, evaluate, metrics, remote, score
     from refbench.train import setup_distributed
 
     proto = score.check_protocol(protocol)
@@ -40,10 +40,10 @@ def export(checkpoint: Path, *, split: str, out: Path, dataset: str | None = Non
     dataset = dataset or ckpt.get("dataset", {}).get("name")
     if not dataset:
         raise RefbenchError(f"{checkpoint}: the checkpoint names no dataset", hint="pass --dataset, e.g. refcoco_unc")
-    dataset_dir = Path(shards) / dataset
+    dataset_dir = remote.join(shards, dataset)  # a folder or a URL
     manifest = data.load_manifest(dataset_dir)
     if split not in manifest["splits"]:
-        raise RefbenchError(f"split {split!r} is not in {dataset_dir / 'manifest.json'}; splits: {', '.join(manifest['splits'])}")
+        raise RefbenchError(f"split {split!r} is not in {remote.join(dataset_dir, 'manifest.json')}; splits: {', '.join(manifest['splits'])}")
     workers = 2 if workers is None else workers
     loader = data.eval_loader(dataset_dir, manifest, split=split, image_size=net.image_size, batch_size=batch_size,
                               workers=workers, rank=d.rank, world=d.world, preprocess=proto.preprocess)

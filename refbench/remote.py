@@ -1,6 +1,6 @@
 """Where shards live: a local folder or a URL, read as a stream.
 
-`refbench train|eval ... --shards LOCATION` takes a folder or a URL of the shard root:
+`refbench train|eval|predictions|score|sentences --shards LOCATION` takes a folder or a URL of the shard root:
 `http://` / `https://` (read with the standard library, no extra dependency) or any protocol
 fsspec knows (`s3://`, `gs://`, `az://`, ...: fsspec and that protocol's package, e.g. s3fs,
 must be installed). The manifest is read from the same place (`<root>/<dataset>/manifest.json`),

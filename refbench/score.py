@@ -48,7 +48,7 @@ from typing import Any, Iterable, Iterator
 
 import numpy as np
 
-from refbench import fsutil, metrics
+from refbench import fsutil, metrics, remote
 from refbench.errors import RefbenchError
 
 # The fields of one line of `refbench sentences`, in order.
@@ -94,7 +94,7 @@ def ground_truth(dataset_dir: str | Path, manifest: dict | None = None, *, split
     """
     from refbench import data
 
-    dataset_dir = Path(dataset_dir)
+    dataset_dir = dataset_dir if remote.is_url(dataset_dir) else Path(dataset_dir)  # a folder or a URL
     manifest = data.load_manifest(dataset_dir) if manifest is None else manifest
     truth = Truth()
     for meta in data.split_images(dataset_dir, manifest, split=split):
@@ -140,7 +140,7 @@ def main_sentences(dataset: str, split: str, shards: Path, out: Path | None) -> 
     """`refbench sentences`: the JSONL list of what must be predicted; stdout without `out`."""
     import sys
 
-    truth = ground_truth(Path(shards) / dataset, split=split)
+    truth = ground_truth(remote.join(shards, dataset), split=split)
     if out is None:
         sys.stdout.writelines(sentence_lines(truth))
     else:
@@ -494,7 +494,7 @@ def score_submission(
     check_protocol(protocol)
     if not method or not method.strip():
         raise RefbenchError("--method must name the method (e.g. LAVT)")
-    dataset_dir = Path(shards) / dataset
+    dataset_dir = remote.join(shards, dataset)  # a folder or a URL
     manifest = data.load_manifest(dataset_dir)
     sub = read_submission(predictions)
     truth = ground_truth(dataset_dir, manifest, split=split)
@@ -508,7 +508,7 @@ def score_submission(
         results, dataset=dataset, split=split, protocol=protocol, threshold=None,
         model=results_mod.ModelInfo(name=method, variant=variant, run="submitted"),
         data=results_mod.DataInfo(
-            manifest_sha256=fsutil.sha256_file(dataset_dir / "manifest.json"),
+            manifest_sha256=remote.sha256(remote.join(dataset_dir, "manifest.json")),
             sentences_expected=manifest["splits"][split]["sentences"],
             synthetic=bool(manifest.get("synthetic", False)),
         ),

@@ -140,3 +140,12 @@ def test_missing_dataset_and_dead_server_are_one_clear_line(served):
         data.load_manifest(f"{url}/nowhere/{DATASET}")
     with pytest.raises(RefbenchError, match="127.0.0.1:9"):
         data.load_manifest(f"http://127.0.0.1:9/{DATASET}")  # the discard port: nothing listens
+
+
+def test_sentences_and_score_read_the_ground_truth_from_the_url(served, shards_root):
+    from refbench import score
+
+    url, _ = served
+    local = score.ground_truth(shards_root / DATASET, split="val")
+    over_http = score.ground_truth(f"{url}/{DATASET}", split="val")
+    assert over_http.sent_id == local.sent_id and over_http.rle == local.rle and len(local) > 0
