@@ -6,9 +6,11 @@ sine position encodings, the vision-language transformer decoder (CRIS layout), 
 upsampling pixel projector (CRIS's and EAVL eq 11), the batched dynamic convolution
 (CRIS's sentence kernel, EAVL eq 12) and the mask loss.
 
-Normalisation in every block written here is GroupNorm, not BatchNorm, so a sample's output
-never depends on the other samples in its batch and train and eval mode compute the same
-function (dropout aside). Only the CLIP ResNet trunk keeps its own BatchNorm layers.
+Normalisation in the conv blocks is a choice (`NORMS`): "group" (GroupNorm: a sample's output
+never depends on the other samples in its batch, and train and eval mode compute the same
+function, dropout aside; EAVL and the blind control use it) or "batch" (BatchNorm, as CRIS's
+code has it, so CRIS's weights load; `CRISConfig.norm`). The CLIP ResNet trunk keeps its own
+BatchNorm layers either way.
 
 Shapes: B batch, C channels, H x W a feature map, L words, K kernels (queries).
 """
@@ -27,11 +29,24 @@ def norm_groups(channels: int) -> int:
     return math.gcd(32, channels)
 
 
-def conv_block(c_in: int, c_out: int, kernel: int = 3) -> nn.Sequential:
-    """Conv (no bias) -> GroupNorm -> ReLU; 'same' padding. The sigma(F W) of the papers."""
+NORMS = {  # normalisation of a conv block's C channels, by name
+    "group": lambda c: nn.GroupNorm(norm_groups(c), c),
+    "batch": nn.BatchNorm2d,
+}
+
+
+def norm_2d(norm: str, channels: int) -> nn.Module:
+    """The `NORMS[norm]` layer for `channels` channels; ValueError naming the known ones otherwise."""
+    if norm not in NORMS:
+        raise ValueError(f"unknown norm {norm!r}; known: {', '.join(NORMS)}")
+    return NORMS[norm](channels)
+
+
+def conv_block(c_in: int, c_out: int, kernel: int = 3, norm: str = "group") -> nn.Sequential:
+    """Conv (no bias) -> norm -> ReLU; 'same' padding. The sigma(F W) of the papers (CRIS's conv_layer)."""
     return nn.Sequential(
         nn.Conv2d(c_in, c_out, kernel, padding=kernel // 2, bias=False),
-        nn.GroupNorm(norm_groups(c_out), c_out),
+        norm_2d(norm, c_out),
         nn.ReLU(inplace=True),
     )
 
@@ -53,9 +68,9 @@ def coord_features(x: torch.Tensor) -> torch.Tensor:
 class CoordConv(nn.Module):
     """Conv([F, F_coord]): a 3x3 conv block over the features with coordinates appended."""
 
-    def __init__(self, c_in: int, c_out: int):
+    def __init__(self, c_in: int, c_out: int, norm: str = "group"):
         super().__init__()
-        self.conv = conv_block(c_in + 2, c_out, 3)
+        self.conv = conv_block(c_in + 2, c_out, 3, norm)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B,C_in,H,W] -> [B,C_out,H,W]
         return self.conv(torch.cat([x, coord_features(x)], dim=1))
@@ -122,18 +137,28 @@ def sine_pos_2d(dim: int, h: int, w: int, device=None) -> torch.Tensor:
 
 
 class DecoderLayer(nn.Module):
-    """One vision-language decoder layer (CRIS layout, pre-norm).
+    """One vision-language decoder layer, CRIS's `TransformerDecoderLayer` layer for layer.
 
     Queries are the vision tokens (self-attention among them, then cross-attention to the
     memory: words for CRIS, the generated queries F_q for EAVL), then a feed-forward block.
+    Each sub-block is pre-normalised (norm1, norm2, norm3) and, as in CRIS's code, the two
+    attention outputs get their own LayerNorm before the residual (self_attn_norm,
+    cross_attn_norm) and the FFN has a LayerNorm on its hidden width:
+        x = x + Drop(LN_sa(SelfAttn(q = k = LN1(x) + pos, v = LN1(x))))
+        x = x + Drop(LN_ca(CrossAttn(q = LN2(x) + pos, k = mem + mem_pos, v = mem)))
+        x = x + Drop(Linear(LN_ffn(Drop(ReLU(Linear(LN3(x)))))))
     """
 
     def __init__(self, dim: int, heads: int, ffn: int, dropout: float):
         super().__init__()
         self.norm1, self.norm2, self.norm3 = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
         self.self_attn = nn.MultiheadAttention(dim, heads, dropout=dropout, batch_first=True)
+        self.self_attn_norm = nn.LayerNorm(dim)
         self.cross_attn = nn.MultiheadAttention(dim, heads, dropout=dropout, batch_first=True)
-        self.ffn = nn.Sequential(nn.Linear(dim, ffn), nn.ReLU(inplace=True), nn.Dropout(dropout), nn.Linear(ffn, dim))
+        self.cross_attn_norm = nn.LayerNorm(dim)
+        self.ffn = nn.Sequential(
+            nn.Linear(dim, ffn), nn.ReLU(inplace=True), nn.Dropout(dropout), nn.LayerNorm(ffn), nn.Linear(ffn, dim)
+        )
         self.drop = nn.Dropout(dropout)
 
     def forward(self, x, pos, memory, memory_pos=None, memory_pad=None):
@@ -141,10 +166,11 @@ class DecoderLayer(nn.Module):
         memory_pad bool [B,M] (True = padding, ignored) | None -> [B,N,C]."""
         h = self.norm1(x)
         q = h + pos
-        x = x + self.drop(self.self_attn(q, q, h, need_weights=False)[0])
+        x = x + self.drop(self.self_attn_norm(self.self_attn(q, q, h, need_weights=False)[0]))
         h = self.norm2(x)
         key = memory if memory_pos is None else memory + memory_pos
-        x = x + self.drop(self.cross_attn(h + pos, key, memory, key_padding_mask=memory_pad, need_weights=False)[0])
+        attn = self.cross_attn(h + pos, key, memory, key_padding_mask=memory_pad, need_weights=False)[0]
+        x = x + self.drop(self.cross_attn_norm(attn))
         return x + self.drop(self.ffn(self.norm3(x)))
 
 
@@ -166,7 +192,7 @@ class VisionLanguageDecoder(nn.Module):
         return self.norm(x).transpose(1, 2).reshape(b, c, h, w)
 
 
-def pixel_upsampler(c_in: int, c_out: int, pattern: str) -> nn.Sequential:
+def pixel_upsampler(c_in: int, c_out: int, pattern: str, norm: str = "group") -> nn.Sequential:
     """The os16 -> os4 pixel projector, described by a pattern of steps.
 
     U = 2x bilinear upsampling, C = 3x3 conv block, P = 1x1 conv. Convs keep c_in channels
@@ -183,7 +209,7 @@ def pixel_upsampler(c_in: int, c_out: int, pattern: str) -> nn.Sequential:
         elif step == "C":
             seen += 1
             c_next = c_out if seen == n_conv else c_in
-            steps.append(conv_block(c, c_next, 3))
+            steps.append(conv_block(c, c_next, 3, norm))
             c = c_next
         elif step == "P":
             steps.append(nn.Conv2d(c, c, 1))

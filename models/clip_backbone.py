@@ -401,15 +401,18 @@ class ClipBackbone(nn.Module):
 
     With text=False (the blind control) the text tower is not kept; with global_vision=False the
     image encoder builds no F_vg projection (a model that never reads F_vg must not own
-    parameters without gradients).
+    parameters without gradients). `resnet_encoder` replaces `ResNetImageEncoder` on ResNet
+    trunks (CRIS's layout takes the trunk's maps unprojected).
     """
 
-    def __init__(self, cfg: BackboneConfig, text: bool = True, global_vision: bool = True):
+    def __init__(self, cfg: BackboneConfig, text: bool = True, global_vision: bool = True,
+                 resnet_encoder: type | None = None):
         super().__init__()
         from open_clip.modified_resnet import ModifiedResNet
 
         clip = create_clip(cfg)
-        encoder = ResNetImageEncoder if isinstance(clip.visual, ModifiedResNet) else ViTImageEncoder
+        resnet_encoder = resnet_encoder or ResNetImageEncoder  # CRIS passes its own (models/cris.py)
+        encoder = resnet_encoder if isinstance(clip.visual, ModifiedResNet) else ViTImageEncoder
         self.image_encoder = encoder(clip.visual, cfg, global_vision=global_vision)
         self.text_encoder = TextEncoder(clip) if text else None
         self.dim_words = self.text_encoder.width if text else 0  # Ct

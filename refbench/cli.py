@@ -129,11 +129,12 @@ def models_cmd() -> None:
 @click.option("--variant", type=click.Choice(VARIANTS), default=None, help="Backbone variant [default: the recipe's].")
 @click.option("--dataset", default="refcoco_unc", show_default=True, help="Prepared dataset: <dataset>_<splitby> under --shards.")
 @click.option("--shards", default="shards", show_default=True, help="Shard root written by `refbench prepare`: a folder, or a URL (http(s)://, s3://, gs://, ... via fsspec) streamed.")
-@click.option("--recipe", type=click.Choice(["paper", "tiny"]), default="paper", show_default=True, help="Training recipe: paper (section 4.1) or tiny (CPU quickstart).")
+@click.option("--recipe", type=click.Choice(["paper", "cris", "tiny"]), default="paper", show_default=True, help="Training recipe: paper (EAVL section 4.1), cris (CRIS's own RefCOCO config) or tiny (CPU quickstart).")
 @click.option("--epochs", type=click.IntRange(min=1), default=None, help="Epochs (one epoch = one pass over the train refs in expectation).")
 @click.option("--steps", type=click.IntRange(min=1), default=None, help="Total optimizer steps (instead of --epochs).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Global batch size across all ranks.")
-@click.option("--lr", type=float, default=None, help="Peak learning rate.")
+@click.option("--lr", type=float, default=None, help="Peak (base) learning rate.")
+@click.option("--backbone-lr-scale", type=click.FloatRange(min=0.0), default=None, help="lr multiplier of the CLIP encoders [default: the recipe's; paper and cris: 0.1, as CRIS's lr_multi; 1 = one lr for the whole network].")
 @click.option("--pretrained", default=None, help="open_clip pretrained tag (e.g. openai) or a local weights file.")
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Run folder [default: runs/<model>-<variant>-<dataset>].")
 @click.option("--resume", is_flag=True, help="Continue from <out>/last.pt.")
@@ -141,7 +142,7 @@ def models_cmd() -> None:
 @click.option("--workers", type=click.IntRange(min=0), default=None, help="DataLoader workers per rank.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Random seed.")
 @click.option("--set", "overrides", multiple=True, metavar="FIELD=VALUE", help="Override a model config field, e.g. --set num_queries=8 (repeatable).")
-def train(model, variant, dataset, shards, recipe, epochs, steps, batch_size, lr, pretrained, out, resume, amp, workers, seed, overrides) -> None:
+def train(model, variant, dataset, shards, recipe, epochs, steps, batch_size, lr, backbone_lr_scale, pretrained, out, resume, amp, workers, seed, overrides) -> None:
     """Train MODEL (eavl, cris, blind, ...) on prepared shards, streaming.
 
     Multi-GPU / multi-node: torchrun --nproc_per_node 8 -m refbench train eavl ...
@@ -150,9 +151,34 @@ def train(model, variant, dataset, shards, recipe, epochs, steps, batch_size, lr
 
     train_mod.main(
         model=model, variant=variant, dataset=dataset, shards=shards, recipe=recipe, epochs=epochs,
-        steps=steps, batch_size=batch_size, lr=lr, pretrained=pretrained, out=out, resume=resume,
+        steps=steps, batch_size=batch_size, lr=lr, backbone_lr_scale=backbone_lr_scale, pretrained=pretrained, out=out, resume=resume,
         amp=amp, workers=workers, seed=seed, overrides=overrides,
     )
+
+
+# --------------------------------------------------------------------------------- convert
+
+
+@cli.group()
+def convert() -> None:
+    """Turn another codebase's checkpoint into a refbench checkpoint."""
+
+
+@convert.command("cris")
+@click.argument("ckpt", type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="The refbench checkpoint to write.")
+@click.option("--variant", type=click.Choice(["tiny", "rn50", "rn101"]), default=None, help="Backbone [default: read from the checkpoint].")
+@click.option("--image-size", type=click.IntRange(min=32), default=416, show_default=True, help="Network input side (CRIS's configs: 416).")
+@click.option("--dataset", default=None, help="Prepared dataset the model was trained on (e.g. refcoco_unc), so eval needs no --dataset.")
+@click.option("--context-length", type=click.IntRange(min=2, max=77), default=17, show_default=True, help="CRIS's word_len (17 RefCOCO/RefCOCO+, 22 G-Ref), used by predict.")
+def convert_cris_cmd(ckpt, out, variant, image_size, dataset, context_length) -> None:
+    """A CRIS.pytorch checkpoint (its state-dict keys, "module." prefixed) -> refbench checkpoint."""
+    from refbench import convert as convert_mod
+
+    path = convert_mod.convert_cris(ckpt, out, variant=variant, image_size=image_size, dataset=dataset,
+                                    context_length=context_length)
+    click.echo(f"convert: {ckpt} (CRIS.pytorch) -> {path} (refbench cris, {image_size} px); "
+               f"score it with `refbench eval --checkpoint {path} --protocol cris`")
 
 
 # --------------------------------------------------------------------------------- eval

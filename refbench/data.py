@@ -394,17 +394,25 @@ def _dataloader(stream: IterableDataset, num_workers: int, pin_memory: bool) -> 
 
 
 class _LazyImage:
-    """One image's JPEG bytes, decoded and letterboxed on first use, shared by its refs."""
+    """One image's JPEG bytes, decoded and letterboxed on first use, shared by its refs.
 
-    __slots__ = ("url", "key", "meta", "size", "jpeg", "decoded")
+    preprocess "letterbox": (uint8 [new_h, new_w, 3], Letterbox); "cris": (uint8 [S, S, 3] warped
+    with CRIS's cubic affine letterbox, cvwarp.CrisWarp).
+    """
 
-    def __init__(self, url: str, key: str, meta: dict, jpeg: bytes, size: int):
+    __slots__ = ("url", "key", "meta", "size", "jpeg", "decoded", "preprocess")
+
+    def __init__(self, url: str, key: str, meta: dict, jpeg: bytes, size: int, preprocess: str = "letterbox"):
         self.url, self.key, self.meta, self.jpeg, self.size = url, key, meta, jpeg, size
-        self.decoded: tuple[np.ndarray, transforms.Letterbox] | None = None
+        self.preprocess = preprocess
+        self.decoded: tuple[np.ndarray, Any] | None = None
 
-    def get(self) -> tuple[np.ndarray, transforms.Letterbox]:
+    def get(self) -> tuple[np.ndarray, Any]:
         if self.decoded is None:
-            self.decoded = _decode_image(self.url, self.key, self.jpeg, self.meta, self.size)
+            if self.preprocess == "cris":
+                self.decoded = _cris_input(self.url, self.key, self.jpeg, self.meta, self.size, normalise=False)
+            else:
+                self.decoded = _decode_image(self.url, self.key, self.jpeg, self.meta, self.size)
             self.jpeg = b""  # the bytes are no longer needed
         return self.decoded
 
@@ -452,39 +460,53 @@ def epoch_plan(entries: list[dict], *, seed: int, epoch: int, world: int, worker
 
 
 def _planned_samples(part: list[Piece], by_url: dict[str, dict], verify: bool, seed: tuple,
-                     size: int, context_length: int, shuffle_buffer: int) -> Iterator[_TrainRef]:
+                     size: int, context_length: int, shuffle_buffer: int, preprocess: str = "letterbox") -> Iterator[_TrainRef]:
     """Pipeline source of one worker: its part of the epoch, refs expanded and shuffled, then the
     same part again (new sentences, new shuffle), forever. Each pass drains its shuffle buffer
     before the next begins, so every ref of the part comes out before any repeats."""
     for cycle in itertools.count():
         refs = _expand_train(
             _shard_samples(({"url": u, "start": a, "stop": b} for u, a, b in part), by_url, verify),
-            rng=_rng(*seed, cycle, "sentences"), size=size, context_length=context_length,
+            rng=_rng(*seed, cycle, "sentences"), size=size, context_length=context_length, preprocess=preprocess,
         )
         yield from wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 100), rng=_rng(*seed, cycle, "shuffle"))(refs)
 
 
-def _expand_train(samples: Iterable[dict], rng: random.Random, size: int, context_length: int) -> Iterator[_TrainRef]:
+def _expand_train(samples: Iterable[dict], rng: random.Random, size: int, context_length: int,
+                  preprocess: str = "letterbox") -> Iterator[_TrainRef]:
     """Pipeline stage: image samples -> one `_TrainRef` per ref, with one random sentence each."""
     for sample in samples:
         meta = _parse_meta(sample, context_length)
-        image = _LazyImage(sample["__url__"], sample["__key__"], meta, sample["jpg"], size)
+        image = _LazyImage(sample["__url__"], sample["__key__"], meta, sample["jpg"], size, preprocess)
         for ref in meta["refs"]:
             yield _TrainRef(image, ref, ref["sentences"][rng.randrange(len(ref["sentences"]))])
 
 
 def _collate_train(refs: list[_TrainRef], size: int) -> dict:
-    """Decode (images once), letterbox and stack a batch of refs (uint8; normalised by `to_device`)."""
+    """Decode (images once), letterbox and stack a batch of refs (uint8; normalised by `to_device`).
+
+    Under CRIS's preprocessing (refbench.cvwarp) the images are CLIP-normalised here, as CRIS does,
+    and the masks are its soft targets: both float32 ("content" spans the whole input).
+    """
     n = len(refs)
-    images = _batch_tensor(n, 3, size, size, dtype=torch.uint8)  # [B, 3, S, S]
-    masks = _batch_tensor(n, 1, size, size, dtype=torch.uint8)  # [B, 1, S, S]
+    cris = bool(refs) and refs[0].image.preprocess == "cris"
+    images = _batch_tensor(n, 3, size, size, dtype=torch.float32 if cris else torch.uint8)  # [B, 3, S, S]
+    masks = _batch_tensor(n, 1, size, size, dtype=torch.float32 if cris else torch.uint8)  # [B, 1, S, S]
     content = torch.empty(n, 4, dtype=torch.int64)  # [B, 4]: top, left, height, width
     mask_view = masks.numpy()  # filled with numpy: single-threaded, no intra-op thread contention
     for b, r in enumerate(refs):
+        mask = _decode_mask(r.image.url, r.image.key, r.ref, r.image.meta)  # uint8 [H, W] of 0/1
+        if cris:  # CRIS's input and its soft target (INTER_LINEAR warp / 255)
+            from refbench import cvwarp
+
+            warped, warp = r.image.get()
+            images[b] = cvwarp.normalize(warped)
+            content[b] = torch.tensor([0, 0, size, size])
+            cvwarp.cris_train_mask(mask, warp, out=mask_view[b, 0])
+            continue
         rgb, box = r.image.get()
         transforms.letterbox_uint8(rgb, box, out=images[b])
         content[b] = torch.tensor(transforms.content_box(box))
-        mask = _decode_mask(r.image.url, r.image.key, r.ref, r.image.meta)  # uint8 [H, W] of 0/1
         transforms.mask_to_input(mask, box, out=mask_view[b, 0])
     return {
         "image": images,
@@ -507,8 +529,10 @@ class _TrainStream(IterableDataset):
     """The infinite batch stream of one rank; each DataLoader worker builds its own pipeline."""
 
     def __init__(self, entries: list[dict], parts: list[list[Piece]], *, batch_size: int, size: int, seed: int,
-                 epoch: int, rank: int, skip_batches: int, shuffle_buffer: int, context_length: int, verify: bool):
+                 epoch: int, rank: int, skip_batches: int, shuffle_buffer: int, context_length: int, verify: bool,
+                 preprocess: str = "letterbox"):
         super().__init__()
+        self.preprocess = preprocess
         self.entries, self.parts = entries, parts  # parts: this rank's epoch_plan, one per worker
         self.batch_size, self.size, self.seed, self.epoch = batch_size, size, seed, epoch
         self.rank, self.skip_batches, self.shuffle_buffer = rank, skip_batches, shuffle_buffer
@@ -527,7 +551,7 @@ class _TrainStream(IterableDataset):
             part = [p for ps in self.parts for p in ps]
         pipeline = wds.DataPipeline(
             functools.partial(_planned_samples, part, {e["url"]: e for e in self.entries}, self.verify, seed,
-                              self.size, self.context_length, self.shuffle_buffer),
+                              self.size, self.context_length, self.shuffle_buffer, self.preprocess),
             wds.batched(self.batch_size, collation_fn=None, partial=False),
             functools.partial(_skip_then_collate, skip=skip, size=self.size),
         )
@@ -551,6 +575,7 @@ def train_loader(
     shuffle_buffer: int = 1000,
     verify: bool = True,
     pin_memory: bool = False,
+    preprocess: str = "letterbox",
 ) -> Loader:
     """Batches `skip_batches`, ..., `num_batches` - 1 of epoch `epoch` of this rank's train stream.
 
@@ -561,7 +586,11 @@ def train_loader(
     by the ref-level shuffle; rank r of `world` draws only from shards r, r+W, ...
     (`loader.shards`). Call again with epoch + 1 for the next epoch. With skip_batches=k the
     batches equal those of the uninterrupted stream of (seed, epoch, rank, world, workers).
+    preprocess: "letterbox" (refbench.transforms, nearest-resized 0/1 masks) or "cris" (CRIS's
+    OpenCV chain, refbench.cvwarp: cubic image warp, soft INTER_LINEAR masks).
     """
+    if preprocess not in EVAL_INPUTS:
+        raise RefbenchError(f"unknown preprocessing {preprocess!r}; known: {', '.join(EVAL_INPUTS)}")
     rank, world = dist_info(rank, world)
     manifest = load_manifest(dataset_dir) if manifest is None else manifest
     entries = split_shards(manifest, dataset_dir, split)
@@ -582,7 +611,7 @@ def train_loader(
     stream = _TrainStream(
         entries, parts, batch_size=batch_size, size=image_size, seed=seed, epoch=epoch, rank=rank,
         skip_batches=skip_batches, shuffle_buffer=shuffle_buffer,
-        context_length=manifest["tokenizer"]["context_length"], verify=verify,
+        context_length=manifest["tokenizer"]["context_length"], verify=verify, preprocess=preprocess,
     )
     return Loader(
         _dataloader(stream, workers, pin_memory), steps - skip_batches, limit=True, steps_per_epoch=steps, workers=workers,
@@ -643,8 +672,9 @@ def _letterbox_input(url: str, key: str, jpeg: bytes, meta: dict, size: int):
     return transforms.letterbox_uint8(rgb, box), box, None
 
 
-def _cris_input(url: str, key: str, jpeg: bytes, meta: dict, size: int):
-    """CRIS's input (refbench.cvwarp): cv2 decode, cubic affine warp -> (float32 [3,S,S], Letterbox, CrisWarp)."""
+def _cris_input(url: str, key: str, jpeg: bytes, meta: dict, size: int, normalise: bool = True):
+    """CRIS's input (refbench.cvwarp): cv2 decode, cubic affine warp -> (float32 [3,S,S], Letterbox, CrisWarp);
+    with normalise=False: (uint8 [S,S,3] warped, CrisWarp)."""
     from refbench import cvwarp
 
     try:
@@ -655,6 +685,8 @@ def _cris_input(url: str, key: str, jpeg: bytes, meta: dict, size: int):
         raise RefbenchError(f"shard {url} sample {key}: the JPEG is {rgb.shape[1]}x{rgb.shape[0]}, "
                             f"its JSON says {meta['width']}x{meta['height']}", hint=REPREPARE)
     warped, warp = cvwarp.warp_image(rgb, size)
+    if not normalise:
+        return warped, warp
     return cvwarp.normalize(warped), transforms.Letterbox.fit(meta["width"], meta["height"], size), warp
 
 

@@ -51,7 +51,8 @@ from typing import Any
 
 from refbench import __version__, remote
 from refbench.errors import RefbenchError
-from refbench.recipes import Recipe, get_lr, get_recipe
+from refbench.metrics import get_protocol
+from refbench.recipes import Recipe, get_recipe, recipe_lr
 
 
 @dataclass
@@ -75,13 +76,14 @@ class TrainConfig:
 def main(model: str, variant: str | None, dataset: str, shards: Path, recipe: str, epochs: int | None,
          steps: int | None, batch_size: int | None, lr: float | None, pretrained: str | None,
          out: Path | None, resume: bool, amp: str | None, workers: int | None, seed: int,
-         overrides: tuple[str, ...] = ()) -> Path:
+         overrides: tuple[str, ...] = (), backbone_lr_scale: float | None = None) -> Path:
     """CLI entry: turn flags into a TrainConfig and train. Returns the run folder."""
     from refbench import models
 
     if model not in models.MODELS:
         raise RefbenchError(f"unknown model {model!r}; registered models: {', '.join(models.names())}")
-    rec = get_recipe(recipe, epochs=epochs, steps=steps, batch_size=batch_size, lr=lr, amp=amp, workers=workers)
+    rec = get_recipe(recipe, epochs=epochs, steps=steps, batch_size=batch_size, lr=lr, amp=amp, workers=workers,
+                     backbone_lr_scale=backbone_lr_scale)
     if pretrained is not None:
         rec = dataclasses.replace(rec, pretrained=None if pretrained.lower() in ("none", "") else pretrained)
     variant = variant or rec.variant
@@ -200,7 +202,7 @@ def train(cfg: TrainConfig) -> Path:
     scaler = torch.amp.GradScaler(d.device.type, enabled=amp_dtype == torch.float16)
 
     step, epoch, step_in_epoch = 0, 0, 0
-    best = {"metric": "val mIoU (original protocol)", "value": None, "step": None}
+    best = {"metric": f"val mIoU ({rec.protocol} protocol)", "value": None, "step": None}
     notes: list[str] = []  # said once at the start, and logged
     if ckpt is not None:
         net.load_state_dict(ckpt["state_dict"])
@@ -252,13 +254,13 @@ def train(cfg: TrainConfig) -> Path:
                 dataset_dir, manifest, split="train", image_size=net.image_size, batch_size=micro,
                 seed=cfg.seed, epoch=epoch, num_batches=steps_per_epoch * rec.grad_accum,
                 skip_batches=step_in_epoch * rec.grad_accum, workers=rec.workers, rank=d.rank, world=d.world,
-                pin_memory=d.device.type == "cuda",
+                pin_memory=d.device.type == "cuda", preprocess=get_protocol(rec.protocol).preprocess,
             )
             rank_pieces = batches.pieces
             it = iter(batches)
             window = _Window()
             while step_in_epoch < steps_per_epoch and step < total_steps:
-                lr = get_lr(step, total_steps, rec.lr, rec.warmup_steps, rec.lr_power, rec.min_lr)
+                lr = recipe_lr(rec, step, total_steps)
                 for group in optimizer.param_groups:
                     group["lr"] = lr * group["lr_scale"]
                 net.train()
@@ -282,11 +284,12 @@ def train(cfg: TrainConfig) -> Path:
                 if validate_now:
                     health.check(step)
                     metrics = evaluate.validate(net, dataset_dir, manifest, d, batch_size=micro * 2,
-                                                workers=rec.workers, max_batches=rec.val_max_batches)
+                                                workers=rec.workers, max_batches=rec.val_max_batches,
+                                                protocol=rec.protocol)
                     log.write({"step": step, "epoch": epoch, "val": metrics, "val_precision": evaluate.EVAL_PRECISION})
                     window.reset()  # throughput counts training only
                     progress.note(f"step {step}: val mIoU {metrics['mIoU']:.4f}, oIoU {metrics['oIoU']:.4f} "
-                                  f"({cfg.dataset} val, original protocol, n={metrics['n']})")
+                                  f"({cfg.dataset} val, {rec.protocol} protocol, n={metrics['n']})")
                     if best["value"] is None or metrics["mIoU"] > best["value"]:
                         best = {**best, "value": metrics["mIoU"], "step": step}
                         if d.main:
@@ -362,7 +365,8 @@ def _build_model(cfg: TrainConfig, d: Dist):
 
     from refbench import models
 
-    overrides = {**cfg.model_overrides, "pretrained": cfg.recipe.pretrained}
+    image_size = {"image_size": cfg.recipe.image_size} if cfg.recipe.image_size else {}  # e.g. CRIS's 416
+    overrides = {**image_size, **cfg.model_overrides, "pretrained": cfg.recipe.pretrained}
     net, error = None, None
     for turn in ((d.local_rank == 0), (d.local_rank != 0)):
         if turn:
@@ -467,14 +471,16 @@ def _micro_batch(rec: Recipe, world: int) -> int:
 
 
 def _optimizer(net, rec: Recipe):
-    """Adam(W) with the CLIP encoders' parameters at lr * backbone_lr_scale."""
+    """Adam(W) with the CLIP encoders' parameters at lr * backbone_lr_scale (but those named in
+    backbone_lr_exempt, e.g. CRIS's positional embeddings, at the base lr)."""
     import torch
 
     backbone, head = [], []
     for name, p in net.named_parameters():
         if not p.requires_grad:
             continue
-        (backbone if name.startswith("backbone.") else head).append(p)
+        exempt = any(part in name for part in rec.backbone_lr_exempt)
+        (backbone if name.startswith("backbone.") and not exempt else head).append(p)
     groups = [{"params": head, "lr_scale": 1.0}]
     if backbone:
         groups.append({"params": backbone, "lr_scale": rec.backbone_lr_scale})

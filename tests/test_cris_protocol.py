@@ -74,3 +74,15 @@ def test_eval_protocol_cris_writes_a_readable_strict_record(init_run, shards_roo
     i, u = rec.sentences["I"].to_numpy(), rec.sentences["U"].to_numpy()
     assert rec.metrics["Pr@0.5"] == metrics.summarize(i, u, strict=True)["Pr@0.5"]
     assert i.sum() > 0 and (u > 0).all()
+
+
+def test_train_loader_with_cris_preprocessing(shards_root):
+    from refbench import data
+
+    (batch,) = list(data.train_loader(shards_root / DATASET, batch_size=4, image_size=64, num_batches=1,
+                                      preprocess="cris"))
+    assert batch["image"].shape == (4, 3, 64, 64) and batch["mask"].shape == (4, 1, 64, 64)
+    mask = batch["mask"]
+    assert mask.max() == 1.0 and ((mask > 0) & (mask < 1)).any()  # CRIS's soft INTER_LINEAR target
+    corner = batch["image"][:, :, 0, 0]  # letterbox border or image: finite, CLIP-normalised range
+    assert torch.isfinite(batch["image"]).all() and corner.abs().max() < 3
