@@ -189,7 +189,7 @@ def convert_cris_cmd(ckpt, out, variant, image_size, dataset, context_length) ->
 @click.option("--dataset", default=None, help="Prepared dataset <dataset>_<splitby> [default: the one the checkpoint was trained on].")
 @click.option("--split", default="val", show_default=True, help="Split to score (val, testA, testB, test), or 'all' for every split but train.")
 @click.option("--shards", default="shards", show_default=True, help="Shard root written by `refbench prepare`: a folder, or a URL (http(s)://, s3://, gs://, ... via fsspec) streamed.")
-@click.option("--protocol", type=click.Choice(["original", "cris", "input"]), default="original", show_default=True, help="original: I/U at the original image size (one bilinear map back); cris: CRIS's own chain with OpenCV, its preprocessing included; input: at the network input (LAVT-style).")
+@click.option("--protocol", type=click.Choice(["original", "cris", "input"]), default=None, help="original: I/U at the original image size (one bilinear map back); cris: CRIS's own chain with OpenCV, its preprocessing included (the CRIS/EAVL papers' numbers); input: at the network input (LAVT-style) [default: the checkpoint's recipe protocol: cris for the cris and paper recipes and converted CRIS weights, original otherwise].")
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True, help="Sentences per forward pass.")
 @click.option("--workers", type=click.IntRange(min=0), default=None, help="DataLoader workers.")
 @click.option("--vis", type=click.IntRange(min=0), default=0, show_default=True, help="Save N overlay PNGs per split (best, worst, random).")

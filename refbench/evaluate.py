@@ -7,7 +7,8 @@
 The same `score_split` serves training-time validation (`validate`), so the numbers a run
 selects its best checkpoint on are computed exactly as the published ones.
 
-Protocols (refbench.metrics.PROTOCOLS):
+Protocols (refbench.metrics.PROTOCOLS); without --protocol a checkpoint is scored under the one
+it was trained for (`checkpoint_protocol`: its recipe's, `cris` for converted CRIS weights):
 - `original` (default; CRIS/EAVL): the probability map over the letterboxed input is mapped
   back to the original image (crop the letterbox, bilinear resize) and compared with the
   original-size GT (the union of the annotation's polygons).
@@ -202,7 +203,18 @@ def validate(net, dataset_dir: Path, manifest: dict, d, *, batch_size: int, work
 EVAL_SPLITS_EXCLUDE = ("train",)  # `--split all` scores every split but these
 
 
-def main(checkpoint: Path, dataset: str | None, split: str, shards: Path, protocol: str, batch_size: int,
+def checkpoint_protocol(ckpt: dict) -> str:
+    """The protocol a checkpoint is scored under by default: the one its recipe trained and
+    validated with (`cris` for the cris and paper recipes, whose input is CRIS's preprocessing),
+    `cris` for a converted CRIS.pytorch checkpoint, else refbench's default (`original`)."""
+    from refbench import metrics
+
+    recipe = ckpt.get("recipe") if isinstance(ckpt.get("recipe"), dict) else {}
+    name = recipe.get("protocol") or ckpt.get("protocol")
+    return name if name in metrics.PROTOCOLS else metrics.DEFAULT_PROTOCOL
+
+
+def main(checkpoint: Path, dataset: str | None, split: str, shards: Path, protocol: str | None, batch_size: int,
          workers: int | None, vis: int, results: Path, run_name: str | None) -> list[Path]:
     """`refbench eval`: score a checkpoint on one split (or all), publish records, print the table."""
     done = evaluate_checkpoint(checkpoint, dataset=dataset, splits=[split], shards=shards, protocol=protocol,
@@ -226,7 +238,7 @@ class Evaluated:
 
 
 def evaluate_checkpoint(checkpoint: Path, *, dataset: str | None = None, splits: list[str] = ("val",),
-                        shards: Path = Path("shards"), protocol: str = "original", batch_size: int = 16,
+                        shards: Path = Path("shards"), protocol: str | None = None, batch_size: int = 16,
                         workers: int | None = None, vis: int = 0, results: Path = Path("leaderboard/results"),
                         run_name: str | None = None) -> list[Evaluated]:
     """Score a checkpoint on `splits` ("all" = every split but train) and publish one record each.
@@ -239,9 +251,11 @@ def evaluate_checkpoint(checkpoint: Path, *, dataset: str | None = None, splits:
     from refbench.fsutil import sha256_file
     from refbench.train import setup_distributed
 
-    metrics.get_protocol(protocol)
+    if protocol is not None:
+        metrics.get_protocol(protocol)
     d = setup_distributed()
     ckpt = ckpt_mod.load(checkpoint)
+    protocol = protocol or checkpoint_protocol(ckpt)
     net = ckpt_mod.build_model(ckpt, checkpoint).to(d.device)
     dataset = dataset or ckpt.get("dataset", {}).get("name")
     if not dataset:

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from _harness import assert_cli_ok, cli
-from refbench import checkpoint, models
+from refbench import checkpoint, evaluate, models
 from refbench.models import cris
 
 # ours -> CRIS.pytorch (the inverse of cris.CRIS_KEY_RULES), for making CRIS-format test files
@@ -74,6 +74,7 @@ def test_convert_round_trip_gives_the_same_logits(tiny, tmp_path):
     assert ckpt["model"]["name"] == "cris" and ckpt["model"]["variant"] == "tiny"
     assert ckpt["model"]["config"]["quick_gelu"] and ckpt["model"]["config"]["norm"] == "batch"
     assert ckpt["dataset"]["name"] == "refcoco_unc" and ckpt["converted_from"]["epoch"] == 50
+    assert evaluate.checkpoint_protocol(ckpt) == "cris"  # scored under CRIS's chain unless told otherwise
     rebuilt = checkpoint.build_model(ckpt, out)
     image = torch.randn(2, 3, 96, 96, generator=torch.Generator().manual_seed(0))
     tokens = torch.tensor([[49406, 786, 530, 1449, 49407] + [0] * 12] * 2)
