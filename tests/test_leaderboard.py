@@ -209,7 +209,7 @@ def test_export_html_is_self_contained_and_sortable(results_root, tmp_path):
     doc = json.loads(text[start : text.index("</script>", start)])  # the page's data: every row and column
     assert len(doc["rows"]) == table.height
     assert [c["name"] for c in doc["columns"]] == lb.value_columns(table)
-    assert doc["datasets"] == ["refcoco_unc"] and doc["protocols"] == ["original", "input"]
+    assert doc["datasets"] == ["refcoco_unc"] and doc["protocols"] == ["original", "input", "cris"]  # cris: the papers' CRIS/EAVL rows
     # the page's behaviour (sorting, switching, provenance) is tested in a browser: test_leaderboard_page.py
 
 
