@@ -84,6 +84,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
 from refbench import remote, transforms
+from refbench.distributed import dist_info
 from refbench.errors import RefbenchError
 
 REPREPARE = "re-run `refbench prepare` for this dataset (or copy the shard again)"  # hint for bad shards
@@ -135,17 +136,6 @@ def verify_shards(manifest: dict, dataset_dir: str | Path, split: str) -> int:
 def steps_per_epoch(manifest: dict, split: str, global_batch: int) -> int:
     """Optimizer steps in one epoch: ceil(refs of `split` / global batch size)."""
     return math.ceil(manifest["splits"][split]["refs"] / global_batch)
-
-
-def dist_info(rank: int | None = None, world: int | None = None) -> tuple[int, int]:
-    """(rank, world size): the arguments when given, else torch.distributed's, else (0, 1)."""
-    if rank is None or world is None:
-        initialised = torch.distributed.is_available() and torch.distributed.is_initialized()
-        rank = (torch.distributed.get_rank() if initialised else 0) if rank is None else rank
-        world = (torch.distributed.get_world_size() if initialised else 1) if world is None else world
-    if not 0 <= rank < world:
-        raise ValueError(f"rank {rank} is outside a world of size {world}")
-    return rank, world
 
 
 # --------------------------------------------------------------------------------- reading shards

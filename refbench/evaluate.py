@@ -36,8 +36,18 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+from rich.table import Table
 
+from refbench import checkpoint as ckpt_mod
+from refbench import cvwarp, data, diversity, metrics, remote, transforms
+from refbench import results as results_mod
+from refbench.distributed import all_gather_object, setup_distributed
 from refbench.errors import RefbenchError
+from refbench.fsutil import sha256_file
+from refbench.visualize import render_examples
 
 COLUMNS = ("sent_id", "ref_id", "image_id", "category_id", "sent")  # per-sentence keys kept with I and U
 EVAL_PRECISION = "float32"  # the dtype every forward of scoring runs in (no autocast)
@@ -64,8 +74,6 @@ def probabilities(net, image, tokens, meter=None):
     """sigmoid(logits) of the model in float32 (autocast off, whatever the caller has on):
     float32 [B,1,h,w] over the square input. `meter` (a refbench.diversity.DiversityMeter),
     if given, takes the batch's query figures."""
-    import torch
-
     with torch.inference_mode(), torch.autocast(image.device.type, enabled=False), _no_tf32():
         out = net(image.float(), tokens)
     if meter is not None:
@@ -76,8 +84,6 @@ def probabilities(net, image, tokens, meter=None):
 @contextlib.contextmanager
 def _no_tf32():
     """float32 means float32: no TF32 convolutions or matmuls (cuDNN allows TF32 by default)."""
-    import torch
-
     before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     try:
@@ -88,11 +94,6 @@ def _no_tf32():
 
 def count_iu(probs, batch: dict, threshold: float, protocol: str) -> tuple[np.ndarray, np.ndarray]:
     """I and U (int64 [B]) of one batch of probability maps against its GT masks."""
-    import torch
-    import torch.nn.functional as F
-
-    from refbench import data, metrics, transforms
-
     proto = metrics.get_protocol(protocol)
     boxes = batch["letterbox"]
     if not boxes:
@@ -126,14 +127,10 @@ def binary_masks(probs, batch: dict, threshold: float, protocol: str) -> list[np
     one place this is done: `refbench eval` counts I/U on these masks and `refbench
     predictions` writes them out, so the two agree exactly.
     """
-    from refbench import metrics, transforms
-
     proto = metrics.get_protocol(protocol)
     if proto.resolution != "original":
         raise RefbenchError(f"protocol {protocol!r} compares at the network input: it has no masks at the original size")
     if proto.preprocess == "cris":
-        from refbench import cvwarp
-
         maps = cvwarp.cris_to_original(probs, batch["warp"])  # B x float32 [H_b, W_b]
         return [np.asarray(m) > threshold for m in maps]
     return [m.cpu().numpy() > threshold for m in transforms.to_original(probs, batch["letterbox"])]  # B x bool [H_b, W_b]
@@ -142,10 +139,6 @@ def binary_masks(probs, batch: dict, threshold: float, protocol: str) -> list[np
 def score_split(net, dataset_dir: Path, manifest: dict, split: str, d, *, batch_size: int = 16,
                 workers: int = 0, protocol: str = "original", max_batches: int | None = None) -> SplitScores:
     """I/U of every sentence of `split` (this rank's shards; gathered on every rank when distributed)."""
-    import torch
-
-    from refbench import data, diversity, metrics
-
     loader = data.eval_loader(dataset_dir, manifest, split=split, image_size=net.image_size,
                               batch_size=batch_size, workers=workers, rank=d.rank, world=d.world,
                               preprocess=metrics.get_protocol(protocol).preprocess,
@@ -170,8 +163,7 @@ def score_split(net, dataset_dir: Path, manifest: dict, split: str, d, *, batch_
     scores.seconds_total = time.perf_counter() - start
     net.train(was_training)
     if d.world > 1:
-        gathered: list = [None] * d.world
-        torch.distributed.all_gather_object(gathered, (scores.columns, meter.state()))
+        gathered = all_gather_object(d, (scores.columns, meter.state()))
         merged = SplitScores(seconds_total=scores.seconds_total, seconds_metric=scores.seconds_metric)
         meter = diversity.DiversityMeter()
         for cols, state in gathered:
@@ -187,8 +179,6 @@ def validate(net, dataset_dir: Path, manifest: dict, d, *, batch_size: int, work
     """Training-time validation: mIoU, oIoU, Pr@X on the val split (the recipe's protocol,
     default original; float32), and the query diversity figures on val for models with queries
     (`query_diversity`)."""
-    from refbench import metrics
-
     scores = score_split(net, dataset_dir, manifest, "val", d, batch_size=batch_size, workers=workers,
                          max_batches=max_batches, protocol=protocol)
     summary = metrics.summarize(scores.columns["I"], scores.columns["U"], strict=metrics.get_protocol(protocol).pr_strict)
@@ -245,12 +235,6 @@ def evaluate_checkpoint(checkpoint: Path, *, dataset: str | None = None, splits:
 
     Returns the published records on rank 0 (an empty list on other ranks).
     """
-    from refbench import checkpoint as ckpt_mod
-    from refbench import data, metrics, remote
-    from refbench import results as results_mod
-    from refbench.fsutil import sha256_file
-    from refbench.train import setup_distributed
-
     if protocol is not None:
         metrics.get_protocol(protocol)
     d = setup_distributed()
@@ -290,8 +274,6 @@ def evaluate_checkpoint(checkpoint: Path, *, dataset: str | None = None, splits:
         )
         item = Evaluated(dataset=dataset, split=s, protocol=protocol, model=model_info, path=path, scores=scores)
         if vis:
-            from refbench.visualize import render_examples
-
             item.pictures = render_examples(net, dataset_dir, manifest, s, scores, vis, results_dir_for(path), d.device)
         done.append(item)
     return done
@@ -304,12 +286,6 @@ def results_dir_for(record_path: Path) -> Path:
 
 def print_scores(done: list[Evaluated]) -> None:
     """The rich table of `refbench eval`: one row per record, every number named."""
-    from rich.console import Console
-    from rich.table import Table
-
-    from refbench import metrics
-    from refbench import results as results_mod
-
     console = Console()
     first = done[0]
     table = Table(title=f"{first.model.name}/{first.model.variant} ({first.model.run}): "
@@ -331,8 +307,6 @@ def print_scores(done: list[Evaluated]) -> None:
         console.print(f"{e.split}: record {e.path} ({len(e.scores)} sentences, {e.scores.seconds_total:.1f} s, "
                       f"{100 * share:.1f}% of it in metric code)")
         if e.scores.diversity is not None:
-            from refbench import diversity
-
             console.print(f"{e.split}: query diversity of {e.model.name}, mean over {e.scores.diversity['n']} sentences "
                           f"of {e.dataset}/{e.split}:")
             for line in diversity.describe(e.scores.diversity):

@@ -2,8 +2,8 @@
 
 Read top to bottom, a run is:
 
-    setup_distributed()            torchrun env -> rank/world/device (NCCL on GPU, gloo on CPU)
-    load the dataset manifest      refbench.prepare.load_manifest (errors name the prepare command)
+    setup_distributed()            refbench.distributed: torchrun env -> rank/world/device
+    load the dataset manifest      refbench.data.load_manifest (errors name the prepare command)
     fresh or resume?               rank 0 decides and reads last.pt, every rank gets it (or the error)
     build the model                models.build(name, variant, **overrides), each node's first rank
                                    first (weights download); then each rank its own RNG stream;
@@ -40,18 +40,25 @@ ones are checked at each log, checkpoint and validation, so no checkpoint holds 
 from __future__ import annotations
 
 import ast
+import contextlib
 import dataclasses
 import json
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from refbench import __version__, remote
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from refbench import __version__, checkpoint, data, diversity, evaluate, models, remote
+from refbench.distributed import Dist, all_gather_object, autocast_dtype, barrier, setup_distributed
 from refbench.errors import RefbenchError
+from refbench.fsutil import atomic_write_json, atomic_write_text
 from refbench.metrics import get_protocol
+from refbench.plots import plot_curves
+from refbench.progress import TrainProgress
 from refbench.recipes import Recipe, get_recipe, recipe_lr
 
 
@@ -78,8 +85,6 @@ def main(model: str, variant: str | None, dataset: str, shards: Path, recipe: st
          out: Path | None, resume: bool, amp: str | None, workers: int | None, seed: int,
          overrides: tuple[str, ...] = (), backbone_lr_scale: float | None = None) -> Path:
     """CLI entry: turn flags into a TrainConfig and train. Returns the run folder."""
-    from refbench import models
-
     if model not in models.MODELS:
         raise RefbenchError(f"unknown model {model!r}; registered models: {', '.join(models.names())}")
     rec = get_recipe(recipe, epochs=epochs, steps=steps, batch_size=batch_size, lr=lr, amp=amp, workers=workers,
@@ -109,78 +114,21 @@ def parse_overrides(items: tuple[str, ...] | list[str]) -> dict[str, Any]:
     return parsed
 
 
-# ------------------------------------------------------------------------------ distributed
-
-
-@dataclass(frozen=True)
-class Dist:
-    rank: int  # global rank
-    world: int  # number of processes
-    local_rank: int  # rank on this node (GPU index)
-    device: Any  # torch.device
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def setup_distributed() -> Dist:
-    """Initialise torch.distributed when launched by torchrun (WORLD_SIZE > 1)."""
-    import torch
-    import torch.distributed as dist
-
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    cuda = torch.cuda.is_available()
-    if world > 1 and not dist.is_initialized():
-        if cuda:
-            torch.cuda.set_device(local_rank)
-        dist.init_process_group(backend="nccl" if cuda else "gloo")
-    rank = dist.get_rank() if world > 1 else 0
-    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
-    return Dist(rank=rank, world=world, local_rank=local_rank, device=device)
-
-
-def _barrier(d: Dist) -> None:
-    if d.world > 1:
-        import torch.distributed as dist
-
-        dist.barrier()
-
-
-def autocast_dtype(amp: str, device) -> Any:
-    """The autocast dtype for an `amp` setting on a device (None = full precision)."""
-    import torch
-
-    if amp == "auto":
-        return torch.bfloat16 if device.type == "cuda" else None
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[amp]
-
-
 # ------------------------------------------------------------------------------ the loop
 
 
 def train(cfg: TrainConfig) -> Path:
     """Train `cfg.model` on `cfg.dataset`; returns the run folder holding last.pt and best.pt."""
-    import torch
-
-    from refbench import models
-    from refbench import checkpoint, data, evaluate
-    from refbench.prepare import load_manifest
-    from refbench.progress import TrainProgress
-
     d = setup_distributed()
     rec = cfg.recipe
-    manifest = load_manifest(cfg.shards, cfg.dataset)
     dataset_dir = remote.join(cfg.shards, cfg.dataset)
-    train_refs = manifest["splits"].get("train", {}).get("refs", 0)
-    if train_refs == 0:
+    manifest = data.load_manifest(dataset_dir)
+    if manifest["splits"].get("train", {}).get("refs", 0) == 0:
         raise RefbenchError(f"{remote.join(dataset_dir, 'manifest.json')}: the dataset has no train split")
 
     micro = _micro_batch(rec, d.world)
-    steps_per_epoch = math.ceil(train_refs / rec.batch_size)
+    steps_per_epoch = data.steps_per_epoch(manifest, "train", rec.batch_size)
     total_steps = rec.steps or rec.epochs * steps_per_epoch
-    num_epochs = math.ceil(total_steps / steps_per_epoch)
 
     if d.device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # one fixed input size: let cuDNN pick its fastest kernels once
@@ -218,8 +166,6 @@ def train(cfg: TrainConfig) -> Path:
 
     ddp = net
     if d.world > 1:
-        from torch.nn.parallel import DistributedDataParallel
-
         ddp = DistributedDataParallel(net, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
 
     context = {
@@ -299,8 +245,6 @@ def train(cfg: TrainConfig) -> Path:
                         epoch, step_in_epoch = epoch + 1, 0
                     save_last(metrics)
                     if d.main:
-                        from refbench.plots import plot_curves
-
                         plot_curves(cfg.out / "log.jsonl", cfg.out / "curves.png", title=f"{cfg.model}/{cfg.variant} on {cfg.dataset}")
                 elif end_of_epoch:
                     epoch, step_in_epoch = epoch + 1, 0
@@ -309,13 +253,13 @@ def train(cfg: TrainConfig) -> Path:
                     save_last()
                 if cfg.stop_after is not None and ran_here >= cfg.stop_after:
                     save_last()
-                    _barrier(d)
+                    barrier(d)
                     return cfg.out
                 if step_in_epoch == 0:
                     break  # the epoch ended: the next one streams from a new loader
             del it, batches
     _check_ranks_agree(net, d, log, rank_pieces)
-    _barrier(d)
+    barrier(d)
     return cfg.out
 
 
@@ -473,8 +417,6 @@ def _micro_batch(rec: Recipe, world: int) -> int:
 def _optimizer(net, rec: Recipe):
     """Adam(W) with the CLIP encoders' parameters at lr * backbone_lr_scale (but those named in
     backbone_lr_exempt, e.g. CRIS's positional embeddings, at the base lr)."""
-    import torch
-
     backbone, head = [], []
     for name, p in net.named_parameters():
         if not p.requires_grad:
@@ -496,12 +438,6 @@ def _optimizer(net, rec: Recipe):
 def _optimizer_step(ddp, net, optimizer, scaler, it, rec: Recipe, d: Dist, amp_dtype, window) -> dict:
     """One optimiser step over `grad_accum` micro-batches; returns the mean loss terms as 0-dim
     tensors on the device (read them at log time: a float() here would wait for the GPU)."""
-    import contextlib
-
-    import torch
-
-    from refbench import data, diversity
-
     optimizer.zero_grad(set_to_none=True)
     totals: dict = {}  # name -> 0-dim tensor on the device: no host sync per micro-batch
     for k in range(rec.grad_accum):
@@ -591,8 +527,6 @@ def _check_resumable(ckpt: dict, cfg: TrainConfig, path: Path) -> None:
 
 
 def _write_run_config(cfg: TrainConfig, manifest: dict, context: dict) -> None:
-    from refbench.fsutil import atomic_write_json
-
     atomic_write_json(cfg.out / "config.json", {
         "model": cfg.model, "variant": cfg.variant, "dataset": cfg.dataset, "shards": str(cfg.shards),
         "recipe": dataclasses.asdict(cfg.recipe), "seed": cfg.seed, "overrides": cfg.model_overrides,
@@ -615,8 +549,6 @@ class _JsonlLog:
 
 def _trim_log(path: Path, step: int) -> None:
     """On resume, drop log lines written after the checkpoint we resume from."""
-    from refbench.fsutil import atomic_write_text
-
     if not path.exists():
         return
     kept = []
@@ -633,13 +565,8 @@ def _check_ranks_agree(net, d: Dist, log: _JsonlLog, rank_pieces: list) -> None:
     """After DDP training, every rank must hold the same weights; record the checksums and
     which train images (shard, first sample, end sample) each rank read in the last epoch."""
     checksum = float(sum(p.detach().double().sum() for p in net.parameters()))
-    sums, pieces = [checksum], [rank_pieces]
-    if d.world > 1:
-        import torch.distributed as dist
-
-        gathered: list = [None] * d.world
-        dist.all_gather_object(gathered, (checksum, rank_pieces))
-        sums, pieces = [g[0] for g in gathered], [g[1] for g in gathered]
+    gathered = all_gather_object(d, (checksum, rank_pieces))
+    sums, pieces = [g[0] for g in gathered], [g[1] for g in gathered]
     agree = all(s == sums[0] for s in sums)
     log.write({"event": "end", "param_checksums": sums, "ranks_agree": agree, "train_pieces": pieces})
     if not agree:

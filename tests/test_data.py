@@ -204,13 +204,6 @@ def test_an_epoch_of_steps_reads_nearly_every_train_ref(tmp_path, world, workers
     assert len(seen) / len(refs) >= 0.9, (len(seen), len(refs))
 
 
-def test_dist_info_defaults_and_checks():
-    assert data.dist_info() == (0, 1)
-    assert data.dist_info(1, 2) == (1, 2)
-    with pytest.raises(ValueError):
-        data.dist_info(2, 2)
-
-
 # --------------------------------------------------------------------------------- eval
 
 

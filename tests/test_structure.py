@@ -1,0 +1,96 @@
+"""The package's shape: no import cycles, the model zoo stands alone, `--help` stays light."""
+
+import ast
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+PACKAGES = {"refbench": REPO / "refbench", "refbench.models": REPO / "models"}  # import name -> folder
+
+
+def _modules() -> dict[str, Path]:
+    """Every module of the installed tree by its import name (packages by the package name)."""
+    found = {}
+    for package, folder in PACKAGES.items():
+        for path in folder.rglob("*.py"):
+            parts = [p for p in path.relative_to(folder).with_suffix("").parts if p != "__init__"]
+            found[".".join([package, *parts])] = path
+    return found
+
+
+def import_graph() -> dict[str, set[str]]:
+    """module -> the refbench modules it imports anywhere in its text (top level or inside functions)."""
+    modules = _modules()
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        base = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        targets: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                targets.update(a.name for a in node.names)
+            elif isinstance(node, ast.ImportFrom):
+                if node.level:
+                    package = base
+                    for _ in range(node.level - 1):
+                        package = package.rpartition(".")[0]
+                    module = f"{package}.{node.module}" if node.module else package
+                else:
+                    module = node.module
+                targets.add(module)
+                targets.update(f"{module}.{a.name}" for a in node.names)  # `from refbench import data`
+        graph[name] = {t for t in targets if t in modules and t != name}
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle as [a, b, ..., a], or None (depth-first search, three colours)."""
+    state: dict[str, int] = {}  # 1 = on the current path, 2 = done
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        path.append(node)
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                return path[path.index(nxt):] + [nxt]
+            if nxt not in state and (cycle := visit(nxt)):
+                return cycle
+        path.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (cycle := visit(node)):
+            return cycle
+    return None
+
+
+def test_find_cycle_finds_one():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set(), "c": {"a", "b"}}) is None
+
+
+def test_no_import_cycle():
+    graph = import_graph()
+    assert {"refbench.train", "refbench.evaluate", "refbench.distributed", "refbench.models.registry"} <= set(graph)
+    assert "refbench.distributed" in graph["refbench.train"] & graph["refbench.evaluate"]
+    cycle = find_cycle(graph)
+    assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def test_model_zoo_never_imports_the_rest_of_refbench():
+    for name, targets in import_graph().items():
+        if name.startswith("refbench.models"):
+            outside = {t for t in targets if not t.startswith("refbench.models")}
+            assert not outside, f"{name} imports {sorted(outside)}"
+
+
+def test_help_imports_no_torch():
+    code = ("import sys\nfrom click.testing import CliRunner\nfrom refbench.cli import cli\n"
+            "r = CliRunner().invoke(cli, ['--help'])\nassert r.exit_code == 0, r.output\n"
+            "import json; print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in "
+            "('torch', 'open_clip', 'torchvision', 'webdataset', 'polars'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == []
