@@ -31,7 +31,7 @@ def export(checkpoint: Path, *, split: str, out: Path, dataset: str | None = Non
 
     from refbench import checkpoint as ckpt_mod
     from refbench import data, evaluate, metrics, remote, score
-    from refbench.train import setup_distributed
+    from refbench.distributed import setup_distributed
 
     proto = score.check_protocol(protocol)
     d = setup_distributed()
