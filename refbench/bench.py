@@ -54,6 +54,9 @@ import time
 from pathlib import Path
 from typing import Callable, Iterator
 
+from refbench.bench_rows import interleaved as _interleaved
+from refbench.bench_rows import median_ratio as _median_ratio
+from refbench.bench_rows import row as _row
 from refbench.errors import RefbenchError
 from refbench.fsutil import atomic_write_text
 from refbench.synth import SynthConfig
@@ -91,39 +94,6 @@ MODEL_WARMUP = 2  # untimed steps per model before timing
 
 
 # ---------------------------------------------------------------------------------- rows
-
-
-def _row(bench: str, what: str, ours: float, baseline: float, target: float | None, ratio: float | None = None,
-         *, at_least: bool = False, baseline_is: str | None = None) -> dict:
-    """One result; `ratio` defaults to ours / baseline; the target is a ceiling, or a floor when `at_least`."""
-    ratio = ours / baseline if ratio is None else ratio
-    return {
-        "bench": bench,
-        "what": what,
-        "ours": ours,
-        "baseline": baseline,
-        "baseline_is": baseline_is,
-        "ratio": ratio,
-        "target": None if target is None else f"{'>=' if at_least else '<='} {target}",
-        "ok": None if target is None else (ratio >= target if at_least else ratio <= target),
-    }
-
-
-def _interleaved(sides: dict[str, Callable[[], float]], reps: int, warmup: int) -> dict[str, list[float]]:
-    """Call each side once per repetition, alternating which goes first; the timed results per side."""
-    names = list(sides)
-    out: dict[str, list[float]] = {n: [] for n in names}
-    for rep in range(warmup + reps):
-        for name in names if rep % 2 == 0 else names[::-1]:
-            value = sides[name]()
-            if rep >= warmup:
-                out[name].append(value)
-    return out
-
-
-def _median_ratio(a: list[float], b: list[float]) -> float:
-    """Median of the per-repetition ratios a_i / b_i (each pair ran back to back)."""
-    return statistics.median(x / y for x, y in zip(a, b))
 
 
 def _cpu_seconds() -> float:

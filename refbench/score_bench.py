@@ -94,7 +94,7 @@ def bench_score(workdir: Path, images: int) -> list[dict]:
     """Rows: ours vs decode-only (target), sentences/s vs decode-and-count, publishing (information)."""
     from pycocotools import mask as mask_utils
 
-    from refbench import bench, results, score
+    from refbench import bench_rows, results, score
 
     path, truth = submission(Path(workdir) / "score")
     n = len(truth)
@@ -140,18 +140,18 @@ def bench_score(workdir: Path, images: int) -> list[dict]:
         )
         return time.perf_counter() - t0
 
-    times = bench._interleaved({"ours": ours, "decode": decode_only, "naive": decode_and_count, "publish": publish},
+    times = bench_rows.interleaved({"ours": ours, "decode": decode_only, "naive": decode_and_count, "publish": publish},
                                REPS, WARMUP)
     med = {k: float(np.median(v)) for k, v in times.items()}
     setting = f"{n:,} sentences, COCO-size masks (mean {pixels / 1e3:.0f} k pixels), RLE JSONL, synthetic"
     return [
-        bench._row("score", f"s to score a submission: parse + validate + I/U on RLEs ({setting})",
-                   med["ours"], med["decode"], SCORE_TARGET, bench._median_ratio(times["ours"], times["decode"]),
+        bench_rows.row("score", f"s to score a submission: parse + validate + I/U on RLEs ({setting})",
+                   med["ours"], med["decode"], SCORE_TARGET, bench_rows.median_ratio(times["ours"], times["decode"]),
                    baseline_is="read + parse the same file and pycocotools mask.decode every predicted mask, nothing else"),
-        bench._row("score", f"sentences/s scored, from the file to per-sentence I/U ({setting})",
-                   n / med["ours"], n / med["naive"], None, bench._median_ratio(times["naive"], times["ours"]),
+        bench_rows.row("score", f"sentences/s scored, from the file to per-sentence I/U ({setting})",
+                   n / med["ours"], n / med["naive"], None, bench_rows.median_ratio(times["naive"], times["ours"]),
                    baseline_is="a decode-and-count scorer: mask.decode prediction and GT, numpy I and U"),
-        bench._row("score", f"s to score and publish the record (bootstrap 1000, breakdowns, parquet; {setting})",
-                   med["publish"], med["decode"], None, bench._median_ratio(times["publish"], times["decode"]),
+        bench_rows.row("score", f"s to score and publish the record (bootstrap 1000, breakdowns, parquet; {setting})",
+                   med["publish"], med["decode"], None, bench_rows.median_ratio(times["publish"], times["decode"]),
                    baseline_is="decode-only, as in the first row"),
     ]
