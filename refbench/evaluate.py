@@ -197,8 +197,6 @@ def checkpoint_protocol(ckpt: dict) -> str:
     """The protocol a checkpoint is scored under by default: the one its recipe trained and
     validated with (`cris` for the cris and paper recipes, whose input is CRIS's preprocessing),
     `cris` for a converted CRIS.pytorch checkpoint, else refbench's default (`original`)."""
-    from refbench import metrics
-
     recipe = ckpt.get("recipe") if isinstance(ckpt.get("recipe"), dict) else {}
     name = recipe.get("protocol") or ckpt.get("protocol")
     return name if name in metrics.PROTOCOLS else metrics.DEFAULT_PROTOCOL
