@@ -11,10 +11,18 @@ For each dataset/partition: load the refs pickle (safely) and instances.json, jo
 every ref (refbench.refer), tokenize every sentence in one batch (refbench.text), cut each split's
 images (sorted by image id) into shards of `--shard-size` images, and hand the shards to
 `--workers` processes (planning the next dataset overlaps writing this one). Per image a worker
-reads the JPEG bytes (copied byte-identical; only the marker segments up to the frame header are
-parsed, to check that it is a JPEG of the size instances.json gives: ~3 us, against ~40 us for
-opening it with pillow), rasterises each ref's polygon union to COCO RLE (pycocotools) and adds
-`<key>.jpg` and `<key>.json` to the tar.
+reads the JPEG bytes (copied byte-identical), checks that it is a JPEG of the size instances.json
+gives (the marker segments up to the frame header, ~3 us) and that it decodes completely (every
+scan entropy-decoded, at 1/8 scale in the DCT: see `jpeg_decode_problem`), rasterises each ref's
+polygon union to COCO RLE (pycocotools), checks that the mask is not empty, and adds `<key>.jpg`
+and `<key>.json` to the tar.
+
+Prepare is the door: everything the loaders need is checked here, once, so a shard that prepare
+wrote never fails to decode in training or evaluation unless the shard changed on disk (which
+the manifest's sha256 catches). Checked: every JPEG decodes completely at its annotated size;
+ref_ids and sent_ids are unique within a dataset; every segmentation rasterises to the image's
+size (an RLE's size and runs included) with a nonzero area; every sentence is non-empty after
+the tokenizer's cleaning.
 
 Deterministic: tar members carry mtime 0, uid/gid 0, mode 0644, no user names, USTAR headers, in
 sorted order; the manifest has no timestamps and no worker count. The same inputs and options give
@@ -33,10 +41,13 @@ manifest (the folder is then "not prepared"), plus `.tmp-` files; running the sa
 deletes the `.tmp-` files and rewrites every shard, giving output identical to an uninterrupted
 run. Redoing costs one pass over the images and, unlike resuming, never trusts a stale shard.
 
-Bad input: a missing/unreadable/non-JPEG image or one whose size differs from instances.json, an
-ann_id absent from instances.json, a malformed polygon, ... raise one `RefbenchError` line naming
-the file and ref/image. With `--skip-bad` the ref or image is skipped, counted and listed in
-manifest["skipped"], and a warning line is printed.
+Bad input: a missing/unreadable/non-JPEG/truncated image or one whose size differs from
+instances.json, an ann_id absent from instances.json, a malformed polygon or RLE, a zero-area
+target, a repeated sent_id, an empty sentence, ... raise one `RefbenchError` line naming the file
+and the image, ref or sentence. With `--skip-bad` the image, ref or sentence is skipped, counted
+and listed in manifest["skipped"], and a warning line is printed. Arguments are checked before any
+work: `--out` must be a folder (or not exist yet), `--workers` is capped at the cores this
+process may use and at the number of shards (with a note).
 """
 
 from __future__ import annotations
@@ -190,12 +201,32 @@ def jpeg_size(data: bytes) -> tuple[int, int] | None:
     return None
 
 
-def _read_jpeg(path: Path, image: dict) -> bytes:
-    """The JPEG bytes of an image, after checking its header: a JPEG of the annotated size.
+def jpeg_decode_problem(data: bytes, width: int, height: int) -> str | None:
+    """Why these JPEG bytes do not decode completely, or None when they do.
 
-    Only the header is checked (`jpeg_size`): a file cut short inside its compressed data passes,
-    as decoders tolerate it (a few COCO images are like that).
+    Decodes with pillow (the loaders' decoder, so what passes here decodes there) at 1/8 scale in
+    the DCT (`draft`): every scan is still entropy-decoded to its end, so a file cut short, a
+    missing end-of-image marker or a broken Huffman stream fails here as it would in training,
+    at about half the cost of a full decode. Recoverable
+    libjpeg warnings ("corrupt data: N extraneous bytes", found in a few COCO images) pass, as
+    they do in the loaders.
     """
+    import io
+
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.draft(im.mode, (max(1, width // 8), max(1, height // 8)))
+            im.load()
+    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, struct.error, ...
+        return f"the JPEG does not decode completely ({type(e).__name__}: {e})"
+    return None
+
+
+def _read_jpeg(path: Path, image: dict) -> bytes:
+    """The JPEG bytes of an image, after checking it: a JPEG of the annotated size that decodes
+    completely (`jpeg_decode_problem`)."""
     from refbench.refer import BadInput
 
     iid = image["image_id"]
@@ -210,7 +241,29 @@ def _read_jpeg(path: Path, image: dict) -> bytes:
         raise BadInput("image", iid, path, "not a readable JPEG (no JPEG frame header)" if data else "empty file")
     if size != (image["width"], image["height"]):
         raise BadInput("image", iid, path, f"is {size[0]}x{size[1]} but instances.json says {image['width']}x{image['height']}")
+    problem = jpeg_decode_problem(data, *size)
+    if problem:
+        raise BadInput("image", iid, path, problem)
     return data
+
+
+def _target_rle(ref: dict, image: dict, instances: str) -> dict:
+    """The ref's GT mask as COCO RLE, checked: it rasterises at the image's size and is not empty.
+
+    Raises `BadInput` naming instances.json and the ref: a target of zero area would score IoU 0
+    for every model (or be skipped by none), silently pulling mIoU down.
+    """
+    from refbench.refer import BadInput, mask_area, mask_rle
+
+    try:
+        rle = mask_rle(ref["segmentation"], image["height"], image["width"])
+    except Exception as e:  # pycocotools raises ValueError, TypeError, OverflowError on bad input
+        raise BadInput("ref", ref["ref_id"], instances, f"ann_id {ref['ann_id']}: the segmentation does not rasterise ({e})") from None
+    if mask_area(rle) == 0:
+        raise BadInput("ref", ref["ref_id"], instances,
+                       f"ann_id {ref['ann_id']}: the segmentation has zero area in the "
+                       f"{image['width']}x{image['height']} image (no pixel to find)")
+    return rle
 
 
 _progress_queue = None  # in pool workers: a multiprocessing queue of (progress task id, images done)
@@ -223,7 +276,7 @@ def _init_worker(queue) -> None:
 
 def _write_shard(task: dict) -> dict:
     """Write one shard to a temporary file in its split folder; returns its record and skips."""
-    from refbench.refer import BadInput, mask_rle
+    from refbench.refer import BadInput
 
     folder, images_dir, length = Path(task["folder"]), Path(task["images_dir"]), task["context_length"]
     report = task.get("report") or (lambda n: _progress_queue.put((task["progress_id"], n)))
@@ -244,16 +297,25 @@ def _write_shard(task: dict) -> dict:
                         raise
                     rec["skipped"].append(e.record())
                     continue
-                refs = []
+                refs, sentences, truncated = [], 0, 0
                 for r in image["refs"]:
+                    try:
+                        mask = _target_rle(r, image, task["instances"])
+                    except BadInput as e:
+                        if not task["skip_bad"]:
+                            raise
+                        rec["skipped"].append(e.record())
+                        continue
                     sents = [{"sent_id": s["sent_id"], "sent": s["sent"], "raw": s["raw"], "tokens": s["tokens"]}
                              for s in r["sentences"]]
                     refs.append({"ref_id": r["ref_id"], "ann_id": r["ann_id"], "category_id": r["category_id"],
-                                 "bbox": r["bbox"], "split": r["split"],
-                                 "mask": mask_rle(r["segmentation"], image["height"], image["width"]),
-                                 "sentences": sents})
-                    rec["sentences"] += len(sents)
-                    rec["truncated"] += sum(s["n_tokens"] > length for s in r["sentences"])
+                                 "bbox": r["bbox"], "split": r["split"], "mask": mask, "sentences": sents})
+                    sentences += len(sents)
+                    truncated += sum(s["n_tokens"] > length for s in r["sentences"])
+                if not refs:  # every ref of the image was skipped (each is listed)
+                    continue
+                rec["sentences"] += sentences
+                rec["truncated"] += truncated
                 sample = {"image_id": image["image_id"], "file_name": image["file_name"],
                           "height": image["height"], "width": image["width"], "refs": refs}
                 key = f"{image['image_id']:012d}"
@@ -373,12 +435,14 @@ def _plan(dataset: str, split_by: str, data: Path, images: Path, out: Path, skip
     ids, n_tokens = text.tokenize_with_lengths([s["sent"] for s in sentences], length)  # [N, L], [N]
     for s, row, n in zip(sentences, ids.tolist(), n_tokens.tolist()):
         s["tokens"], s["n_tokens"] = row, n
+    splits = _drop_empty_sentences(splits, refs_path, skip_bad, skipped)
 
     name = dataset_name(dataset, split_by)
     tasks = []
     for split, entries in splits.items():
         for k in range(0, len(entries), shard_size):
             tasks.append({"folder": str(out / name / split), "images_dir": str(images), "split": split,
+                          "instances": str(inst_path),
                           "context_length": length, "skip_bad": skip_bad, "images": entries[k:k + shard_size]})
     manifest = {
         "schema": SCHEMA, "schema_version": SCHEMA_VERSION,
@@ -394,6 +458,40 @@ def _plan(dataset: str, split_by: str, data: Path, images: Path, out: Path, skip
         "options": {"shard_size": shard_size, "skip_bad": skip_bad},
     }
     return tasks, manifest, sum(len(e) for e in splits.values())
+
+
+def _drop_empty_sentences(splits: dict, refs_path: Path, skip_bad: bool, skipped: list[dict]) -> dict:
+    """Refuse (or, with `skip_bad`, drop and list) sentences with no token after the tokenizer's
+    cleaning (empty, whitespace, markup only): scoring them would score the image, not a sentence.
+    A ref left without sentences and an image left without refs are dropped with them."""
+    from refbench.refer import BadInput
+
+    def keep(s: dict, ref: dict) -> bool:
+        if s["n_tokens"] > 2:  # SOT + at least one BPE id + EOT
+            return True
+        problem = BadInput("sentence", s["sent_id"], refs_path,
+                           f"ref {ref['ref_id']}: the sentence is empty after cleaning ({s['raw']!r})")
+        if not skip_bad:
+            raise problem
+        skipped.append(problem.record())
+        return False
+
+    out = {}
+    for split, entries in splits.items():
+        kept_images = []
+        for im in entries:
+            refs = []
+            for r in im["refs"]:
+                r["sentences"] = [s for s in r["sentences"] if keep(s, r)]
+                if r["sentences"]:
+                    refs.append(r)
+                else:
+                    skipped.append(BadInput("ref", r["ref_id"], refs_path, "no sentence left (every one is empty)").record())
+            if refs:
+                kept_images.append({**im, "refs": refs})
+        if kept_images:
+            out[split] = kept_images
+    return out
 
 
 def _commit(results: list[dict], manifest: dict, out_dir: Path) -> dict:
@@ -494,9 +592,10 @@ def _prepare_all(targets, data, images, out, skip_bad, shard_size, pool, queue, 
             tasks, manifest, n_images = _plan(dataset, split_by, data, images, out, skip_bad, shard_size, cache, source)
             out_dir = out / manifest["name"]
             for d in [out_dir] + sorted({Path(t["folder"]) for t in tasks}):
-                if not d.exists():
-                    d.mkdir(parents=True)
-                    created.append(d)
+                for p in [*reversed(d.parents), d]:  # the output root too, so that a failed run leaves nothing
+                    if not p.exists():
+                        p.mkdir()
+                        created.append(p)
             for d in [out_dir] + [p for p in out_dir.iterdir() if p.is_dir()]:
                 remove_stale_temps(d)  # left by a killed run
             task_id = progress.add_task(manifest["name"], total=n_images)
@@ -546,6 +645,19 @@ def _progress(console=None):
                     console=console or Console(stderr=True))
 
 
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity mask, else the machine's count)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def check_output_folder(path: Path, flag: str) -> None:
+    """Refuse, before any work, an output folder path that is a file (or lies under one)."""
+    for p in [path, *path.parents]:
+        if p.exists() and not p.is_dir():
+            where = "is" if p == path else f"lies under {p}, which is"
+            raise RefbenchError(f"{flag} {path} {where} a file, not a folder", hint=f"give {flag} a folder path")
+
+
 def _targets(dataset, split_by, all_, data: Path, source: str | None = None) -> list[tuple[str, str]]:
     from refbench import refer_hf
     from refbench.refer import DATA_HINT
@@ -591,11 +703,15 @@ def main(dataset=None, split_by=None, all_=False, data=Path("data"), images=None
     if not images.is_dir():
         raise RefbenchError(f"image folder {images} not found",
                             hint="--images DIR: the COCO train2014 JPEG folder (default <data>/images/train2014)")
-    if workers is None:
-        workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    check_output_folder(out, "--out")
     shard_size = shard_size or DEFAULT_SHARD_SIZE
-
     console = Console(stderr=True)  # progress and warnings; the summary table goes to stdout
+    cores = usable_cores()
+    if workers is None:
+        workers = cores
+    elif workers > cores:
+        console.print(f"note: --workers {workers} capped at {cores}, the CPU cores this process may use")
+        workers = cores
     table = Table(title=f"refbench prepare -> {out} (shard schema v{SCHEMA_VERSION})",
                   caption="truncated: sentences longer than the context length L, cut with EOT kept")
     for col in ("dataset", "source", "split", "images", "refs", "sentences", "truncated", "shards"):

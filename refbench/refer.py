@@ -145,14 +145,25 @@ def load_instances(path: str | Path) -> Instances:
         raise RefbenchError(f"{path}: malformed COCO entry ({type(e).__name__}: {e})") from None
 
 
-def check_segmentation(seg: Any) -> str | None:
+def check_segmentation(seg: Any, height: int | None = None, width: int | None = None) -> str | None:
     """Why a COCO segmentation cannot be rasterised, or None when it is fine.
 
     Polygons: a non-empty list of flat [x1, y1, x2, y2, ...] lists of finite numbers, each of even
-    length and at least 3 points. A dict is taken as COCO RLE (iscrowd) and needs size and counts.
+    length and at least 3 points. A dict is taken as COCO RLE (iscrowd): it needs size and counts,
+    and its size must be the image's [height, width] when those are given (its runs are checked
+    when it is rasterised, `mask_rle`).
     """
     if isinstance(seg, dict):
-        return None if "size" in seg and "counts" in seg else "RLE segmentation without size/counts"
+        if "size" not in seg or "counts" not in seg:
+            return "RLE segmentation without size/counts"
+        size = seg["size"]
+        if not (isinstance(size, (list, tuple)) and len(size) == 2 and all(isinstance(v, int) for v in size)):
+            return f"RLE size {size!r} is not [height, width]"
+        if height is not None and list(size) != [height, width]:
+            return f"RLE size {list(size)} is not the image's [height, width] = [{height}, {width}]"
+        if not isinstance(seg["counts"], (str, bytes, list)):
+            return f"RLE counts is a {type(seg['counts']).__name__}, not a string or a list of run lengths"
+        return None
     if not isinstance(seg, list) or not seg:
         return "segmentation is not a non-empty list of polygons"
     for k, poly in enumerate(seg):
@@ -171,12 +182,45 @@ def check_segmentation(seg: Any) -> str | None:
 
 
 def mask_rle(segmentation: list | dict, height: int, width: int) -> dict:
-    """The union of an annotation's polygons as compressed COCO RLE {size: [h, w], counts: str}."""
+    """The union of an annotation's polygons as compressed COCO RLE {size: [h, w], counts: str}.
+
+    A segmentation that is already RLE (a dict; `counts` a run-length list or a compressed
+    string) is decoded and checked: its runs must cover the image exactly and hold only 0/1
+    (pycocotools checks neither), then re-encoded. Raises ValueError saying what is wrong.
+    """
+    import numpy as np
     from pycocotools import mask as mask_utils
 
-    rles = mask_utils.frPyObjects(segmentation, height, width)
-    rle = mask_utils.merge(rles) if isinstance(rles, list) else rles  # union (intersect=0)
+    if isinstance(segmentation, dict):
+        if list(segmentation.get("size", ())) != [height, width]:
+            raise ValueError(f"RLE size {segmentation.get('size')} is not the image's [{height}, {width}]")
+        counts = segmentation["counts"]
+        try:
+            if isinstance(counts, list):
+                if any(not isinstance(c, int) or c < 0 for c in counts):
+                    raise ValueError("run lengths must be non-negative integers")
+                if sum(counts) != height * width:
+                    raise ValueError(f"its runs cover {sum(counts)} pixels, the image has {height * width}")
+                rle = mask_utils.frPyObjects(segmentation, height, width)
+            else:
+                rle = {"size": [height, width], "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
+            mask = mask_utils.decode(rle)  # uint8 [H, W]
+            if mask.max(initial=0) > 1 or np.count_nonzero(mask) != int(mask_utils.area(rle)):
+                raise ValueError("its runs do not cover the image")
+        except (ValueError, TypeError, OverflowError, UnicodeError) as e:
+            raise ValueError(f"RLE counts do not decode to a {height}x{width} mask ({e})") from None
+        rle = mask_utils.encode(np.asfortranarray(mask))
+    else:
+        rles = mask_utils.frPyObjects(segmentation, height, width)
+        rle = mask_utils.merge(rles) if isinstance(rles, list) else rles  # union (intersect=0)
     return {"size": [int(height), int(width)], "counts": rle["counts"].decode("ascii")}
+
+
+def mask_area(rle: dict) -> int:
+    """Foreground pixels of a compressed COCO RLE as `mask_rle` returns it."""
+    from pycocotools import mask as mask_utils
+
+    return int(mask_utils.area({"size": rle["size"], "counts": rle["counts"].encode("ascii")}))
 
 
 def decode_mask(rle: dict):
@@ -202,6 +246,7 @@ def join(refs: list[dict], inst: Instances, refs_path: str | Path, skip_bad: boo
     skipped: list[dict] = []
     grouped: dict[tuple[str, int], list[dict]] = {}
     seen_ref_ids: set[int] = set()
+    sent_owner: dict[int, int] = {}  # sent_id -> the ref_id that has it: sent_ids are unique in a dataset
     for ref in refs:
         rid = ref["ref_id"]
         where = files.get(rid, refs_path) if files else refs_path
@@ -210,6 +255,7 @@ def join(refs: list[dict], inst: Instances, refs_path: str | Path, skip_bad: boo
                 raise BadInput("ref", rid, where, "duplicate ref_id")
             seen_ref_ids.add(rid)
             entry = _join_one(ref, inst, where)
+            entry["sentences"] = _unique_sentences(entry, sent_owner, where, skip_bad, skipped)
         except BadInput as e:
             if not skip_bad:
                 raise
@@ -228,6 +274,28 @@ def join(refs: list[dict], inst: Instances, refs_path: str | Path, skip_bad: boo
     return dict(sorted(splits.items(), key=lambda kv: split_order(kv[0]))), skipped
 
 
+def _unique_sentences(entry: dict, owner: dict[int, int], refs_path, skip_bad: bool, skipped: list[dict]) -> list[dict]:
+    """The ref's sentences whose sent_id no earlier sentence of the dataset has; a repeated one
+    raises `BadInput` (or, with `skip_bad`, is dropped and listed; a ref left without sentences
+    raises)."""
+    rid, kept = entry["ref_id"], []
+    for s in entry["sentences"]:
+        sid = s["sent_id"]
+        if sid in owner:
+            where = "earlier in the same ref" if owner[sid] == rid else f"by ref {owner[sid]}"
+            problem = BadInput("sentence", sid, refs_path, f"ref {rid}: sent_id {sid} is already used {where} "
+                                                           "(sent_ids must be unique within a dataset)")
+            if not skip_bad:
+                raise problem
+            skipped.append(problem.record())
+            continue
+        owner[sid] = rid
+        kept.append(s)
+    if not kept:
+        raise BadInput("ref", rid, refs_path, "no sentence left (every sent_id repeats an earlier one)")
+    return kept
+
+
 def _join_one(ref: dict, inst: Instances, refs_path: str | Path) -> dict:
     rid, ann_id, image_id = ref["ref_id"], ref["ann_id"], ref["image_id"]
     where = refs_path
@@ -241,20 +309,23 @@ def _join_one(ref: dict, inst: Instances, refs_path: str | Path) -> dict:
         raise BadInput("ref", rid, where, f"ann_id {ann_id} is not in {inst.path}")
     if ann.get("image_id") != image_id:
         raise BadInput("ref", rid, where, f"ann_id {ann_id} belongs to image {ann.get('image_id')}, not {image_id}")
-    problem = check_segmentation(ann.get("segmentation"))
+    problem = check_segmentation(ann.get("segmentation"), im["height"], im["width"])
     if problem:
         raise BadInput("ref", rid, where, f"ann_id {ann_id} has a malformed segmentation: {problem}")
     bbox = ann.get("bbox")
     if not (isinstance(bbox, list) and len(bbox) == 4 and all(isinstance(v, (int, float)) for v in bbox)):
         raise BadInput("ref", rid, where, f"ann_id {ann_id} has no [x, y, w, h] bbox")
-    return {
-        "ref_id": int(rid), "ann_id": int(ann_id),
-        "category_id": int(ref.get("category_id", ann.get("category_id"))),
-        "bbox": [float(v) for v in ann["bbox"]], "split": str(ref["split"]),
-        "segmentation": ann["segmentation"],
-        "sentences": [{"sent_id": int(s["sent_id"]), "sent": s["sent"], "raw": str(s.get("raw", s["sent"]))}
-                      for s in ref["sentences"]],
-    }
+    try:
+        return {
+            "ref_id": int(rid), "ann_id": int(ann_id),
+            "category_id": int(ref.get("category_id", ann.get("category_id"))),
+            "bbox": [float(v) for v in ann["bbox"]], "split": str(ref["split"]),
+            "segmentation": ann["segmentation"],
+            "sentences": [{"sent_id": int(s["sent_id"]), "sent": s["sent"], "raw": str(s.get("raw", s["sent"]))}
+                          for s in ref["sentences"]],
+        }
+    except (TypeError, ValueError) as e:  # an id that is not an integer
+        raise BadInput("ref", rid, where, f"an id is not an integer ({e})") from None
 
 
 _SPLIT_ORDER = ("train", "val", "test", "testA", "testB", "testC")
