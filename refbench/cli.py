@@ -2,12 +2,21 @@
 
 Each command parses its options, calls one function of the module that owns the work, and
 prints the outcome. Modules are imported inside the commands, so `refbench --help` imports
-neither torch nor open_clip. User errors (`RefbenchError`, `models.ModelError`) are printed as
-one line, `error: ...` (and `hint: ...`), with exit status 2 and no traceback.
+neither torch nor open_clip.
+
+No traceback reaches a user:
+- user errors (`RefbenchError`, `models.ModelError`) are one line, `error: ...` (and `hint:
+  ...`), exit status 2;
+- the machine refusing (disk full, permission denied, read-only filesystem, out of memory) is
+  one line naming the file, exit status 2;
+- anything else is a bug in refbench: one line saying so, exit status 1, and the full traceback
+  with the command line written to a log file whose path the line gives (`bug_log_dir`).
 """
 
 from __future__ import annotations
 
+import errno
+import os
 import sys
 from pathlib import Path
 
@@ -34,6 +43,20 @@ class _Group(click.Group):
             _fail(str(e), None)
         except KeyboardInterrupt:
             _fail("interrupted", None, status=130)
+        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+            raise  # click's own flow and usage errors: click prints them
+        except MemoryError:
+            _fail("out of memory", "a smaller --batch-size or --workers, or a machine with more memory")
+        except OSError as e:
+            if e.errno in _ENVIRONMENT_ERRNOS:
+                where = f"{e.filename}: " if e.filename else ""
+                _fail(f"{where}{e.strerror or e}", "free disk space or fix the permissions, then run the command again")
+            _bug(e)
+        except Exception as e:
+            _bug(e)
+
+
+_ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOMEM}
 
 
 def _fail(message: str, hint: str | None, status: int = 2) -> None:
@@ -41,6 +64,39 @@ def _fail(message: str, hint: str | None, status: int = 2) -> None:
     if hint:
         click.echo(f"hint: {hint}", err=True)
     sys.exit(status)
+
+
+def bug_log_dir() -> Path:
+    """Where tracebacks of refbench's own bugs go: $REFBENCH_LOG_DIR, else <cache>/refbench/bugs."""
+    if os.environ.get("REFBENCH_LOG_DIR"):
+        return Path(os.environ["REFBENCH_LOG_DIR"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "refbench" / "bugs"
+
+
+def _bug(e: BaseException) -> None:
+    """An unexpected exception: one line saying it is a bug, the trace in a log file; exit 1."""
+    import tempfile
+    import time
+    import traceback
+
+    from refbench import __version__
+
+    text = (f"refbench {__version__}, python {sys.version.split()[0]}\n"
+            f"command: {' '.join(sys.argv)}\ncwd: {os.getcwd()}\n\n" + "".join(traceback.format_exception(e)))
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    log = None
+    for folder in (bug_log_dir(), Path(tempfile.gettempdir())):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            log = folder / f"refbench-bug-{stamp}-{os.getpid()}.log"
+            log.write_text(text)
+            break
+        except OSError:
+            log = None
+    summary = " ".join(f"{type(e).__name__}: {e}".split())[:300]
+    where = f"the full traceback is in {log}" if log else "the traceback could not be written to a log file"
+    _fail(f"this is a bug in refbench, not in your input ({summary})",
+          f"{where}; please report it with the command that caused it", status=1)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
