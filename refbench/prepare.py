@@ -435,14 +435,17 @@ def _plan(dataset: str, split_by: str, data: Path, images: Path, out: Path, skip
     ids, n_tokens = text.tokenize_with_lengths([s["sent"] for s in sentences], length)  # [N, L], [N]
     for s, row, n in zip(sentences, ids.tolist(), n_tokens.tolist()):
         s["tokens"], s["n_tokens"] = row, n
-    splits = _drop_empty_sentences(splits, refs_path, skip_bad, skipped)
+    # the raw files that problems found from here on are named by (the parquet snapshot for hf)
+    refs_file = sources["refs"]["path"] if "refs" in sources else str(data / dataset)
+    inst_file = sources["instances"]["path"] if "instances" in sources else str(data / dataset)
+    splits = _drop_empty_sentences(splits, refs_file, skip_bad, skipped)
 
     name = dataset_name(dataset, split_by)
     tasks = []
     for split, entries in splits.items():
         for k in range(0, len(entries), shard_size):
             tasks.append({"folder": str(out / name / split), "images_dir": str(images), "split": split,
-                          "instances": str(inst_path),
+                          "instances": inst_file,
                           "context_length": length, "skip_bad": skip_bad, "images": entries[k:k + shard_size]})
     manifest = {
         "schema": SCHEMA, "schema_version": SCHEMA_VERSION,
