@@ -319,7 +319,8 @@ def to_original_batch(probs: "torch.Tensor", boxes: Sequence[Letterbox]) -> "tor
     cols = torch.zeros(n, max_w, w, dtype=torch.float64)
     cols.scatter_add_(2, c0[:, :, None], cw0[:, :, None])
     cols.scatter_add_(2, c1[:, :, None], cw1[:, :, None])
-    wide = probs[:, 0].to(dtype) @ cols.to(device, dtype).transpose(1, 2)  # [B, h, max_w]
+    with torch.autocast(device.type, enabled=False):  # a caller's autocast (a bf16 run's validation) must not round the map
+        wide = probs[:, 0].to(dtype) @ cols.to(device, dtype).transpose(1, 2)  # [B, h, max_w]
     r0, r1, rw0, rw1 = _resample_taps(max_h, h, [(b.orig_h, b.new_h / b.orig_h, b.pad_y) for b in boxes], size)  # [B, max_h]
     base = (torch.arange(n) * h)[:, None]  # row offset of each sample in the flattened [B*h, max_w]
     flat = wide.reshape(n * h, max_w)

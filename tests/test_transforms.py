@@ -265,3 +265,20 @@ def test_to_original_batch_pads_with_exact_zeros():
         assert not stack[i, b.orig_h :].any() and not stack[i, :, b.orig_w :].any()
     inside = T.original_extent(boxes, 70, 50)
     assert torch.equal(inside, stack > 0)
+
+
+def test_to_original_keeps_float32_under_a_callers_bf16_autocast():
+    """A bf16 training run validates inside its autocast; the map back must still be float32
+    (on the H100 the matmul came back bfloat16 and numpy refused it). CPU autocast rounds
+    matmuls to bf16 the same way, so this is the CUDA failure reproduced on CPU."""
+    import torch
+
+    from refbench import transforms
+
+    box = transforms.Letterbox.fit(37, 53, 32)
+    probs = torch.rand(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    plain = transforms.to_original_batch(probs, [box, box])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under = transforms.to_original_batch(probs, [box, box])
+    assert under.dtype == torch.float32
+    assert torch.equal(under, plain)
