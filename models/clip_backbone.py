@@ -81,6 +81,10 @@ class BackboneConfig:
     dim_v4: int = 128  # channels of F_v4 (stride 32) and of the global vision feature F_vg
     loss_resolution: str = "prediction"  # BCE at the "prediction" resolution (GT resized, as CRIS) or at the "input" (logits upsampled)
 
+    def __post_init__(self) -> None:
+        if self.quick_gelu is None and self.pretrained is None:
+            self.quick_gelu = False  # random init: decided now, so a config equals the one a build records
+
 
 class ImageFeatures(NamedTuple):
     v2: torch.Tensor  # F_v2 [B,C2,H/8,W/8]
