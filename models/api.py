@@ -15,6 +15,13 @@ function. A built model is an `nn.Module` with:
 
 A model that needs to be rebuilt (checkpoint loading) is rebuilt with
 `build(name, variant, **dataclasses.asdict(config))` (refbench.models.registry).
+
+Config overrides (`--set FIELD=VALUE`) are checked before anything is built, against the
+field's annotation: an `int` field takes an integer >= 1 (config ints are sizes and counts), a
+`float` a finite number, a `bool` True/False (or true/false), a `str` a string, `X | None` also
+None. A config may narrow or widen a field's range with a class attribute
+`LIMITS: ClassVar[dict] = {"field": (low, high)}` (inclusive; None = unbounded). A build that
+fails on overridden values (e.g. heads that do not divide the width) is a `ModelError` naming them.
 """
 
 from __future__ import annotations

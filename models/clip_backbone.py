@@ -175,6 +175,9 @@ def resolve_pretrained(arch: str, pretrained: str | None) -> tuple[str | None, b
     if pretrained is None:
         return None, False
     if os.path.isfile(pretrained):
+        problem = _not_weights(pretrained)
+        if problem:
+            raise ModelError(f"--pretrained {pretrained}: {problem}")
         return pretrained, arch in OPENAI_ARCHS
     cfg = open_clip.get_pretrained_cfg(arch, pretrained)
     if not cfg:
@@ -200,6 +203,22 @@ def resolve_pretrained(arch: str, pretrained: str | None) -> tuple[str | None, b
         raise ModelError(f"could not download open_clip weights {arch}/{pretrained}: {str(e).splitlines()[0]}") from None
 
 
+def _not_weights(path: str) -> str | None:
+    """Why a local file cannot be a weights file, from its first bytes (None: it may be one).
+
+    torch.save writes a zip archive (or, before torch 1.6, a pickle: protocol byte 0x80);
+    safetensors starts with an 8-byte header length and a JSON header.
+    """
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if not head:
+        return "the file is empty, not a weights file"
+    if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80" or head[8:9] == b"{":
+        return None
+    return ("not a weights file (torch.save's zip or pickle, or safetensors): it starts with "
+            f"{head[:12]!r}; pass an open_clip tag (e.g. openai) or a .pt/.bin/.safetensors file")
+
+
 def create_clip(cfg: BackboneConfig):
     """The open_clip CLIP model for `cfg` (random init or loaded weights), on CPU, fp32."""
     import open_clip
@@ -222,7 +241,10 @@ def create_clip(cfg: BackboneConfig):
             return model
         return open_clip.create_model(cfg.clip_arch, pretrained=path, force_quick_gelu=cfg.quick_gelu)
     except Exception as e:  # a weights file that does not fit the architecture, a corrupt file
-        raise ModelError(f"could not load weights {cfg.pretrained!r} into open_clip {cfg.clip_arch}: {e}".splitlines()[0]) from None
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if "weights_only" in str(e):  # torch's advice to load unsafely is not ours to give
+            reason = "the file does not load as plain tensors (torch.load weights_only=True refused it)"
+        raise ModelError(f"could not load weights {cfg.pretrained!r} into open_clip {cfg.clip_arch}: {reason}") from None
     finally:
         logging.disable(previous)
 

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import math
+import types
+import typing
 from typing import Any
 
 from .api import ModelError, ModelSpec
@@ -48,14 +51,61 @@ def make_config(name: str, variant: str = "tiny", **overrides: Any) -> Any:
         raise ModelError(
             f"model {name!r} has no config field(s) {', '.join(unknown)}; fields: {', '.join(sorted(fields))}"
         )
+    overrides = {k: check_field(spec, k, v) for k, v in overrides.items()}
     return spec.config(**{**spec.variants[variant], **overrides})
+
+
+def _limits(config: type) -> dict[str, tuple]:
+    limits: dict[str, tuple] = {}
+    for klass in reversed(config.__mro__):
+        limits.update(vars(klass).get("LIMITS", {}))
+    return limits
+
+
+def check_field(spec: ModelSpec, key: str, value: Any) -> Any:
+    """`value` for config field `key` of `spec`, checked against its type and range (ModelError if
+    it does not fit; "true"/"false" become booleans for a bool field)."""
+    hint = typing.get_type_hints(spec.config)[key]
+    options = [a for a in typing.get_args(hint)] if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union else [hint]
+    where = f"model {spec.name!r} config field {key}"
+    if value is None:
+        if type(None) in options:
+            return value
+        raise ModelError(f"{where} cannot be None")
+    kinds = [t for t in options if t is not type(None)]
+    if bool in kinds and isinstance(value, str) and value.lower() in ("true", "false"):
+        value = value.lower() == "true"
+    ok = any((t is int and isinstance(value, int) and not isinstance(value, bool))
+             or (t is float and isinstance(value, (int, float)) and not isinstance(value, bool))
+             or (t is bool and isinstance(value, bool))
+             or (t not in (int, float, bool) and isinstance(value, t))
+             for t in kinds if isinstance(t, type))
+    if not ok:
+        names = " or ".join(getattr(t, "__name__", str(t)) for t in kinds)
+        raise ModelError(f"{where} takes {'an' if names[0] in 'aeiou' else 'a'} {names}, not {value!r}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ModelError(f"{where} must be a finite number, not {value!r}")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        low, high = _limits(spec.config).get(key, (1, None) if int in kinds and float not in kinds else (None, None))
+        if (low is not None and value < low) or (high is not None and value > high):
+            span = f">= {low}" if high is None else f"<= {high}" if low is None else f"in [{low}, {high}]"
+            raise ModelError(f"{where} must be {span}, not {value!r}")
+    return value
 
 
 def build(name: str, variant: str = "tiny", **overrides: Any) -> Any:
     """Build a registered model: `build("eavl", "tiny", num_queries=8)`."""
     spec = get_spec(name)
     config = make_config(name, variant, **overrides)
-    model = spec.build(config)
+    try:
+        model = spec.build(config)
+    except (ValueError, AssertionError, RuntimeError, TypeError, ZeroDivisionError) as e:
+        changed = {k: v for k, v in overrides.items() if spec.variants[variant].get(k, getattr(spec.config, k, None)) != v}
+        if not changed or "pretrained" in changed and len(changed) == 1:
+            raise
+        sets = " ".join(f"--set {k}={v!r}" for k, v in changed.items())
+        raise ModelError(f"model {name!r} ({variant}) cannot be built with {sets}: "
+                         f"{' '.join(str(e).split())[:200] or type(e).__name__}") from None
     model.config = config
     model.model_name = name
     model.variant = variant

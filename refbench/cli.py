@@ -189,7 +189,7 @@ def models_cmd() -> None:
 @click.option("--epochs", type=click.IntRange(min=1), default=None, help="Epochs (one epoch = one pass over the train refs in expectation).")
 @click.option("--steps", type=click.IntRange(min=1), default=None, help="Total optimizer steps (instead of --epochs).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Global batch size across all ranks.")
-@click.option("--lr", type=float, default=None, help="Peak (base) learning rate.")
+@click.option("--lr", type=float, default=None, help="Peak learning rate (a finite number > 0).")
 @click.option("--backbone-lr-scale", type=click.FloatRange(min=0.0), default=None, help="lr multiplier of the CLIP encoders [default: the recipe's; paper and cris: 0.1, as CRIS's lr_multi; 1 = one lr for the whole network].")
 @click.option("--pretrained", default=None, help="open_clip pretrained tag (e.g. openai) or a local weights file.")
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Run folder [default: runs/<model>-<variant>-<dataset>].")
@@ -271,7 +271,8 @@ def leaderboard(dataset, fmt, out, results, reported) -> None:
     """Gather measured records and reported paper rows into one leaderboard table."""
     from refbench import leaderboard as lb
 
-    lb.main(dataset=dataset, fmt=fmt, out=out, results=results, reported=reported)
+    given = click.get_current_context().get_parameter_source("results") != click.core.ParameterSource.DEFAULT
+    lb.main(dataset=dataset, fmt=fmt, out=out, results=results, reported=reported, results_required=given)
 
 
 @cli.command()

@@ -46,7 +46,8 @@ from refbench import cvwarp, data, diversity, metrics, remote, transforms
 from refbench import results as results_mod
 from refbench.distributed import all_gather_object, setup_distributed
 from refbench.errors import RefbenchError
-from refbench.fsutil import sha256_file
+from refbench.fsutil import check_output_folder, sha256_file
+from refbench.prepare import cap_workers
 from refbench.visualize import render_examples
 
 COLUMNS = ("sent_id", "ref_id", "image_id", "category_id", "sent")  # per-sentence keys kept with I and U
@@ -235,6 +236,8 @@ def evaluate_checkpoint(checkpoint: Path, *, dataset: str | None = None, splits:
     """
     if protocol is not None:
         metrics.get_protocol(protocol)
+    check_output_folder(Path(results), "--results")  # before any work, not after the whole eval
+    workers = cap_workers(workers)
     d = setup_distributed()
     ckpt = ckpt_mod.load(checkpoint)
     protocol = protocol or checkpoint_protocol(ckpt)
@@ -257,23 +260,31 @@ def evaluate_checkpoint(checkpoint: Path, *, dataset: str | None = None, splits:
         checkpoint_sha256=sha256_file(checkpoint), step=ckpt.get("step"),
     )
     manifest_sha = remote.sha256(remote.join(dataset_dir, "manifest.json"))
+    # every split is scored before any record is published, and a refusal of any split's record
+    # withdraws those of this call already written: `--split all` publishes all splits or none
+    scored = [(s, score_split(net, dataset_dir, manifest, s, d, batch_size=batch_size, workers=workers,
+                              protocol=protocol)) for s in splits]
+    if d.rank != 0:
+        return []
     done: list[Evaluated] = []
-    for s in splits:
-        scores = score_split(net, dataset_dir, manifest, s, d, batch_size=batch_size, workers=workers,
-                             protocol=protocol)
-        if d.rank != 0:
-            continue
-        path = results_mod.write_record(
-            results, dataset=dataset, split=s, protocol=protocol, threshold=net.threshold, model=model_info,
-            data=results_mod.DataInfo(manifest_sha256=manifest_sha, sentences_expected=manifest["splits"][s]["sentences"],
-                                      synthetic=bool(manifest.get("synthetic", False))),
-            sentences=scores.columns,
-            extras={"query_diversity": scores.diversity} if scores.diversity is not None else None,
-        )
-        item = Evaluated(dataset=dataset, split=s, protocol=protocol, model=model_info, path=path, scores=scores)
-        if vis:
-            item.pictures = render_examples(net, dataset_dir, manifest, s, scores, vis, results_dir_for(path), d.device)
-        done.append(item)
+    try:
+        for s, scores in scored:
+            path = results_mod.write_record(
+                results, dataset=dataset, split=s, protocol=protocol, threshold=net.threshold, model=model_info,
+                data=results_mod.DataInfo(manifest_sha256=manifest_sha, sentences_expected=manifest["splits"][s]["sentences"],
+                                          synthetic=bool(manifest.get("synthetic", False))),
+                sentences=scores.columns,
+                extras={"query_diversity": scores.diversity} if scores.diversity is not None else None,
+            )
+            done.append(Evaluated(dataset=dataset, split=s, protocol=protocol, model=model_info, path=path, scores=scores))
+    except BaseException:
+        for e in done:
+            results_mod.withdraw_record(e.path)
+        raise
+    if vis:
+        for item in done:
+            item.pictures = render_examples(net, dataset_dir, manifest, item.split, item.scores, vis,
+                                            results_dir_for(item.path), d.device)
     return done
 
 

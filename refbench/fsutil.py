@@ -86,3 +86,24 @@ def remove_stale_temps(folder: str | os.PathLike) -> int:
         p.unlink(missing_ok=True)
         n += 1
     return n
+
+
+def check_output_folder(path: str | os.PathLike, flag: str) -> None:
+    """Refuse, before any work, an output folder path that is a file (or lies under one)."""
+    from refbench.errors import RefbenchError
+
+    path = Path(path)
+    for p in [path, *path.parents]:
+        if p.exists() and not p.is_dir():
+            where = "is" if p == path else f"lies under {p}, which is"
+            raise RefbenchError(f"{flag} {path} {where} a file, not a folder", hint=f"give {flag} a folder path")
+
+
+def check_output_file(path: str | os.PathLike, flag: str) -> None:
+    """Refuse, before any work, an output file path that is a folder (or lies under a file)."""
+    from refbench.errors import RefbenchError
+
+    path = Path(path)
+    if path.is_dir():
+        raise RefbenchError(f"{flag} {path} is a folder, not a file", hint=f"give {flag} a file path, e.g. {path / 'out'}")
+    check_output_folder(path.parent, f"{flag}'s folder")

@@ -687,11 +687,28 @@ def main(
     out: str | Path | None = None,
     results: str | Path = "leaderboard/results",
     reported: str | Path | None = None,
+    results_required: bool = False,
 ) -> pl.DataFrame:
     """`refbench leaderboard`: build the table; print it, or write it to `out` atomically.
 
+    A missing `results` folder is an error when `results_required` (the user named it), else a
+    note; an empty one is a note: the table then holds the reported rows only, and says so.
     Returns the table (a polars DataFrame) for callers such as the quickstart.
     """
+    import sys
+
+    if out is not None:
+        fsutil.check_output_file(out, "--out")  # before any work
+    results = Path(results)
+    if not results.is_dir():
+        if results.exists() or results_required:
+            what = "is not a folder" if results.exists() else "does not exist"
+            raise RefbenchError(f"--results {results} {what}", hint="give the folder `refbench eval --results` wrote to")
+        print(f"note: no measured records: {results} does not exist (`refbench eval` writes them); "
+              "showing the reported rows only", file=sys.stderr)
+    elif not any(p.suffix == ".json" and not p.name.startswith(fsutil.TMP_PREFIX) for p in results.rglob("*.json")):
+        print(f"note: no measured records: {results} holds no result record; showing the reported rows only",
+              file=sys.stderr)
     table = build_table(results, reported, dataset)
     title = f"refbench leaderboard: {dataset or 'all datasets'}"
     if out is None:

@@ -61,7 +61,7 @@ from pathlib import Path
 
 from refbench import __version__
 from refbench.errors import RefbenchError
-from refbench.fsutil import TMP_PREFIX, atomic_write_json, remove_stale_temps, sha256_file
+from refbench.fsutil import TMP_PREFIX, atomic_write_json, check_output_folder, remove_stale_temps, sha256_file
 
 SCHEMA, SCHEMA_VERSION = "refbench-shards", 1  # docs/shards.md
 DEFAULT_SHARD_SIZE = 500  # images per shard: ~80 MB of COCO JPEGs
@@ -653,12 +653,19 @@ def usable_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def check_output_folder(path: Path, flag: str) -> None:
-    """Refuse, before any work, an output folder path that is a file (or lies under one)."""
-    for p in [path, *path.parents]:
-        if p.exists() and not p.is_dir():
-            where = "is" if p == path else f"lies under {p}, which is"
-            raise RefbenchError(f"{flag} {path} {where} a file, not a folder", hint=f"give {flag} a folder path")
+def cap_workers(workers: int | None, flag: str = "--workers") -> int | None:
+    """`workers` capped at the usable cores (a note on stderr when it was more); None stays None.
+
+    More worker processes than cores only add memory and switching (`--workers 1000` would fork
+    a thousand processes); the loaders cap again at what their shards can use.
+    """
+    import sys
+
+    cores = usable_cores()
+    if workers is not None and workers > cores:
+        print(f"note: {flag} {workers} capped at {cores}, the CPU cores this process may use", file=sys.stderr)
+        return cores
+    return workers
 
 
 def _targets(dataset, split_by, all_, data: Path, source: str | None = None) -> list[tuple[str, str]]:
@@ -706,15 +713,10 @@ def main(dataset=None, split_by=None, all_=False, data=Path("data"), images=None
     if not images.is_dir():
         raise RefbenchError(f"image folder {images} not found",
                             hint="--images DIR: the COCO train2014 JPEG folder (default <data>/images/train2014)")
-    check_output_folder(out, "--out")
+    check_output_folder(out, "--out")  # before any work
     shard_size = shard_size or DEFAULT_SHARD_SIZE
     console = Console(stderr=True)  # progress and warnings; the summary table goes to stdout
-    cores = usable_cores()
-    if workers is None:
-        workers = cores
-    elif workers > cores:
-        console.print(f"note: --workers {workers} capped at {cores}, the CPU cores this process may use")
-        workers = cores
+    workers = cap_workers(workers) or usable_cores()
     table = Table(title=f"refbench prepare -> {out} (shard schema v{SCHEMA_VERSION})",
                   caption="truncated: sentences longer than the context length L, cut with EOT kept")
     for col in ("dataset", "source", "split", "images", "refs", "sentences", "truncated", "shards"):

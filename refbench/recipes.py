@@ -94,7 +94,30 @@ def get_recipe(name: str, **overrides) -> Recipe:
     if name not in RECIPES:
         raise RefbenchError(f"unknown recipe {name!r}; recipes: {', '.join(RECIPES)}")
     changes = {k: v for k, v in overrides.items() if v is not None}
+    for key, value in changes.items():
+        check_recipe_value(key, value)
     return dataclasses.replace(RECIPES[name], **changes)
+
+
+_POSITIVE_INTS = ("epochs", "steps", "batch_size", "grad_accum")  # counts that must be >= 1
+_POSITIVE_FLOATS = ("lr",)  # must be finite and > 0
+_FLAG = {"batch_size": "--batch-size"}  # recipe field -> its command-line flag, where the names differ
+
+
+def check_recipe_value(key: str, value) -> None:
+    """Refuse (RefbenchError naming the flag) a recipe override out of its type or range."""
+    import math
+
+    from refbench.errors import RefbenchError
+
+    flag = _FLAG.get(key, f"--{key.replace('_', '-')}")
+    if key in _POSITIVE_INTS and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise RefbenchError(f"{flag} must be a whole number >= 1, not {value!r}")
+    if key in _POSITIVE_FLOATS and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                    or not math.isfinite(value) or value <= 0):
+        raise RefbenchError(f"{flag} must be a finite number > 0, not {value!r}", hint="the paper's recipe uses --lr 1e-5")
+    if key == "workers" and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+        raise RefbenchError(f"{flag} must be a whole number >= 0, not {value!r}")
 
 
 def get_lr(step: int, total_steps: int, peak: float, warmup_steps: int = 0, power: float = 0.9,

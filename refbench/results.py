@@ -321,6 +321,19 @@ def write_record(
     return json_path
 
 
+def withdraw_record(json_path: str | Path) -> None:
+    """Remove a record this process just published: its JSON first (so it is never seen half
+    gone), then its sidecar, then its split and dataset folders if that left them empty."""
+    json_path = Path(json_path)
+    json_path.unlink(missing_ok=True)
+    json_path.with_name(json_path.name[: -len(".json")] + SIDECAR_SUFFIX).unlink(missing_ok=True)
+    for folder in (json_path.parent, json_path.parent.parent):
+        try:
+            folder.rmdir()
+        except OSError:
+            break
+
+
 def _safe(name: str) -> str:
     return _SAFE.sub("_", str(name)) or "_"
 
@@ -497,7 +510,12 @@ def main_compare(result_a: str | Path, result_b: str | Path, samples: int = 2000
     from rich.console import Console
     from rich.table import Table
 
+    if Path(result_a).exists() and Path(result_b).exists() and Path(result_a).resolve() == Path(result_b).resolve():
+        raise RefbenchError(f"A and B are the same file ({result_a}): nothing to compare",
+                            hint="give two records of the same split, e.g. two runs' records under leaderboard/results/<dataset>/<split>/")
     a, b = load_record(result_a), load_record(result_b)
+    if a.meta.get("sentences", {}).get("sha256") == b.meta.get("sentences", {}).get("sha256") and a.meta == b.meta:
+        raise RefbenchError(f"{result_a} and {result_b} are copies of one record: nothing to compare")
     out = compare_records(a, b, samples=samples, seed=seed)
     console = Console()
     table = Table(

@@ -752,6 +752,9 @@ def main(out: Path, images: int | None, seed: int, parquet: bool = False) -> dic
     from rich.console import Console
     from rich.table import Table
 
+    from refbench.fsutil import check_output_folder
+
+    check_output_folder(Path(out), "--out")  # before any work
     n = DEFAULT_IMAGES if images is None else images
     console = Console()
     t0 = time.perf_counter()

@@ -55,8 +55,9 @@ from torch.nn.parallel import DistributedDataParallel
 from refbench import __version__, checkpoint, data, diversity, evaluate, models, remote
 from refbench.distributed import Dist, all_gather_object, autocast_dtype, barrier, setup_distributed
 from refbench.errors import RefbenchError
-from refbench.fsutil import atomic_write_json, atomic_write_text
+from refbench.fsutil import atomic_write_json, atomic_write_text, check_output_folder
 from refbench.metrics import get_protocol
+from refbench.prepare import cap_workers
 from refbench.plots import plot_curves
 from refbench.progress import TrainProgress
 from refbench.recipes import Recipe, get_recipe, recipe_lr
@@ -87,8 +88,8 @@ def main(model: str, variant: str | None, dataset: str, shards: Path, recipe: st
     """CLI entry: turn flags into a TrainConfig and train. Returns the run folder."""
     if model not in models.MODELS:
         raise RefbenchError(f"unknown model {model!r}; registered models: {', '.join(models.names())}")
-    rec = get_recipe(recipe, epochs=epochs, steps=steps, batch_size=batch_size, lr=lr, amp=amp, workers=workers,
-                     backbone_lr_scale=backbone_lr_scale)
+    rec = get_recipe(recipe, epochs=epochs, steps=steps, batch_size=batch_size, lr=lr, amp=amp,
+                     workers=cap_workers(workers), backbone_lr_scale=backbone_lr_scale)
     if pretrained is not None:
         rec = dataclasses.replace(rec, pretrained=None if pretrained.lower() in ("none", "") else pretrained)
     variant = variant or rec.variant
@@ -97,7 +98,21 @@ def main(model: str, variant: str | None, dataset: str, shards: Path, recipe: st
         out=Path(out) if out else Path("runs") / f"{model}-{variant}-{dataset}",
         resume=resume, seed=seed, model_overrides=parse_overrides(overrides),
     )
+    check_output_folder(cfg.out, "--out")
+    models.make_config(model, variant, **_model_overrides(cfg))  # type and range of every --set, before any work
+    _note_slow_amp(rec.amp)
     return train(cfg)
+
+
+def _note_slow_amp(amp: str) -> None:
+    """Say so when an autocast mode is asked for on CPU, where it is emulated and much slower."""
+    import sys
+
+    import torch
+
+    if amp in ("fp16", "bf16") and not torch.cuda.is_available():
+        print(f"note: --amp {amp} on CPU runs emulated half-precision kernels, many times slower than "
+              "--amp off (the CPU default)", file=sys.stderr)
 
 
 def parse_overrides(items: tuple[str, ...] | list[str]) -> dict[str, Any]:
@@ -153,6 +168,10 @@ def train(cfg: TrainConfig) -> Path:
     best = {"metric": f"val mIoU ({rec.protocol} protocol)", "value": None, "step": None}
     notes: list[str] = []  # said once at the start, and logged
     if ckpt is not None:
+        if ckpt["step"] >= total_steps:
+            if d.main:
+                print(f"{cfg.out}: the run has already finished ({ckpt['step']} of {total_steps} steps); nothing to resume")
+            return cfg.out
         net.load_state_dict(ckpt["state_dict"])
         optimizer.load_state_dict(ckpt["optimizer"])
         notes += filter(None, [_load_scaler(scaler, ckpt.get("scaler"), rec.amp)])
@@ -301,6 +320,13 @@ def _start_checkpoint(cfg: TrainConfig, d: Dist, last_path: Path) -> dict | None
     return checkpoint.broadcast_from_rank0(loaded[0], d)
 
 
+def _model_overrides(cfg: TrainConfig) -> dict[str, Any]:
+    """The config fields the run sets on top of its variant: the recipe's input size (e.g. CRIS's
+    416), the `--set` overrides and the recipe's pretrained weights."""
+    image_size = {"image_size": cfg.recipe.image_size} if cfg.recipe.image_size else {}
+    return {**image_size, **cfg.model_overrides, "pretrained": cfg.recipe.pretrained}
+
+
 def _build_model(cfg: TrainConfig, d: Dist):
     """The model, the same init on every rank. The first rank of each node builds first (it may
     download the CLIP weights into the node's cache), the node's other ranks after it (from the
@@ -309,8 +335,7 @@ def _build_model(cfg: TrainConfig, d: Dist):
 
     from refbench import models
 
-    image_size = {"image_size": cfg.recipe.image_size} if cfg.recipe.image_size else {}  # e.g. CRIS's 416
-    overrides = {**image_size, **cfg.model_overrides, "pretrained": cfg.recipe.pretrained}
+    overrides = _model_overrides(cfg)
     net, error = None, None
     for turn in ((d.local_rank == 0), (d.local_rank != 0)):
         if turn:
@@ -513,8 +538,12 @@ def _payload(net, optimizer, scaler, cfg: TrainConfig, manifest: dict, step: int
     }
 
 
-def _check_resumable(ckpt: dict, cfg: TrainConfig, path: Path) -> None:
-    """Refuse to resume a checkpoint of another model, variant or dataset."""
+_RESUME_FREE = ("workers",)  # recipe fields a resumed run may change (they do not change what it computes)
+
+
+def _check_resumable(ckpt: dict, cfg: TrainConfig, path: Path, net=None) -> None:
+    """Refuse to resume a checkpoint of another model, variant, dataset, model config or recipe
+    (one line naming the fields that differ)."""
     want = (cfg.model, cfg.variant, cfg.dataset)
     have = (ckpt["model"]["name"], ckpt["model"]["variant"], ckpt.get("dataset", {}).get("name"))
     if want != have:
@@ -524,6 +553,22 @@ def _check_resumable(ckpt: dict, cfg: TrainConfig, path: Path) -> None:
         )
     if ckpt.get("optimizer") is None:
         raise RefbenchError(f"{path}: checkpoint holds weights only (no optimiser state); it cannot be resumed")
+    plain = lambda obj: json.loads(json.dumps(obj, default=str))  # noqa: E731 (tuples -> lists, paths -> str)
+    differ = []
+    from refbench import models
+
+    want = net.config if net is not None else models.make_config(cfg.model, cfg.variant, **_model_overrides(cfg))
+    have_cfg, want_cfg = plain(ckpt["model"].get("config", {})), plain(dataclasses.asdict(want))
+    differ += [f"model config {k}: {have_cfg.get(k)!r} -> {want_cfg.get(k)!r}"  # None: decided when built
+               for k in sorted(set(have_cfg) | set(want_cfg)) if want_cfg.get(k) is not None and have_cfg.get(k) != want_cfg.get(k)]
+    have_rec, want_rec = plain(ckpt.get("recipe", {})), plain(dataclasses.asdict(cfg.recipe))
+    differ += [f"recipe {k}: {have_rec.get(k)!r} -> {want_rec.get(k)!r}"
+               for k in sorted(set(have_rec) | set(want_rec)) if k not in _RESUME_FREE and have_rec.get(k) != want_rec.get(k)]
+    if ckpt.get("train", {}).get("seed", cfg.seed) != cfg.seed:
+        differ.append(f"seed: {ckpt['train']['seed']} -> {cfg.seed}")
+    if differ:
+        raise RefbenchError(f"{path}: cannot resume with another configuration ({'; '.join(differ)})",
+                            hint="resume with the run's own flags (see its config.json), or train a new run with another --out")
 
 
 def _write_run_config(cfg: TrainConfig, manifest: dict, context: dict) -> None:

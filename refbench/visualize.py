@@ -248,11 +248,13 @@ def save_png(image: Image.Image, path: str | Path) -> Path:
 # --------------------------------------------------------------------------- running a model for pictures
 
 
-def _predict_one(net: Any, image: Image.Image, tokens: Any, device: Any) -> dict[str, Any]:
+def _predict_one(net: Any, image: Image.Image, tokens: Any, device: Any, query_size: tuple[int, int] | None = None) -> dict[str, Any]:
     """Run `net` on one PIL image and one token row; maps back to the original size.
 
     Returns {"prob": float [H, W] in [0, 1], "query_probs": float [Q, H, W] or None,
-    "query_weights": float [Q] or None}.
+    "query_weights": float [Q] or None, "input_prob": float [h, w] over the square input,
+    "box": its Letterbox}. With `query_size` (w, h) the query maps come at that size instead
+    of the image's (a thumbnail for `query_grid`: Q maps at full size can outweigh the photo).
     """
     import torch
 
@@ -262,13 +264,70 @@ def _predict_one(net: Any, image: Image.Image, tokens: Any, device: Any) -> dict
     t = torch.as_tensor(np.asarray(tokens), dtype=torch.int64).reshape(1, -1).to(device)
     with torch.inference_mode():
         out = net(x[None].to(device), t)
-    prob = transforms.to_original(torch.sigmoid(out["logits"].float()), [box])[0].cpu().numpy()
-    result = {"prob": prob, "query_probs": None, "query_weights": None}
+    probs = torch.sigmoid(out["logits"].float())  # [1, 1, h, w]
+    prob = transforms.to_original(probs, [box])[0].cpu().numpy()
+    result = {"prob": prob, "query_probs": None, "query_weights": None, "input_prob": probs[0, 0].cpu(), "box": box}
     if "query_masks" in out and "query_weights" in out:
         q = torch.sigmoid(out["query_masks"][0].float())[:, None]  # [Q, 1, h, w]
-        result["query_probs"] = np.stack([m.cpu().numpy() for m in transforms.to_original(q, [box] * q.shape[0])])
+        qbox = box if query_size is None else _rebox(box, *query_size)
+        result["query_probs"] = np.stack([m.cpu().numpy() for m in transforms.to_original(q, [qbox] * q.shape[0])])
         result["query_weights"] = out["query_weights"][0].float().cpu().numpy()
     return result
+
+
+def _rebox(box: Any, width: int, height: int) -> Any:
+    """The letterbox `box` (the input frame the model saw) for the same picture at another size."""
+    return replace(box, orig_w=width, orig_h=height, scale=min(box.size / width, box.size / height))
+
+
+def _mask_bands(input_prob: Any, box: Any, size: tuple[int, int], threshold: float, band: int = 256):
+    """Bands of rows (uint8 [<=band, W], 0/255) of the binary mask at `size` (w, h) of a
+    probability map over the input frame.
+
+    The original protocol's mapping (`transforms.to_original`: bilinear from the map to each
+    pixel centre, then `> threshold`), computed `band` rows at a time, so that neither a float
+    map nor the mask itself ever exists at the photo's full size.
+    """
+    from refbench import transforms
+
+    width, height = size
+    full = _rebox(box, width, height)
+    h, w = input_prob.shape
+    rows = transforms._resample_weights(height, h, full.new_h / height, full.pad_y, full.size).float()  # [H, h]
+    cols = transforms._resample_weights(width, w, full.new_w / width, full.pad_x, full.size).float()  # [W, w]
+    right = input_prob.float() @ cols.T  # [h, W]
+    for y in range(0, height, band):
+        yield ((rows[y:y + band] @ right) > threshold).numpy().view(np.uint8) * np.uint8(255)  # [band, W]
+
+
+def write_mask_png(path: str | Path, bands: Any, size: tuple[int, int]) -> Path:
+    """Write an 8-bit greyscale PNG from bands of rows (uint8 [n, W]), streaming, atomically.
+
+    What `save_png` of a mode-L image writes (a standard PNG, filter 0 per row), but the image is
+    compressed as its rows arrive, so a 100-megapixel mask needs memory for one band only.
+    """
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    width, height = size
+    z = zlib.compressobj(6)
+    with fsutil.atomic_write(path, "wb") as f:
+        f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)))
+        rows = 0
+        for block in bands:
+            framed = np.zeros((block.shape[0], width + 1), dtype=np.uint8)  # filter byte 0, then the row
+            framed[:, 1:] = block
+            rows += block.shape[0]
+            data = z.compress(framed.tobytes())
+            if data:
+                f.write(chunk(b"IDAT", data))
+        if rows != height:
+            raise ValueError(f"mask PNG {path}: {rows} rows written, {height} expected")
+        f.write(chunk(b"IDAT", z.flush()) + chunk(b"IEND", b""))
+    return Path(path)
 
 
 def render_examples(net: Any, dataset_dir: Path, manifest: dict, split: str, scores: Any, n: int,
@@ -318,37 +377,132 @@ def predict_device():
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
+PREDICT_SIDE = 1024  # longest side (pixels) at which `refbench predict` decodes and draws a photo
+_EXIF_TRANSPOSE = {  # EXIF Orientation tag value -> the transpose that shows the photo upright
+    2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
+
+@dataclass(frozen=True)
+class Photo:
+    """A user's photo as `refbench predict` sees it: upright, RGB, at most PREDICT_SIDE pixels."""
+
+    image: Image.Image  # RGB, upright (EXIF orientation applied), longest side <= the working side
+    size: tuple[int, int]  # (width, height) of the full photo, upright: the mask PNG's size
+    orientation: int  # the EXIF Orientation tag it had (1 = stored upright)
+
+
+def load_photo(path: Path, side: int = PREDICT_SIDE) -> Photo:
+    """Decode a user's photo for prediction, in memory bounded by `side`, not by the photo.
+
+    - JPEG: decoded at reduced scale in the DCT (1/2 .. 1/8, `draft`), the largest reduction
+      that keeps the longest side >= `side`: a 100-megapixel JPEG never exists at full size.
+      Other formats are decoded whole (PNG has no reduced decode) and resized at once.
+    - EXIF orientation is applied: a phone photo stored sideways is segmented upright, so
+      "left" and "top" mean what the user sees. (The dataset path does the opposite: COCO
+      annotations are drawn on the stored pixels, so shards and loaders never rotate.)
+    - Modes: 16-bit greyscale (I;16, I) is scaled by 1/257 (not clipped to white), float (F)
+      from [0, 1] or [0, 255], palette and alpha images are composed over white, CMYK and
+      others converted to RGB.
+    """
+    import warnings
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the decode below is bounded
+            im = Image.open(path)
+            orientation = int(im.getexif().get(0x0112, 1) or 1)
+            full = im.size
+            scale = side / max(full)
+            if im.format == "JPEG" and scale < 1:
+                im.draft("RGB" if im.mode in ("RGB", "YCbCr") else im.mode,
+                         (max(1, math.ceil(full[0] * scale)), max(1, math.ceil(full[1] * scale))))
+            im.load()
+    except FileNotFoundError:
+        raise RefbenchError(f"{path}: image not found") from None
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise RefbenchError(f"{path}: not a readable image ({e})") from None
+    if im.mode in ("P", "PA"):
+        im = im.convert("RGBA" if "transparency" in im.info or im.mode == "PA" else "RGB")
+    elif im.mode == "1":
+        im = im.convert("L")
+    if max(im.size) > side:
+        k = side / max(im.size)
+        im = im.resize((max(1, round(im.width * k)), max(1, round(im.height * k))), Image.Resampling.BILINEAR)
+    if orientation in _EXIF_TRANSPOSE:
+        im = im.transpose(_EXIF_TRANSPOSE[orientation])
+        if orientation >= 5:
+            full = (full[1], full[0])
+    return Photo(image=_to_rgb(im), size=full, orientation=orientation)
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    """RGB of an image of any mode, with its full tonal range kept (see `load_photo`)."""
+    if im.mode.startswith("I;16") or im.mode == "I":
+        arr = np.asarray(im).astype(np.int64)
+        if im.mode.startswith("I;16") or arr.max(initial=0) > 255:
+            arr = arr.clip(0, 65535) >> 8  # 16-bit range -> 8-bit
+        im = Image.fromarray(arr.clip(0, 255).astype(np.uint8), mode="L")
+    elif im.mode == "F":
+        arr = np.nan_to_num(np.asarray(im, dtype=np.float32))
+        arr = arr * 255 if arr.max(initial=0) <= 1 else arr
+        im = Image.fromarray(arr.clip(0, 255).round().astype(np.uint8), mode="L")
+    if im.mode in ("RGBA", "LA", "La", "RGBa"):
+        rgba = im.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return im if im.mode == "RGB" else im.convert("RGB")
+
+
 def main_predict(checkpoint: Path, image: Path, text: str, out: Path) -> dict[str, Path]:
-    """`refbench predict`: one image, one sentence -> the mask PNG and an overlay beside it."""
+    """`refbench predict`: one image, one sentence -> the mask PNG and an overlay beside it.
+
+    The model sees the photo upright (EXIF applied) and decoded at reduced scale (`load_photo`);
+    the mask PNG has the upright photo's full size (the model's probability map mapped to every
+    pixel as the `original` protocol does, then thresholded), the overlay the working size
+    (longest side PREDICT_SIDE).
+    Memory follows the working size and the mask, not the photo's decoded size.
+    """
     from refbench import checkpoint as ckpt_mod
     from refbench import text as text_mod
 
+    out = Path(out)
+    fsutil.check_output_file(out, "--out")  # before the model runs
+    if not text.strip():
+        raise RefbenchError("--text is empty: give the referring expression, e.g. --text \"the man in black\"")
+    photo = load_photo(Path(image))
     ckpt = ckpt_mod.load(checkpoint)
     device = predict_device()
     net = ckpt_mod.build_model(ckpt, checkpoint).to(device)
-    try:
-        picture = Image.open(image)
-        picture.load()
-    except FileNotFoundError:
-        raise RefbenchError(f"{image}: image not found") from None
-    except (OSError, ValueError) as e:
-        raise RefbenchError(f"{image}: not a readable image ({e})") from None
-    picture = picture.convert("RGB")
-    if not text.strip():
-        raise RefbenchError("--text is empty: give the referring expression, e.g. --text \"the man in black\"")
     length = ckpt.get("dataset", {}).get("context_length") or 77
     tokens = text_mod.tokenize([text.lower().strip()], length)[0]
-    pred = _predict_one(net, picture, tokens, device)
-    mask = pred["prob"] > net.threshold
-    out = Path(out)
-    paths = {"mask": save_png(Image.fromarray((mask * 255).astype(np.uint8), mode="L"), out)}
-    paths["overlay"] = save_png(overlay(picture, None, mask, text, None), out.with_name(f"{out.stem}-overlay.png"))
+    picture = photo.image
+    thumb = picture.copy()
+    thumb.thumbnail((2 * STYLE.tile_width, 2 * STYLE.tile_width))  # the query grid's tiles are tile_width wide
+    pred = _predict_one(net, picture, tokens, device, query_size=thumb.size)
+    mask = pred["prob"] > net.threshold  # bool [h, w] at the working size
+    paths = {"overlay": save_png(overlay(picture, None, mask, text, None), out.with_name(f"{out.stem}-overlay.png"))}
     if pred["query_probs"] is not None:
-        paths["queries"] = save_png(query_grid(picture, pred["query_probs"], pred["query_weights"]),
+        paths["queries"] = save_png(query_grid(thumb, pred["query_probs"], pred["query_weights"]),
                                     out.with_name(f"{out.stem}-queries.png"))
+    area = 0
+
+    def counted(bands):
+        nonlocal area
+        for block in bands:
+            area += int(np.count_nonzero(block))
+            yield block
+
+    paths["mask"] = write_mask_png(out, counted(_mask_bands(pred["input_prob"], pred["box"], photo.size, net.threshold)),
+                                   photo.size)
     from rich.console import Console
 
-    area = float(mask.mean())
-    Console().print(f"predicted mask for {text!r}: {mask.sum()} px ({100 * area:.1f}% of the image, "
-                    f"threshold {net.threshold} on sigmoid, float32 on {device.type}) -> {paths['mask']}, overlay {paths['overlay']}")
+    total = photo.size[0] * photo.size[1]
+    rotated = f", EXIF orientation {photo.orientation} applied" if photo.orientation != 1 else ""
+    Console().print(f"predicted mask for {text!r}: {area} px of {photo.size[0]}x{photo.size[1]}{rotated} "
+                    f"({100 * area / total:.1f}% of the image, threshold {net.threshold} on sigmoid, float32 on "
+                    f"{device.type}) -> "
+                    f"{paths['mask']}, overlay {paths['overlay']}")
     return paths
