@@ -177,7 +177,7 @@ def resolve_pretrained(arch: str, pretrained: str | None) -> tuple[str | None, b
     if os.path.isfile(pretrained):
         problem = _not_weights(pretrained)
         if problem:
-            raise ModelError(f"--pretrained {pretrained}: {problem}")
+            raise ModelError(f"could not load weights {pretrained!r}: {problem}")
         return pretrained, arch in OPENAI_ARCHS
     cfg = open_clip.get_pretrained_cfg(arch, pretrained)
     if not cfg:
