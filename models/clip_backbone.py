@@ -175,9 +175,6 @@ def resolve_pretrained(arch: str, pretrained: str | None) -> tuple[str | None, b
     if pretrained is None:
         return None, False
     if os.path.isfile(pretrained):
-        problem = _not_weights(pretrained)
-        if problem:
-            raise ModelError(f"could not load weights {pretrained!r}: {problem}")
         return pretrained, arch in OPENAI_ARCHS
     cfg = open_clip.get_pretrained_cfg(arch, pretrained)
     if not cfg:
@@ -244,6 +241,7 @@ def create_clip(cfg: BackboneConfig):
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if "weights_only" in str(e):  # torch's advice to load unsafely is not ours to give
             reason = "the file does not load as plain tensors (torch.load weights_only=True refused it)"
+        reason = (_not_weights(path) if path is not None else None) or reason
         raise ModelError(f"could not load weights {cfg.pretrained!r} into open_clip {cfg.clip_arch}: {reason}") from None
     finally:
         logging.disable(previous)

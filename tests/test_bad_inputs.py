@@ -265,7 +265,7 @@ CASES = [
     Case("train --lr -1", _train("--lr", "-1"), "--lr must be a finite number > 0, not -1.0"),
     Case("train --lr 0", _train("--lr", "0"), "--lr must be a finite number > 0"),
     Case("train --out FILE", lambda ctx: (ctx.tmp / "run").write_text("x") and _train()(ctx), "is a file, not a folder"),
-    Case("train --pretrained TEXT_FILE", _pretrained_text_file, "weights.pt': not a weights file"),
+    Case("train --pretrained TEXT_FILE", _pretrained_text_file, "weights.pt' into open_clip refbench-tiny-rn: not a weights file"),
     Case("train --resume --set num_queries=4 on a 24-query run", _resume_with("--set", "num_queries=4"),
          "model config num_queries: 24 -> 4"),
     Case("train --resume with another batch size", _resume_with("--batch-size", "8"), "recipe batch_size: 4 -> 8"),
