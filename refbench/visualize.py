@@ -288,16 +288,24 @@ def _mask_bands(input_prob: Any, box: Any, size: tuple[int, int], threshold: flo
     pixel centre, then `> threshold`), computed `band` rows at a time, so that neither a float
     map nor the mask itself ever exists at the photo's full size.
     """
+    import torch
+
     from refbench import transforms
 
     width, height = size
     full = _rebox(box, width, height)
     h, w = input_prob.shape
-    rows = transforms._resample_weights(height, h, full.new_h / height, full.pad_y, full.size).float()  # [H, h]
-    cols = transforms._resample_weights(width, w, full.new_w / width, full.pad_x, full.size).float()  # [W, w]
-    right = input_prob.float() @ cols.T  # [h, W]
+    c0, c1, cw0, cw1 = transforms._resample_taps(width, w, [(width, full.new_w / width, full.pad_x)], full.size)  # [1, W]
+    cols = torch.zeros(width, w, dtype=torch.float64)
+    cols.scatter_add_(1, c0[0, :, None], cw0[0, :, None])
+    cols.scatter_add_(1, c1[0, :, None], cw1[0, :, None])
+    right = input_prob.float() @ cols.float().T  # [h, W]
+    r0, r1, rw0, rw1 = transforms._resample_taps(height, h, [(height, full.new_h / height, full.pad_y)], full.size)  # [1, H]
+    r0, r1, rw0, rw1 = r0[0], r1[0], rw0[0].float()[:, None], rw1[0].float()[:, None]
     for y in range(0, height, band):
-        yield ((rows[y:y + band] @ right) > threshold).numpy().view(np.uint8) * np.uint8(255)  # [band, W]
+        top = right.index_select(0, r0[y:y + band]).mul_(rw0[y:y + band])
+        bottom = right.index_select(0, r1[y:y + band]).mul_(rw1[y:y + band])
+        yield (top.add_(bottom) > threshold).numpy().view(np.uint8) * np.uint8(255)  # [band, W]
 
 
 def write_mask_png(path: str | Path, bands: Any, size: tuple[int, int]) -> Path:
