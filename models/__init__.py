@@ -2,8 +2,10 @@
 
 `MODELS` (registry.py) maps a name to "module:attribute" of its `ModelSpec`; nothing is imported
 until a model is asked for, so listing names costs no torch import. Adding a model is one file in
-this package and one line in registry.py; the shared contract test (tests/test_models_contract.py) then
-covers it. This package never imports the rest of refbench (only its own modules, relatively).
+this package and one line in registry.py (the shared contract test, tests/test_models_contract.py,
+then covers it); a model in another package plugs in through the `refbench.models` entry-point
+group or as a `module:SPEC` name. This package never imports the rest of refbench (only its own
+modules, relatively).
 
     >>> from refbench import models
     >>> models.names()
@@ -14,6 +16,8 @@ covers it. This package never imports the rest of refbench (only its own modules
 from __future__ import annotations
 
 from .api import ModelError, ModelSpec
-from .registry import MODELS, build, get_spec, make_config, names
+from .registry import (BUILTIN, ENTRY_POINT_GROUP, MODELS, build, get_spec, make_config, names, origin, register,
+                       target_of, variant_names)
 
-__all__ = ["MODELS", "ModelError", "ModelSpec", "build", "get_spec", "make_config", "names"]
+__all__ = ["BUILTIN", "ENTRY_POINT_GROUP", "MODELS", "ModelError", "ModelSpec", "build", "get_spec", "make_config",
+           "names", "origin", "register", "target_of", "variant_names"]

@@ -51,11 +51,6 @@ def conv_block(c_in: int, c_out: int, kernel: int = 3, norm: str = "group") -> n
     )
 
 
-def upsample2x(x: torch.Tensor) -> torch.Tensor:
-    """Up(.): 2x bilinear upsampling of a [B,C,H,W] map."""
-    return F.interpolate(x, scale_factor=2.0, mode="bilinear", align_corners=False)
-
-
 def coord_features(x: torch.Tensor) -> torch.Tensor:
     """F_coord: normalised (x, y) coordinates in [-1, 1], shape [B,2,H,W] like `x`."""
     b, _, h, w = x.shape

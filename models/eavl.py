@@ -1,6 +1,6 @@
 """EAVL (Yan et al. 2023, "Explicitly Align Vision and Language for Referring Image Segmentation").
 
-The forward pass follows section 3 of the paper (../shared/papers/eavl-yan2023.md), one named
+The forward pass follows section 3 of the paper (Yan et al. 2023, arXiv:2308.09779), one named
 step per equation:
 
   CLIP encoders (3.1, eq 1)     F_v2, F_v3, F_v4, F_vg; F_t, F_tg          models/clip_backbone.py
@@ -22,8 +22,9 @@ Choices the paper leaves open, and where we read it, documented once here:
 - Eq 12 writes the convolution over F_s, but the kernel has C_p = C/2 channels and the masks
   are 4H3 x 4W3: the dynamic kernel is applied to F_p, not F_s.
 - Loss: the paper says cross-entropy; for one foreground class that is binary cross-entropy
-  on the final mask y, against the ground truth resized (nearest) to y's resolution H/4 x W/4,
-  as CRIS does.
+  on the final mask y. Where is a config field (`loss_resolution`): "prediction", against the
+  ground truth resized (nearest) to y's resolution H/4 x W/4, as CRIS does (the paper variants);
+  "input", y upsampled to the input size H x W (the tiny variant, whose H/4 grid is 24 px).
 - Ablation switches (Tables 2-4): `num_queries`; `aligner="fixed"` replaces the whole aligner
   (Multi-Mask Generator and Estimator) by a fixed learned 3x3 kernel on F_p of the decoder
   output, the queries still feeding the decoder; `global_vision=False` drops F_vg from eq 8

@@ -22,12 +22,15 @@ always complete, whenever the process is killed.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import random
 from pathlib import Path
 from typing import Any
 
-from refbench import __version__
+import torch
+
+from refbench import __version__, models, remote
 from refbench.errors import RefbenchError
 from refbench.fsutil import atomic_write
 
@@ -38,8 +41,6 @@ FORMAT_VERSION = 1
 def rng_state(device=None) -> dict:
     """This process's RNG states that training consumes: torch CPU, python's `random`, and the
     CUDA generator of `device` only (each rank owns one GPU; never the states of all GPUs)."""
-    import torch
-
     state = {"torch": torch.get_rng_state(), "python": _py_state_to_list(random.getstate())}
     if device is not None and torch.device(device).type == "cuda":
         state["cuda"] = torch.cuda.get_rng_state(device)
@@ -49,8 +50,6 @@ def rng_state(device=None) -> dict:
 def set_rng_state(state: dict, device=None) -> str | None:
     """Restore `rng_state(device)`'s states; returns a note when the CUDA state is left alone
     (saved on another kind of device), else None."""
-    import torch
-
     torch.set_rng_state(state["torch"])
     random.setstate(_py_state_from_list(state["python"]))
     cuda = state.get("cuda")
@@ -165,10 +164,35 @@ def _py_state_from_list(state: list) -> tuple:
     return (version, tuple(internal), gauss)
 
 
+def make_payload(net, *, dataset_dir: str | Path, manifest: dict, step: int = 0, epoch: int = 0,
+                 step_in_epoch: int = 0, optimizer=None, scaler=None, recipe: dict | None = None,
+                 train: dict | None = None, best: dict | None = None, metrics: dict | None = None,
+                 dataset: str | None = None, rng: Any = "this process") -> dict:
+    """The checkpoint dict of a model built by `models.build` (the one place its layout is written).
+
+    `dataset_dir` is the prepared dataset folder the model is trained or scored on (its
+    manifest is hashed here), `dataset` its name (default: the manifest's), `rng` the RNG states to
+    store (default: this process's, `rng_state()`; None for none); `optimizer` / `scaler` None make a weights-only checkpoint that
+    evaluates but does not resume.
+    """
+    return {
+        "model": {"name": net.model_name, "variant": net.variant, "config": dataclasses.asdict(net.config)},
+        "state_dict": net.state_dict(),
+        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "scaler": scaler.state_dict() if scaler is not None else None,
+        "step": step, "epoch": epoch, "step_in_epoch": step_in_epoch,
+        "recipe": recipe,
+        "train": train,
+        "rng": rng_state() if rng == "this process" else rng,
+        "dataset": {"name": dataset or manifest["name"], "manifest_sha256": remote.sha256(remote.join(dataset_dir, "manifest.json")),
+                    "context_length": manifest["tokenizer"]["context_length"]},
+        "best": best,
+        "metrics": metrics,
+    }
+
+
 def save(path: str | Path, payload: dict[str, Any]) -> Path:
     """Atomically write a checkpoint dict (format fields are added here)."""
-    import torch
-
     path = Path(path)
     payload = {"format": FORMAT, "format_version": FORMAT_VERSION, "refbench_version": __version__, **payload}
     buf = io.BytesIO()
@@ -180,8 +204,6 @@ def save(path: str | Path, payload: dict[str, Any]) -> Path:
 
 def load(path: str | Path, map_location: str = "cpu") -> dict:
     """Load and validate a refbench checkpoint; one clear error line for anything else."""
-    import torch
-
     path = Path(path)
     if not path.is_file():
         raise RefbenchError(f"{path}: checkpoint not found", hint="train one with `refbench train MODEL`")
@@ -208,8 +230,6 @@ def load(path: str | Path, map_location: str = "cpu") -> dict:
 
 def build_model(ckpt: dict, path: str | Path = "<checkpoint>"):
     """Rebuild the model a checkpoint describes and load its weights (random init, no download)."""
-    from refbench import models
-
     spec = ckpt["model"]
     config = dict(spec["config"])
     config["pretrained"] = None  # the weights come from the checkpoint, never from the network
@@ -225,9 +245,3 @@ def build_model(ckpt: dict, path: str | Path = "<checkpoint>"):
         )
     model.eval()
     return model
-
-
-def file_sha256(path: str | Path) -> str:
-    from refbench.fsutil import sha256_file
-
-    return sha256_file(path)

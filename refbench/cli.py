@@ -2,7 +2,10 @@
 
 Each command parses its options, calls one function of the module that owns the work, and
 prints the outcome. Modules are imported inside the commands, so `refbench --help` imports
-neither torch nor open_clip.
+neither torch nor open_clip (a test keeps it so). The choices of `--variant`, `--recipe`,
+`--protocol`, `--amp`, `--dataset`, `--split-by` and of `refbench bench` come from the
+registries that own them (`RegistryChoice`), read when an option is parsed or its help shown:
+a variant, recipe or protocol added there is accepted here without an edit.
 
 No traceback reaches a user:
 - user errors (`RefbenchError`, `models.ModelError`) are one line, `error: ...` (and `hint:
@@ -19,12 +22,79 @@ import errno
 import os
 import sys
 from pathlib import Path
+from typing import Callable, Sequence
 
 import click
 
-DATASETS = ("refcoco", "refcoco+", "refcocog")
-SPLIT_BYS = ("unc", "umd", "google")
-VARIANTS = ("tiny", "tiny-vit", "rn50", "rn101", "vitb16", "vitl14")
+
+class RegistryChoice(click.Choice):
+    """A `click.Choice` whose choices are read from a registry each time they are needed."""
+
+    def __init__(self, source: Callable[[], Sequence[str]]) -> None:
+        self._source = source
+        super().__init__(())
+
+    @property
+    def choices(self) -> tuple[str, ...]:
+        return tuple(self._source())
+
+    @choices.setter
+    def choices(self, value) -> None:  # click.Choice.__init__ assigns; the registry is the source
+        pass
+
+
+def _variants() -> list[str]:
+    """The variants of the MODEL being parsed, or of every registered model."""
+    from refbench import models
+
+    ctx = click.get_current_context(silent=True)
+    model = ctx.params.get("model") if ctx is not None else None
+    try:
+        return models.variant_names(model)
+    except models.ModelError:
+        return models.variant_names()
+
+
+def _cris_variants() -> list[str]:
+    from refbench import models
+
+    return models.variant_names("cris")
+
+
+def _recipes() -> list[str]:
+    from refbench.recipes import RECIPES
+
+    return list(RECIPES)
+
+
+def _amp_modes() -> list[str]:
+    from refbench.recipes import AMP_MODES
+
+    return list(AMP_MODES)
+
+
+def _protocols() -> list[str]:
+    from refbench.metrics import PROTOCOLS
+
+    return list(PROTOCOLS)
+
+
+def _datasets() -> list[str]:
+    from refbench.datasets import DATASETS
+
+    return list(DATASETS)
+
+
+def _split_bys() -> list[str]:
+    from refbench.datasets import SPLIT_BYS
+
+    return list(SPLIT_BYS)
+
+
+def _benches() -> list[str]:
+    from refbench.bench import BENCHES
+
+    return [*BENCHES, "all"]
 
 
 class _Group(click.Group):
@@ -137,8 +207,8 @@ def synth(out: Path, images: int | None, seed: int, parquet: bool) -> None:
 
 
 @cli.command()
-@click.option("--dataset", type=click.Choice(DATASETS), default=None, help="Dataset to prepare (or use --all).")
-@click.option("--split-by", "split_by", type=click.Choice(SPLIT_BYS), default=None, help="Split partition: unc (RefCOCO/+), umd or google (G-Ref).")
+@click.option("--dataset", type=RegistryChoice(_datasets), default=None, help="Dataset to prepare (or use --all).")
+@click.option("--split-by", "split_by", type=RegistryChoice(_split_bys), default=None, help="Split partition: unc (RefCOCO/+), umd or google (G-Ref).")
 @click.option("--all", "all_", is_flag=True, help="Prepare every dataset/partition found under --data.")
 @click.option("--data", type=click.Path(path_type=Path), default=Path("data"), show_default=True, help="Folder holding refcoco/, refcoco+/, refcocog/: raw refer files or parquet mirror snapshots.")
 @click.option("--images", type=click.Path(path_type=Path), default=None, help="COCO train2014 JPEG folder [default: <data>/images/train2014].")
@@ -182,10 +252,10 @@ def models_cmd() -> None:
 
 @cli.command(context_settings={"ignore_unknown_options": False})
 @click.argument("model")
-@click.option("--variant", type=click.Choice(VARIANTS), default=None, help="Backbone variant [default: the recipe's].")
+@click.option("--variant", type=RegistryChoice(_variants), default=None, help="Backbone variant [default: the recipe's].")
 @click.option("--dataset", default="refcoco_unc", show_default=True, help="Prepared dataset: <dataset>_<splitby> under --shards.")
 @click.option("--shards", default="shards", show_default=True, help="Shard root written by `refbench prepare`: a folder, or a URL (http(s)://, s3://, gs://, ... via fsspec) streamed.")
-@click.option("--recipe", type=click.Choice(["paper", "cris", "tiny"]), default="paper", show_default=True, help="Training recipe: paper (EAVL section 4.1), cris (CRIS's own RefCOCO config) or tiny (CPU quickstart).")
+@click.option("--recipe", type=RegistryChoice(_recipes), default="paper", show_default=True, help="Training recipe (refbench.recipes): paper (EAVL section 4.1), cris (CRIS's own RefCOCO config), tiny (CPU quickstart), ...")
 @click.option("--epochs", type=click.IntRange(min=1), default=None, help="Epochs (one epoch = one pass over the train refs in expectation).")
 @click.option("--steps", type=click.IntRange(min=1), default=None, help="Total optimizer steps (instead of --epochs).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Global batch size across all ranks.")
@@ -194,12 +264,12 @@ def models_cmd() -> None:
 @click.option("--pretrained", default=None, help="open_clip pretrained tag (e.g. openai) or a local weights file.")
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Run folder [default: runs/<model>-<variant>-<dataset>].")
 @click.option("--resume", is_flag=True, help="Continue from <out>/last.pt.")
-@click.option("--amp", type=click.Choice(["bf16", "fp16", "off"]), default=None, help="Autocast mode [default: bf16 on CUDA, off on CPU].")
+@click.option("--amp", type=RegistryChoice(_amp_modes), default=None, help="Autocast mode [default: the recipe's; auto = bf16 on CUDA, off on CPU].")
 @click.option("--workers", type=click.IntRange(min=0), default=None, help="DataLoader workers per rank.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Random seed.")
 @click.option("--set", "overrides", multiple=True, metavar="FIELD=VALUE", help="Override a model config field, e.g. --set num_queries=8 (repeatable).")
 def train(model, variant, dataset, shards, recipe, epochs, steps, batch_size, lr, backbone_lr_scale, pretrained, out, resume, amp, workers, seed, overrides) -> None:
-    """Train MODEL (eavl, cris, blind, ...) on prepared shards, streaming.
+    """Train MODEL (eavl, cris, blind, a plug-in's name, or module:SPEC) on prepared shards, streaming.
 
     Multi-GPU / multi-node: torchrun --nproc_per_node 8 -m refbench train eavl ...
     """
@@ -223,7 +293,7 @@ def convert() -> None:
 @convert.command("cris")
 @click.argument("ckpt", type=click.Path(path_type=Path))
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="The refbench checkpoint to write.")
-@click.option("--variant", type=click.Choice(["tiny", "rn50", "rn101"]), default=None, help="Backbone [default: read from the checkpoint].")
+@click.option("--variant", type=RegistryChoice(_cris_variants), default=None, help="Backbone [default: read from the checkpoint].")
 @click.option("--image-size", type=click.IntRange(min=32), default=416, show_default=True, help="Network input side (CRIS's configs: 416).")
 @click.option("--dataset", default=None, help="Prepared dataset the model was trained on (e.g. refcoco_unc), so eval needs no --dataset.")
 @click.option("--context-length", type=click.IntRange(min=2, max=77), default=17, show_default=True, help="CRIS's word_len (17 RefCOCO/RefCOCO+, 22 G-Ref), used by predict.")
@@ -245,7 +315,7 @@ def convert_cris_cmd(ckpt, out, variant, image_size, dataset, context_length) ->
 @click.option("--dataset", default=None, help="Prepared dataset <dataset>_<splitby> [default: the one the checkpoint was trained on].")
 @click.option("--split", default="val", show_default=True, help="Split to score (val, testA, testB, test), or 'all' for every split but train.")
 @click.option("--shards", default="shards", show_default=True, help="Shard root written by `refbench prepare`: a folder, or a URL (http(s)://, s3://, gs://, ... via fsspec) streamed.")
-@click.option("--protocol", type=click.Choice(["original", "cris", "input"]), default=None, help="original: I/U at the original image size (one bilinear map back); cris: CRIS's own chain with OpenCV, its preprocessing included (the CRIS/EAVL papers' numbers); input: at the network input (LAVT-style) [default: the checkpoint's recipe protocol: cris for the cris and paper recipes and converted CRIS weights, original otherwise].")
+@click.option("--protocol", type=RegistryChoice(_protocols), default=None, help="Metric protocol (refbench.metrics.PROTOCOLS): original = I/U at the original image size (one bilinear map back); cris = CRIS's own chain with OpenCV, its preprocessing included (the CRIS/EAVL papers' numbers); input = at the network input (LAVT-style) [default: the checkpoint's recipe protocol: cris for the cris and paper recipes and converted CRIS weights, original otherwise].")
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True, help="Sentences per forward pass.")
 @click.option("--workers", type=click.IntRange(min=0), default=None, help="DataLoader workers.")
 @click.option("--vis", type=click.IntRange(min=0), default=0, show_default=True, help="Save N overlay PNGs per split (best, worst, random).")
@@ -396,7 +466,7 @@ def ablate(workdir, steps) -> None:
 
 
 @cli.command()
-@click.argument("which", nargs=-1, type=click.Choice(["prepare", "loader", "shards", "model", "eval", "score", "gpu", "all"]))
+@click.argument("which", nargs=-1, type=RegistryChoice(_benches))
 @click.option("--workdir", type=click.Path(path_type=Path), default=Path("bench"), show_default=True, help="Scratch folder for the benchmark data.")
 @click.option("--images", type=click.IntRange(min=20), default=2000, show_default=True, help="Synthetic images for the data benchmarks.")
 @click.option("--log", type=click.Path(path_type=Path), default=Path("bench/bench.jsonl"), show_default=True, help="JSON lines file the results are appended to.")
@@ -405,7 +475,7 @@ def bench(which, workdir, images, log, out) -> None:
     """Measure refbench against its baselines side by side and print ratios (default: all)."""
     from refbench import bench as bench_mod
 
-    bench_mod.main(which=which or ("all",), workdir=workdir, images=images, log=log, out=out)
+    bench_mod.main(which=which or ("all",), settings=bench_mod.BenchSettings(workdir=workdir, images=images, log=log), out=out)
 
 
 def main() -> None:

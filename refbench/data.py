@@ -84,6 +84,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
 from refbench import remote, transforms
+from refbench.datasets import SCHEMA, SCHEMA_VERSION, prepare_command, prepared_names
 from refbench.distributed import dist_info
 from refbench.errors import RefbenchError
 
@@ -94,14 +95,27 @@ REPREPARE = "re-run `refbench prepare` for this dataset (or copy the shard again
 
 
 def load_manifest(dataset_dir: str | Path) -> dict:
-    """The checked manifest of a prepared dataset folder (or URL) `<shard root>/<dataset>_<splitby>`."""
-    from refbench import prepare
-
+    """The checked manifest of a prepared dataset folder (or URL, refbench.remote) `<shard root>/<dataset>_<splitby>`."""
     if remote.is_url(dataset_dir):
         root, _, name = str(dataset_dir).rstrip("/").rpartition("/")
-        return prepare.load_manifest(root, name)
-    dataset_dir = Path(dataset_dir)
-    return prepare.load_manifest(dataset_dir.parent, dataset_dir.name)
+    else:
+        dataset_dir = Path(dataset_dir)
+        name, root = dataset_dir.name, dataset_dir.parent
+    if name not in prepared_names():
+        raise RefbenchError(f"unknown dataset {name!r}; prepared datasets are named {', '.join(prepared_names())}")
+    path = remote.join(dataset_dir, "manifest.json")  # a file, or a URL
+    try:
+        manifest = json.loads(remote.read_bytes(path))
+    except FileNotFoundError:
+        raise RefbenchError(f"{path} not found: {name} is not prepared under {root}",
+                            hint=prepare_command(name, root)) from None
+    except (OSError, ValueError) as e:
+        raise RefbenchError(f"{path}: unreadable manifest ({e})", hint=prepare_command(name, root)) from None
+    if manifest.get("schema") != SCHEMA or manifest.get("schema_version") != SCHEMA_VERSION:
+        raise RefbenchError(
+            f"{path}: shard schema {manifest.get('schema')!r} v{manifest.get('schema_version')}, "
+            f"this refbench reads {SCHEMA!r} v{SCHEMA_VERSION}", hint=prepare_command(name, root))
+    return manifest
 
 
 def split_shards(manifest: dict, dataset_dir: str | Path, split: str) -> list[dict]:

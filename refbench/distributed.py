@@ -22,7 +22,7 @@ from typing import Any
 import torch
 import torch.distributed as torch_dist
 
-AMP_MODES = ("auto", "bf16", "fp16", "off")  # the `--amp` settings autocast_dtype understands
+from refbench.recipes import AMP_MODES
 
 
 @dataclass(frozen=True)

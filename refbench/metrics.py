@@ -233,12 +233,6 @@ def _oiou(inter_sum: Any, union_sum: Any) -> Any:
     return out
 
 
-def precision_at(intersections: Any, unions: Any, strict: bool = False) -> dict[str, float]:
-    """{"Pr@0.5": ..., "Pr@0.9": ...}: share of sentences with IoU >= X (> X if `strict`), in integers."""
-    inter, union = as_counts(intersections, unions)
-    return _precision_at(inter, union, strict)
-
-
 def _precision_at(inter: np.ndarray, union: np.ndarray, strict: bool = False) -> dict[str, float]:
     nonempty = union > 0  # an empty union is IoU 0: it never passes
     passes = np.greater if strict else np.greater_equal

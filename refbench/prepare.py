@@ -60,57 +60,12 @@ import tempfile
 from pathlib import Path
 
 from refbench import __version__
+from refbench.datasets import DEFAULT_SPLIT_BY, PARTITIONS, SCHEMA, SCHEMA_VERSION, dataset_name, split_bys_of
 from refbench.errors import RefbenchError
 from refbench.fsutil import TMP_PREFIX, atomic_write_json, check_output_folder, remove_stale_temps, sha256_file
 
-SCHEMA, SCHEMA_VERSION = "refbench-shards", 1  # docs/shards.md
 DEFAULT_SHARD_SIZE = 500  # images per shard: ~80 MB of COCO JPEGs
-PARTITIONS = [("refcoco", "unc"), ("refcoco+", "unc"), ("refcocog", "umd"), ("refcocog", "google")]
-DEFAULT_SPLIT_BY = {"refcoco": "unc", "refcoco+": "unc", "refcocog": "umd"}
 _SHARD_NAME = re.compile(r"^[A-Za-z0-9]+-\d{6}\.tar$")
-
-
-# ---------------------------------------------------------------------------------- helpers for readers
-
-
-def dataset_name(dataset: str, split_by: str) -> str:
-    """The folder name of a prepared dataset, e.g. "refcoco+_unc"."""
-    return f"{dataset}_{split_by}"
-
-
-def prepare_command(name: str, shards_root: str | Path) -> str:
-    """The `refbench prepare` command that creates the prepared dataset `name` under `shards_root`."""
-    dataset, _, split_by = name.rpartition("_")
-    return f"refbench prepare --dataset {dataset} --split-by {split_by} --data data --out {shards_root}"
-
-
-def load_manifest(shards_root: str | Path, name: str) -> dict:
-    """The manifest of prepared dataset `name` (e.g. "refcoco_unc") under `shards_root`."""
-    valid = [dataset_name(d, s) for d, s in PARTITIONS]
-    if name not in valid:
-        raise RefbenchError(f"unknown dataset {name!r}; prepared datasets are named {', '.join(valid)}")
-    from refbench import remote
-
-    path = remote.join(shards_root, name, "manifest.json")  # a file, or a URL (refbench.remote)
-    try:
-        manifest = json.loads(remote.read_bytes(path))
-    except FileNotFoundError:
-        raise RefbenchError(f"{path} not found: {name} is not prepared under {shards_root}",
-                            hint=prepare_command(name, shards_root)) from None
-    except (OSError, ValueError) as e:
-        raise RefbenchError(f"{path}: unreadable manifest ({e})", hint=prepare_command(name, shards_root)) from None
-    if manifest.get("schema") != SCHEMA or manifest.get("schema_version") != SCHEMA_VERSION:
-        raise RefbenchError(
-            f"{path}: shard schema {manifest.get('schema')!r} v{manifest.get('schema_version')}, "
-            f"this refbench reads {SCHEMA!r} v{SCHEMA_VERSION}", hint=prepare_command(name, shards_root))
-    return manifest
-
-
-def shard_paths(manifest: dict, dataset_dir: str | Path, split: str) -> list[Path]:
-    """The shard files of one split, in order, from a manifest and its dataset folder."""
-    if split not in manifest["splits"]:
-        raise RefbenchError(f"{manifest['name']} has no split {split!r}; its splits: {', '.join(manifest['splits'])}")
-    return [Path(dataset_dir) / s["path"] for s in manifest["shards"] if s["split"] == split]
 
 
 # ---------------------------------------------------------------------------------- shard writing
@@ -692,7 +647,7 @@ def _targets(dataset, split_by, all_, data: Path, source: str | None = None) -> 
         raise RefbenchError("say what to prepare: --dataset refcoco|refcoco+|refcocog [--split-by ...], or --all")
     split_by = split_by or DEFAULT_SPLIT_BY[dataset]
     if (dataset, split_by) not in PARTITIONS:
-        ok = ", ".join(s for d, s in PARTITIONS if d == dataset)
+        ok = ", ".join(split_bys_of(dataset))
         raise RefbenchError(f"{dataset} has no --split-by {split_by} partition; it has: {ok}")
     return [(dataset, split_by)]
 

@@ -26,7 +26,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from refbench.errors import RefbenchError
+from rich.console import Console
+from rich.table import Table
+
+from refbench import evaluate, leaderboard, prepare, results, synth
+from refbench.fsutil import atomic_write_json
+from refbench.recipes import get_recipe
+from refbench.refer import split_order
+from refbench.train import TrainConfig, ensure_trained
 
 
 @dataclass(frozen=True)
@@ -59,8 +66,6 @@ PLANS: dict[str, QuickstartPlan] = {
 
 def main(workdir: Path, fast: bool = False, plan: QuickstartPlan | None = None) -> dict:
     """Run every stage; returns a summary dict (paths and the headline numbers)."""
-    from rich.console import Console
-
     plan = plan or PLANS["fast" if fast else "full"]
     workdir = Path(workdir)
     console = Console()
@@ -77,17 +82,13 @@ def main(workdir: Path, fast: bool = False, plan: QuickstartPlan | None = None) 
     with stage("1/6 synth: the embedded synthetic dataset"):
         _synth(data, plan, console)
     with stage("2/6 prepare: raw REFER files -> webdataset shards (all four dataset/partitions)"):
-        from refbench import prepare
-
         prepare.main(all_=True, data=data, out=shards, shard_size=plan.shard_size)
     checkpoints = {}
     for model, steps in plan.models:
         with stage(f"3/6 train {model}: tiny, on {plan.dataset}, {steps} steps"):
-            checkpoints[model] = _train(model, steps, plan, shards, runs / model)
+            checkpoints[model] = _train(model, steps, plan, shards, runs / model, console)
     evaluated = []
     with stage(f"4/6 eval: {plan.dataset} {', '.join(plan.eval_splits)}, original protocol"):
-        from refbench import evaluate
-
         for model, ckpt in checkpoints.items():
             vis = plan.vis if model == "eavl" else 0
             done = evaluate.evaluate_checkpoint(ckpt, dataset=plan.dataset, splits=list(plan.eval_splits),
@@ -96,8 +97,6 @@ def main(workdir: Path, fast: bool = False, plan: QuickstartPlan | None = None) 
             evaluated += done
             evaluate.print_scores(done)
     with stage("5/6 leaderboard: measured records beside the papers' reported rows"):
-        from refbench import leaderboard
-
         exports = {}
         for fmt in ("md", "html"):
             exports[fmt] = workdir / f"leaderboard.{fmt}"
@@ -124,69 +123,29 @@ class _Timer:
 
 def _synth(data: Path, plan: QuickstartPlan, console) -> None:
     """Write the synthetic dataset unless this exact one (images, seed, generator config) is there."""
-    from refbench import synth
-
     if synth.written_identity(data) == synth.identity(plan.images, plan.seed) and synth.is_complete(data):
         console.print(f"{data}: synthetic dataset already written (images {plan.images}, seed {plan.seed})")
         return
     synth.main(out=data, images=plan.images, seed=plan.seed)
 
 
-def _train(model: str, steps: int, plan: QuickstartPlan, shards: Path, out: Path) -> Path:
-    """Train one tiny model (or finish / reuse an earlier quickstart's run); returns best.pt."""
-    from refbench import checkpoint
-    from refbench.recipes import get_recipe
-    from refbench.train import TrainConfig, train
+def train_config(model: str, steps: int, plan: QuickstartPlan, shards: Path, out: Path) -> TrainConfig:
+    """The training run of one quickstart model: tiny variant, `steps` steps, one validation at the end."""
+    recipe = get_recipe("tiny", steps=steps, batch_size=plan.batch_size, workers=plan.workers, val_every=steps)
+    return TrainConfig(model=model, variant="tiny", dataset=plan.dataset, shards=shards, recipe=recipe, out=out,
+                       seed=plan.seed)
 
-    recipe = get_recipe("tiny", steps=steps, batch_size=plan.batch_size, workers=plan.workers,
-                        val_every=steps)  # one validation, at the end
-    resume = False
-    last = out / "last.pt"
-    if last.is_file():
-        ckpt = checkpoint.load(last)
-        stale = _stale_run(ckpt, model, steps, shards / plan.dataset / "manifest.json")
-        if stale:
-            print(f"{out}: {stale}; training it again")
-            shutil.rmtree(out)
-        elif ckpt["step"] >= steps and (out / "best.pt").is_file():
-            return out / "best.pt"
-        else:
-            resume = True
-    train(TrainConfig(model=model, variant="tiny", dataset=plan.dataset, shards=shards, recipe=recipe, out=out,
-                      resume=resume, seed=plan.seed))
-    best = out / "best.pt"
-    if not best.is_file():
-        raise RefbenchError(f"{out}: training finished without a best.pt")
+
+def _train(model: str, steps: int, plan: QuickstartPlan, shards: Path, out: Path, console) -> Path:
+    """Train one tiny model, or finish / reuse / redo an earlier quickstart's run (`train.ensure_trained`); returns best.pt."""
+    state, best = ensure_trained(train_config(model, steps, plan, shards, out), say=console.print)
+    if state.state == "done":
+        console.print(f"{state.reason}: reused")
     return best
-
-
-def _stale_run(ckpt: dict, model: str, steps: int, manifest: Path) -> str | None:
-    """Why an earlier quickstart's run cannot be reused or resumed (None: it can).
-
-    A run is this plan's only if it trained on these exact shards (the manifest's sha256; prepare
-    is deterministic, so an unchanged dataset keeps it), with today's tiny config of the model and
-    for the same number of steps: a refbench upgrade that changes the synthetic data or the tiny
-    variant must not leave an old checkpoint on the leaderboard.
-    """
-    import json
-
-    from refbench import models
-    from refbench.fsutil import sha256_file
-
-    if ckpt.get("dataset", {}).get("manifest_sha256") != sha256_file(manifest):
-        return "it was trained on other shards"
-    config = json.loads(json.dumps(dataclasses.asdict(models.make_config(model, "tiny"))))
-    if ckpt["model"].get("config") != config:
-        return "it was trained with another tiny config"
-    if ckpt.get("recipe", {}).get("steps") != steps:
-        return f"it was planned for {ckpt.get('recipe', {}).get('steps')} steps, not {steps}"
-    return None
 
 
 def _collect_pictures(evaluated: list, folder: Path) -> list[Path]:
     """Copy the eval overlays into one folder the summary can point at."""
-    import shutil
-
     folder.mkdir(parents=True, exist_ok=True)
     out = []
     for e in evaluated:
@@ -198,8 +157,6 @@ def _collect_pictures(evaluated: list, folder: Path) -> list[Path]:
 
 
 def _summary(plan, workdir, checkpoints, evaluated, exports, pictures, timings, seconds) -> dict:
-    from refbench import results
-
     scores = {}
     for e in evaluated:
         record = results.load_record(e.path)
@@ -216,14 +173,10 @@ def _summary(plan, workdir, checkpoints, evaluated, exports, pictures, timings, 
 
 
 def _print_summary(console, s: dict) -> None:
-    from rich.table import Table
-
-    from refbench.fsutil import atomic_write_json
-
     table = Table(title=f"quickstart: synthetic {s['dataset']}, tiny models, protocol {s['protocol']} "
                         f"(I/U at the original image size)", title_justify="left")
     table.add_column("model")
-    splits = sorted({sp for per in s["scores"].values() for sp in per}, key=["val", "testA", "testB"].index)
+    splits = sorted({sp for per in s["scores"].values() for sp in per}, key=split_order)
     for sp in splits:
         table.add_column(f"{sp} mIoU %", justify="right")
         table.add_column(f"{sp} oIoU %", justify="right")

@@ -32,6 +32,9 @@ import dataclasses
 from dataclasses import dataclass
 
 
+AMP_MODES = ("auto", "bf16", "fp16", "off")  # the values of Recipe.amp (refbench.distributed.autocast_dtype)
+
+
 @dataclass(frozen=True)
 class Recipe:
     name: str  # recipe name, recorded in checkpoints and result records

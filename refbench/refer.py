@@ -1,6 +1,6 @@
 """Raw REFER reading: a safe refs-pickle loader, the instances.json join and the GT masks.
 
-The refer toolkit layout (see ../shared/reference/refcoco-facts.md): `refs(<splitBy>).p` is a
+The refer toolkit layout (github.com/lichengunc/refer): `refs(<splitBy>).p` is a
 pickled list of ref dicts written by Python 2; `instances.json` is COCO style. A ref carries
 neither box nor mask: both come from instances.json through `ann_id`, and the image file name
 from `images[].file_name` (a ref's own `file_name` has an `_<ann_id>` suffix and is not a file).

@@ -345,17 +345,24 @@ def _refbench_version() -> str:
 
 
 def git_commit() -> str | None:
-    """The commit of the checkout refbench runs from, or None (not a git checkout, no git)."""
+    """The commit of the checkout refbench runs from, or None (an installed wheel, not a git checkout, no git).
+
+    The one git lookup of refbench (records, ablation reports and bench logs use it). It answers
+    only when this package lies in the checkout's `refbench/` folder, so an installed copy inside
+    some other repository (a virtual environment in a project) never reports that project's commit.
+    """
     here = Path(__file__).resolve().parent
     try:
         out = subprocess.run(
-            ["git", "-C", str(here), "rev-parse", "HEAD"],
+            ["git", "-C", str(here), "rev-parse", "--show-toplevel", "HEAD"],
             capture_output=True, text=True, timeout=10, check=False,
         )
     except (OSError, subprocess.SubprocessError):
         return None
-    commit = out.stdout.strip()
-    return commit if out.returncode == 0 and re.fullmatch(r"[0-9a-f]{40,64}", commit) else None
+    lines = out.stdout.split()
+    if out.returncode != 0 or len(lines) != 2 or Path(lines[0]).resolve() / "refbench" != here:
+        return None
+    return lines[1] if re.fullmatch(r"[0-9a-f]{40,64}", lines[1]) else None
 
 
 # --------------------------------------------------------------------------- reading

@@ -44,6 +44,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -86,8 +87,7 @@ def main(model: str, variant: str | None, dataset: str, shards: Path, recipe: st
          out: Path | None, resume: bool, amp: str | None, workers: int | None, seed: int,
          overrides: tuple[str, ...] = (), backbone_lr_scale: float | None = None) -> Path:
     """CLI entry: turn flags into a TrainConfig and train. Returns the run folder."""
-    if model not in models.MODELS:
-        raise RefbenchError(f"unknown model {model!r}; registered models: {', '.join(models.names())}")
+    models.get_spec(model)  # one line for an unknown model or a broken plug-in, before any work
     rec = get_recipe(recipe, epochs=epochs, steps=steps, batch_size=batch_size, lr=lr, amp=amp,
                      workers=cap_workers(workers), backbone_lr_scale=backbone_lr_scale)
     if pretrained is not None:
@@ -95,7 +95,7 @@ def main(model: str, variant: str | None, dataset: str, shards: Path, recipe: st
     variant = variant or rec.variant
     cfg = TrainConfig(
         model=model, variant=variant, dataset=dataset, shards=shards if remote.is_url(shards) else Path(shards), recipe=rec,
-        out=Path(out) if out else Path("runs") / f"{model}-{variant}-{dataset}",
+        out=Path(out) if out else Path("runs") / f"{model.replace(':', '.')}-{variant}-{dataset}",
         resume=resume, seed=seed, model_overrides=parse_overrides(overrides),
     )
     check_output_folder(cfg.out, "--out")
@@ -129,6 +129,89 @@ def parse_overrides(items: tuple[str, ...] | list[str]) -> dict[str, Any]:
     return parsed
 
 
+# ------------------------------------------------------------------------------ run state
+
+
+RUN_STATES = ("new", "resume", "done", "stale")  # what `run_state` can say about a run folder
+_SAME_RECIPE = ("steps", "epochs", "batch_size", "grad_accum", "lr", "weight_decay", "warmup_steps", "pretrained")
+
+
+@dataclass(frozen=True)
+class RunState:
+    """What a run folder holds relative to the run a TrainConfig asks for."""
+
+    state: str  # one of RUN_STATES: new (nothing to continue), resume, done (finished, best.pt there), stale
+    reason: str  # why, in words, naming the run folder
+    step: int | None = None  # the step of its last.pt (None: no readable last.pt)
+
+
+def run_steps(cfg: TrainConfig, manifest: dict) -> int:
+    """Optimiser steps of the whole run: the recipe's steps, or epochs x steps per epoch."""
+    return cfg.recipe.steps or cfg.recipe.epochs * data.steps_per_epoch(manifest, "train", cfg.recipe.batch_size)
+
+
+def run_state(cfg: TrainConfig) -> RunState:
+    """Decide whether `cfg.out` is a new run, one to resume, a finished one, or one made from something else.
+
+    The one rule quickstart, ablate and bench apply to their run folders (`ensure_trained`):
+    stale = its last.pt is unreadable, or was made by another model / variant / config / seed,
+    from other shards (manifest sha256) or with another recipe (steps, epochs, batch, lr, ...),
+    or it finished without a best.pt. Nothing is changed on disk.
+    """
+    out, last = Path(cfg.out), Path(cfg.out) / "last.pt"
+    if not last.is_file():
+        return RunState("new", f"{out}: no last.pt yet")
+    try:
+        ckpt = checkpoint.load(last)
+    except RefbenchError as e:
+        return RunState("stale", f"{last}: {e.message}")
+    manifest = data.load_manifest(remote.join(cfg.shards, cfg.dataset))
+    want_config = dataclasses.asdict(models.make_config(cfg.model, cfg.variant, **{**cfg.model_overrides,
+                                                                                   "pretrained": cfg.recipe.pretrained}))
+    have_recipe, want_recipe = ckpt.get("recipe") or {}, dataclasses.asdict(cfg.recipe)
+    step = ckpt.get("step")
+    checks = [
+        ("model", f"{ckpt['model'].get('name')}/{ckpt['model'].get('variant')}", f"{cfg.model}/{cfg.variant}"),
+        ("model config", json.dumps(ckpt["model"].get("config"), sort_keys=True), json.dumps(json.loads(json.dumps(want_config)), sort_keys=True)),
+        ("dataset", (ckpt.get("dataset") or {}).get("name"), cfg.dataset),
+        ("shards (manifest sha256)", (ckpt.get("dataset") or {}).get("manifest_sha256"),
+         remote.sha256(remote.join(cfg.shards, cfg.dataset, "manifest.json"))),
+        ("seed", (ckpt.get("train") or {}).get("seed"), cfg.seed),
+        *[(f"recipe {k}", have_recipe.get(k), want_recipe[k]) for k in _SAME_RECIPE],
+    ]
+    for what, have, want in checks:
+        if have != want:
+            detail = f" ({have} != {want})" if len(f"{have}{want}") <= 60 else ""
+            return RunState("stale", f"{out}: made with another {what}{detail}", step)
+    if ckpt.get("optimizer") is None:
+        return RunState("stale", f"{out}: last.pt holds weights only and cannot be continued", step)
+    total = run_steps(cfg, manifest)
+    if step >= total:
+        if not (out / "best.pt").is_file():
+            return RunState("stale", f"{out}: finished (step {step}) but best.pt is missing", step)
+        return RunState("done", f"{out}: finished at step {step}", step)
+    return RunState("resume", f"{out}: at step {step} of {total}", step)
+
+
+def ensure_trained(cfg: TrainConfig, say=print) -> tuple[RunState, Path]:
+    """Bring `cfg.out` to a finished run by the one policy, and return (its state before, best.pt).
+
+    new: train; resume: continue from last.pt; done: reuse; stale: say why, delete the run folder
+    and train it again. Quickstart, ablate and bench call this for every run they own.
+    """
+    state = run_state(cfg)
+    if state.state == "done":
+        return state, Path(cfg.out) / "best.pt"
+    if state.state == "stale":
+        say(f"{state.reason}; training it again")
+        shutil.rmtree(cfg.out)
+    train(dataclasses.replace(cfg, resume=state.state == "resume"))
+    best = Path(cfg.out) / "best.pt"
+    if not best.is_file():
+        raise RefbenchError(f"{cfg.out}: training finished without a best.pt")
+    return state, best
+
+
 # ------------------------------------------------------------------------------ the loop
 
 
@@ -143,7 +226,7 @@ def train(cfg: TrainConfig) -> Path:
 
     micro = _micro_batch(rec, d.world)
     steps_per_epoch = data.steps_per_epoch(manifest, "train", rec.batch_size)
-    total_steps = rec.steps or rec.epochs * steps_per_epoch
+    total_steps = run_steps(cfg, manifest)
 
     if d.device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # one fixed input size: let cuDNN pick its fastest kernels once
@@ -522,20 +605,13 @@ class _Window:
 
 def _payload(net, optimizer, scaler, cfg: TrainConfig, manifest: dict, step: int, epoch: int,
              step_in_epoch: int, best: dict, metrics: dict | None, rng: dict | None) -> dict:
-    return {
-        "model": {"name": net.model_name, "variant": net.variant, "config": dataclasses.asdict(net.config)},
-        "state_dict": net.state_dict(),
-        "optimizer": optimizer.state_dict() if optimizer is not None else None,
-        "scaler": scaler.state_dict() if scaler is not None else None,
-        "step": step, "epoch": epoch, "step_in_epoch": step_in_epoch,
-        "recipe": dataclasses.asdict(cfg.recipe),
-        "train": {"dataset": cfg.dataset, "seed": cfg.seed, "overrides": cfg.model_overrides, "run": cfg.out.name},
-        "rng": rng,  # every rank's own RNG states (checkpoint.rank_rng_states); None in weights-only files
-        "dataset": {"name": cfg.dataset, "manifest_sha256": remote.sha256(remote.join(cfg.shards, cfg.dataset, "manifest.json")),
-                    "context_length": manifest["tokenizer"]["context_length"]},
-        "best": best,
-        "metrics": metrics,
-    }
+    return checkpoint.make_payload(
+        net, dataset_dir=remote.join(cfg.shards, cfg.dataset), manifest=manifest, dataset=cfg.dataset, step=step, epoch=epoch,
+        step_in_epoch=step_in_epoch, optimizer=optimizer, scaler=scaler, recipe=dataclasses.asdict(cfg.recipe),
+        train={"dataset": cfg.dataset, "seed": cfg.seed, "overrides": cfg.model_overrides, "run": cfg.out.name},
+        best=best, metrics=metrics,
+        rng=rng,  # every rank's own RNG states (checkpoint.rank_rng_states); None in weights-only files
+    )
 
 
 _RESUME_FREE = ("workers",)  # recipe fields a resumed run may change (they do not change what it computes)

@@ -10,8 +10,9 @@ so a prediction made over the square input can be mapped back to the original pi
     H x W GT mask  --mask_to_input(mask, box)-->  size x size     (the "input" protocol)
 
 Pixel convention everywhere: pixel i covers [i, i+1) and its centre is i + 0.5. The image
-resize (bilinear with antialiasing), the mask resize (PIL nearest) and the inverse
-`grid_sample` (probabilities) all use that convention, so the three agree to the pixel.
+resize (bilinear with antialiasing), the mask resize (PIL nearest) and the inverse map of the
+probabilities (`to_original`: separable bilinear weights, two matrix products) all use that
+convention, so the three agree to the pixel.
 
 Speed. `decode_image` decodes a JPEG with libjpeg-turbo (the `simplejpeg` wheel) straight at
 M/8 of its size (M = 1..8, the smallest that still covers the letterbox), so a 640x480 COCO

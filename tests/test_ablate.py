@@ -88,18 +88,13 @@ def test_smaller_plans_deduplicate_too(tmp_path):
     ]
 
 
-def test_a_run_folder_with_other_settings_is_refused(tmp_path):
-    cfg = _cfg(tmp_path, steps=5)
-    run = ablate.plan_runs(cfg)[0]
-    out = ablate.run_dir(cfg, run)
-    assert ablate.training_state(cfg, run) == "new"
-    out.mkdir(parents=True)
-    (out / "config.json").write_text(json.dumps({
-        "model": "eavl", "variant": "tiny", "dataset": "refcoco+_unc", "seed": 0, "total_steps": 5,
-        "overrides": {**run.setting.overrides(), "num_queries": 8}, "recipe": {"batch_size": 32},
-    }))
-    with pytest.raises(RefbenchError, match="other settings.*overrides"):
-        ablate.training_state(cfg, run)
+def test_runs_are_the_plans_train_configs(tmp_path):
+    cfg = _cfg(tmp_path, steps=5, batch_size=8)
+    run = ablate.plan_runs(cfg)[1]
+    tc = ablate.train_config(cfg, run, tmp_path / "shards")
+    assert (tc.model, tc.variant, tc.dataset, tc.seed) == ("eavl", "tiny", "refcoco+_unc", 0)
+    assert tc.out == ablate.run_dir(cfg, run) and tc.model_overrides == run.setting.overrides()
+    assert (tc.recipe.steps, tc.recipe.batch_size) == (5, 8)
 
 
 def test_a_workdir_with_another_synthetic_dataset_is_refused_before_any_work(tmp_path):
@@ -214,6 +209,9 @@ def test_plot_is_a_png_with_both_panels(tmp_path):
 def test_smoke_run_then_rerun_reuses_everything_and_resumes_a_partial_run(tmp_path, shards_root):
     from refbench import checkpoint, results, train
 
+    def state(run):
+        return train.run_state(ablate.train_config(cfg, run, shards_root)).state
+
     cfg = AblationConfig(workdir=tmp_path / "abl", shards=shards_root, steps=2, batch_size=4, workers=0,
                          num_queries=(2,), fixed_queries=(2,), default_queries=2, eval_batch_size=16,
                          bootstrap_samples=200)
@@ -223,10 +221,10 @@ def test_smoke_run_then_rerun_reuses_everything_and_resumes_a_partial_run(tmp_pa
     partial = runs[1]
     train.train(train.TrainConfig(
         model="eavl", variant="tiny", dataset=cfg.dataset, shards=shards_root,
-        recipe=ablate._recipe(cfg), out=ablate.run_dir(cfg, partial), seed=cfg.seed,
+        recipe=ablate.recipe(cfg), out=ablate.run_dir(cfg, partial), seed=cfg.seed,
         model_overrides=partial.setting.overrides(), stop_after=1, quiet=True,
     ))
-    assert ablate.training_state(cfg, partial) == "partial"
+    assert state(partial) == "resume"
 
     report_path = ablate.run_ablation(cfg)
 
@@ -239,7 +237,7 @@ def test_smoke_run_then_rerun_reuses_everything_and_resumes_a_partial_run(tmp_pa
         assert (rec.dataset, rec.split, rec.protocol["name"]) == ("refcoco+_unc", "testA", "original")
         assert rec.metrics["n"] == rec.meta["data"]["sentences_expected"]
     for run in runs:
-        assert ablate.training_state(cfg, run) == "done"
+        assert state(run) == "done"
         assert checkpoint.load(ablate.run_dir(cfg, run) / "last.pt")["step"] == 2
         assert checkpoint.load(ablate.run_dir(cfg, run) / "best.pt")["model"]["config"]["aligner"] == run.setting.aligner
 

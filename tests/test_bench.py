@@ -1,4 +1,4 @@
-"""`refbench bench` prepare, loader, shards and eval (refbench/bench.py) at a tiny size.
+"""`refbench bench` prepare, loader, shards and eval (the refbench.bench package) at a tiny size.
 
 Smoke tests of what each benchmark reports, never of timings: the floor writes the same images
 per shard as prepare, the refer-style baseline loader yields the same tensors as ours, the byte
@@ -8,7 +8,7 @@ benchmark is covered by tests/test_model_bench.py.
 
 from __future__ import annotations
 
-import hashlib
+import dataclasses
 import io
 import json
 import tarfile
@@ -19,28 +19,30 @@ import torch
 from PIL import Image
 
 from refbench import bench, data, metrics, refer, transforms
+from refbench.bench import baselines, common, runs
 
 IMAGES = 20  # the smallest synthetic set; every split non-empty
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-    """A bench workdir holding both synthetic sets, raw and prepared (shared by the tests below)."""
-    root = tmp_path_factory.mktemp("bench")
-    for name in bench.SETS:
-        bench.prepared_set(root, name, IMAGES)
-    return root
+def settings(tmp_path_factory):
+    """Settings over a bench workdir holding both synthetic sets, raw and prepared (shared by the tests below)."""
+    s = bench.BenchSettings(workdir=tmp_path_factory.mktemp("bench"), images=IMAGES)
+    for name in s.sets:
+        common.prepared_set(s, name)
+    return s
 
 
 @pytest.fixture
-def one_rep(monkeypatch):
+def workdir(settings):
+    return settings.workdir
+
+
+@pytest.fixture
+def one_rep(settings):
     """One timed repetition, no warm-up, tiny loader batches: seconds, not minutes."""
-    monkeypatch.setattr(bench, "PREPARE_REPS", 1)
-    monkeypatch.setattr(bench, "PREPARE_WARMUP", 0)
-    monkeypatch.setattr(bench, "LOADER_SETTINGS", ((64, 4, 1, 1),))
-    monkeypatch.setattr(bench, "LOADER_WARMUP", 1)
-    monkeypatch.setattr(bench, "EVAL_REPS", 1)
-    monkeypatch.setattr(bench, "EVAL_WARMUP", 0)
+    return dataclasses.replace(settings, prepare_reps=1, prepare_warmup=0, loader_settings=((64, 4, 1, 1),),
+                               loader_warmup=1, eval_reps=1, eval_warmup=0)
 
 
 def _members(path) -> dict[str, bytes]:
@@ -48,10 +50,10 @@ def _members(path) -> dict[str, bytes]:
         return {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
 
 
-def test_synth_sets_are_reused_and_coco_like(workdir):
-    raw = bench.synth_set(workdir, "coco-like", IMAGES)
+def test_synth_sets_are_reused_and_coco_like(settings):
+    raw = common.synth_set(settings, "coco-like")
     stamp = (raw / "SYNTH.json").stat().st_mtime_ns
-    assert bench.synth_set(workdir, "coco-like", IMAGES) == raw  # matching SYNTH.json: not regenerated
+    assert common.synth_set(settings, "coco-like") == raw  # matching SYNTH.json: not regenerated
     assert (raw / "SYNTH.json").stat().st_mtime_ns == stamp
     inst = refer.load_instances(raw / "refcoco" / "instances.json")
     assert {im["width"] for im in inst.images.values()} == {640}
@@ -61,8 +63,8 @@ def test_synth_sets_are_reused_and_coco_like(workdir):
 
 
 def test_prepare_bench_floor_writes_the_same_images_per_shard(workdir, one_rep):
-    rows = bench.bench_prepare(workdir, IMAGES)
-    assert [r["bench"] for r in rows] == ["prepare"] * 2 * len(bench.SETS)
+    rows = runs.bench_prepare(one_rep)
+    assert [r["bench"] for r in rows] == ["prepare"] * 2 * len(one_rep.sets)
     wall, cpu = rows[0], rows[1]
     assert "coco-like" in wall["what"] and "wall" in wall["what"] and "CPU" in cpu["what"]
     assert wall["target"] == "<= 1.5" and wall["ok"] == (wall["ratio"] <= 1.5)
@@ -70,7 +72,7 @@ def test_prepare_bench_floor_writes_the_same_images_per_shard(workdir, one_rep):
     for r in rows:
         assert r["ours"] > 0 and r["baseline"] > 0
         assert r["ratio"] == pytest.approx(r["ours"] / r["baseline"])  # one repetition: the ratio of the two
-    for name in bench.SETS:  # the floor's tars hold the JPEG bytes of prepare's shards, member for member
+    for name in one_rep.sets:  # the floor's tars hold the JPEG bytes of prepare's shards, member for member
         manifest = data.load_manifest(workdir / f"shards-{name}-{IMAGES}" / "refcoco_unc")
         for shard in manifest["shards"]:
             ours = _members(workdir / f"shards-{name}-{IMAGES}" / "refcoco_unc" / shard["path"])
@@ -79,10 +81,10 @@ def test_prepare_bench_floor_writes_the_same_images_per_shard(workdir, one_rep):
             assert len(floor) == shard["samples"]
 
 
-def test_refer_style_loader_yields_what_train_loader_yields(workdir):
+def test_refer_style_loader_yields_what_train_loader_yields(settings, workdir):
     size = 96  # default synth images are ~250 x 200 px: ours decodes at 3/8..4/8 DCT scale, the baseline fully
-    raw = bench.synth_set(workdir, "default", IMAGES)
-    base = bench.ReferStyleDataset(raw, "refcoco", "unc", "train", size)
+    raw = common.synth_set(settings, "default")
+    base = baselines.ReferStyleDataset(raw, "refcoco", "unc", "train", size)
     index = {r["ref_id"]: i for i, r in enumerate(base.refs)}
     batch = next(iter(data.train_loader(workdir / f"shards-default-{IMAGES}" / "refcoco_unc", batch_size=6, image_size=size)))
     for b, (ref_id, sent_id) in enumerate(zip(batch["ref_id"].tolist(), batch["sent_id"].tolist())):
@@ -107,8 +109,8 @@ def test_refer_style_loader_yields_what_train_loader_yields(workdir):
     assert b["tokens"].shape == (3, 17) and b["tokens"].dtype == torch.int64
 
 
-def test_loader_bench_row(workdir, one_rep):
-    (row,) = bench.bench_loader(workdir, IMAGES)
+def test_loader_bench_row(one_rep):
+    (row,) = runs.bench_loader(one_rep)
     assert row["bench"] == "loader" and "64 px" in row["what"] and "batch 4" in row["what"]
     assert row["ours"] > 0 and row["baseline"] > 0
     assert row["ratio"] == pytest.approx(row["ours"] / row["baseline"])
@@ -116,15 +118,15 @@ def test_loader_bench_row(workdir, one_rep):
     assert torch.get_num_threads() >= 1
 
 
-def test_shards_bench_counts_the_files(workdir, tmp_path):
+def test_shards_bench_counts_the_files(settings, workdir, tmp_path):
     log = tmp_path / "bench.jsonl"
-    rows = bench.main(which=("shards",), workdir=workdir, images=IMAGES, log=log)
-    assert [r["bench"] for r in rows] == ["shards"] * len(bench.SETS)
-    for name, r in zip(bench.SETS, rows):
+    rows = bench.main(which=("shards",), settings=dataclasses.replace(settings, log=log))
+    assert [r["bench"] for r in rows] == ["shards"] * len(settings.sets)
+    for name, r in zip(settings.sets, rows):
         folder = workdir / f"shards-{name}-{IMAGES}" / "refcoco_unc"
         on_disk = sum(p.stat().st_size for p in folder.glob("*/*.tar"))
         assert r["ours"] == pytest.approx(on_disk / 1e6)
-        raw = bench.raw_bytes(workdir / f"synth-{name}-{IMAGES}")
+        raw = baselines.raw_bytes(workdir / f"synth-{name}-{IMAGES}", "refcoco", "unc")
         assert r["baseline"] == pytest.approx((raw["jpeg"] + raw["png"]) / 1e6)
         jpegs = sum(p.stat().st_size for p in (workdir / f"synth-{name}-{IMAGES}" / "images" / "train2014").glob("*.jpg"))
         assert raw["jpeg"] == jpegs  # every synthetic image has refcoco refs
@@ -137,14 +139,14 @@ def test_shards_bench_counts_the_files(workdir, tmp_path):
 def test_png_mask_round_trips():
     mask = np.zeros((7, 9), np.uint8)
     mask[2:5, 3:8] = 1
-    png = bench.png_mask(mask)
+    png = baselines.png_mask(mask)
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     assert np.array_equal(np.asarray(Image.open(io.BytesIO(png))), mask * 255)
 
 
 def test_time_spent_in_wraps_and_restores():
     original = metrics.summarize
-    with bench.time_spent_in((("refbench.metrics", "summarize"), ("refbench.metrics", "as_counts"))) as spent:
+    with common.time_spent_in((("refbench.metrics", "summarize"), ("refbench.metrics", "as_counts"))) as spent:
         assert metrics.summarize is not original
         assert metrics.summarize([1, 2], [2, 2])["mIoU"] == pytest.approx(0.75)  # still the real function
         first = spent[0]
@@ -153,34 +155,12 @@ def test_time_spent_in_wraps_and_restores():
     assert metrics.summarize is original and spent[0] > first
 
 
-def test_eval_bench_share(workdir, one_rep):
-    (row,) = bench.bench_eval(workdir, IMAGES)
+def test_eval_bench_share(workdir, one_rep, capsys):
+    (row,) = runs.bench_eval(one_rep)
+    assert capsys.readouterr().out == ""  # the evaluation API prints nothing
     assert row["bench"] == "eval" and "tiny EAVL" in row["what"] and "protocol original" in row["what"]
     assert 0 < row["ours"] < row["baseline"]  # metric seconds inside eval wall seconds
     assert row["ratio"] == pytest.approx(row["ours"] / row["baseline"])
     assert row["target"] == "<= 0.05" and row["ok"] == (row["ratio"] <= 0.05)
     assert not (workdir / "eval-results").exists()  # its records are scratch
     assert (workdir / "eval-tiny-eavl.pt").is_file()
-
-
-def test_prepare_tar_writer_writes_what_tarfile_writes():
-    """prepare's direct USTAR writer (the speed-up measured by `bench prepare`) = tarfile's bytes."""
-    from refbench import prepare
-
-    members = [("000000000001.jpg", b""), ("000000000001.json", b"{}"), ("000000000002.jpg", bytes(range(256)) * 2),
-               ("000000000002.json", b"x" * 513), ("000000000003.jpg", np.random.default_rng(0).bytes(10_000))]
-    expected = io.BytesIO()
-    with tarfile.open(fileobj=expected, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-        for name, payload in members:
-            info = tarfile.TarInfo(name)
-            info.size, info.mtime, info.mode, info.uid, info.gid, info.uname, info.gname = len(payload), 0, 0o644, 0, 0, "", ""
-            tar.addfile(info, io.BytesIO(payload))
-    got = io.BytesIO()
-    writer = prepare._TarWriter(got)
-    for name, payload in members:
-        writer.add(name, payload)
-    writer.close()
-    assert got.getvalue() == expected.getvalue()
-    assert writer.n == len(expected.getvalue()) and writer.sha.hexdigest() == hashlib.sha256(expected.getvalue()).hexdigest()
-    with pytest.raises(ValueError, match="does not fit"):
-        prepare.ustar_header("x" * 101, 1)

@@ -1,4 +1,4 @@
-"""`refbench bench gpu` (refbench/bench_gpu.py): its logic on the CPU, the GPU rows on a GPU only.
+"""`refbench bench gpu` (refbench/bench/gpu.py): its logic on the CPU, the GPU rows on a GPU only.
 
 Timings are never asserted. On this CPU the benchmark must print one line and exit 0; the
 pieces it is made of (a training step from loader-shaped uint8 batches, OOM as a result, the
@@ -14,12 +14,14 @@ import pytest
 import torch
 
 from _harness import assert_cli_ok, cli
-from refbench import bench, bench_gpu
+from refbench import bench
+from refbench.bench import common
+from refbench.bench import gpu as bench_gpu
 
 
 def test_without_a_gpu_it_says_so_in_one_line_and_exits_0(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert bench_gpu.bench_gpu(tmp_path, 20) == []
+    assert bench_gpu.bench_gpu(common.BenchSettings(workdir=tmp_path, images=20)) == []
     out = capsys.readouterr().out.strip().splitlines()
     assert len(out) == 1 and "no CUDA device" in out[0]
     result = cli("bench", "gpu", "--workdir", tmp_path, "--log", tmp_path / "log.jsonl", "--out", tmp_path / "out")
@@ -76,8 +78,8 @@ def test_train_rows_name_oom_and_channels_last(one_torch_thread, monkeypatch):
 
 
 def test_tables_are_written_as_json_and_markdown(tmp_path):
-    rows = [bench._row("gpu", "eavl train samples/s, batch 8", 100.0, 100.0, None),
-            bench._row("gpu", "eavl train samples/s, batch 32: OOM", math.nan, 100.0, None)]
+    rows = [common.row("gpu", "eavl train samples/s, batch 8", 100.0, 100.0, None),
+            common.row("gpu", "eavl train samples/s, batch 32: OOM", math.nan, 100.0, None)]
     js, md = bench.write_tables(rows, tmp_path / "out", "H100, torch 2.11")
     assert json.loads(js.read_text().replace("NaN", "null"))["rows"][0]["ours"] == 100.0
     text = md.read_text()

@@ -430,16 +430,12 @@ def test_verify_shards_passes_on_good_shards(tiny):
 # --------------------------------------------------------------------------------- prepared synthetic data
 
 
-def test_pipelines_on_prepared_synthetic_data(request):
+def test_pipelines_on_prepared_synthetic_data(shards_root, synth_root):
     """On `refbench synth` + `refbench prepare` output: eval yields exactly the sentences of the
     raw refs pickle, split by split; train batches are well formed."""
     from refbench import refer
 
-    try:
-        root = Path(request.getfixturevalue("shards_root"))
-        raw = Path(request.getfixturevalue("synth_root"))
-    except pytest.FixtureLookupError:
-        pytest.skip("no shards_root/synth_root fixtures (refbench.prepare not landed)")
+    root, raw = Path(shards_root), Path(synth_root)
     names = sorted(p.name for p in root.iterdir() if (p / "manifest.json").is_file())
     assert names, root
     for name in names:

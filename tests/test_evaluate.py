@@ -1,4 +1,4 @@
-"""`refbench eval`, `refbench leaderboard` and `refbench predict` end to end (issue 6), on a tiny
+"""`refbench eval`, `refbench leaderboard` and `refbench predict` end to end, on a tiny
 EAVL checkpoint and the synthetic shards of tests/conftest.py: one record per split whose
 metrics its own per-sentence sidecar reproduces, every sentence once, both protocols named,
 overlay pictures, every leaderboard export, single-image predict, and a 2-rank torchrun eval

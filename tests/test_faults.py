@@ -1,4 +1,4 @@
-"""The fault matrix (issue 7): tests that really kill, corrupt and race the `refbench` commands.
+"""The fault matrix: tests that really kill, corrupt and race the `refbench` commands.
 
 One test per row. In every case nothing already written is lost, and the user gets one clear
 line: stderr starts with `error: ` (at most a `hint: ` line after it), no traceback, no crash dump.
@@ -31,7 +31,7 @@ import torch
 
 from _harness import (DATASET, assert_cli_ok, assert_ok, assert_one_line_error, cli, env, read_log, refbench,
                       refbench_cmd)
-from refbench import checkpoint, prepare, refer, results
+from refbench import checkpoint, data, prepare, refer, results
 from refbench.fsutil import TMP_PREFIX, sha256_file
 from refbench.recipes import get_lr
 from test_prepare import _tree
@@ -161,7 +161,7 @@ def test_corrupt_and_missing_jpeg_are_named_and_skip_bad_records_them(data_copy,
     proc = refbench(*args, "--skip-bad")
     assert_ok(proc)
     assert "Traceback" not in proc.stderr
-    manifest = prepare.load_manifest(out, DATASET)
+    manifest = data.load_manifest(out / DATASET)
     assert [(s["kind"], s["id"], s["file"]) for s in manifest["skipped"]] == [
         ("image", first["id"], str(corrupt)), ("image", other["id"], str(missing))]
     assert "not a readable JPEG" in manifest["skipped"][0]["reason"] and manifest["skipped"][1]["reason"] == "file not found"

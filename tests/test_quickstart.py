@@ -6,11 +6,13 @@ is checked by the slow test at the bottom, which runs the real thing (~10 minute
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
 
-from refbench import checkpoint, quickstart, results
+from refbench import models, quickstart, results
+from refbench.train import run_state
 
 CHECK_EAVL_MIN = 0.42  # testB mIoU floor of the `check` plan; measured 0.496 (blind 0.104) on 2 cores, seed 0
 
@@ -55,18 +57,22 @@ def test_rerun_reuses_finished_work(fast_run):
     assert len(second["records"]) == len(first["records"])  # scored again: new, append-only records
 
 
-def test_a_run_from_other_shards_config_or_length_is_not_reused(fast_run):
+def test_a_run_from_other_shards_config_or_length_is_not_reused(fast_run, tmp_path):
     workdir, _ = fast_run
-    ckpt = checkpoint.load(workdir / "runs" / "eavl" / "last.pt")
-    manifest = workdir / "shards" / "refcoco_unc" / "manifest.json"
-    steps = dict(quickstart.PLANS["fast"].models)["eavl"]
-    assert quickstart._stale_run(ckpt, "eavl", steps, manifest) is None
-    assert "steps" in quickstart._stale_run(ckpt, "eavl", steps + 1, manifest)
-    other = workdir / "other-manifest.json"
-    other.write_text(manifest.read_text() + "\n")
-    assert "other shards" in quickstart._stale_run(ckpt, "eavl", steps, other)
-    ckpt["model"]["config"]["image_size"] += 32
-    assert "tiny config" in quickstart._stale_run(ckpt, "eavl", steps, manifest)
+    plan = quickstart.PLANS["fast"]
+    steps = dict(plan.models)["eavl"]
+    cfg = quickstart.train_config("eavl", steps, plan, workdir / "shards", workdir / "runs" / "eavl")
+    assert run_state(cfg).state == "done"
+    longer = run_state(dataclasses.replace(cfg, recipe=dataclasses.replace(cfg.recipe, steps=steps + 1)))
+    assert longer.state == "stale" and "recipe steps" in longer.reason
+    other = tmp_path / "refcoco_unc"  # the same manifest, one byte longer: other shards
+    other.mkdir()
+    (other / "manifest.json").write_text((workdir / "shards" / "refcoco_unc" / "manifest.json").read_text() + "\n")
+    moved = run_state(dataclasses.replace(cfg, shards=tmp_path))
+    assert moved.state == "stale" and "shards" in moved.reason
+    size = models.make_config("eavl", "tiny").image_size + 32
+    bigger = run_state(dataclasses.replace(cfg, model_overrides={"image_size": size}))
+    assert bigger.state == "stale" and "model config" in bigger.reason
 
 
 def test_short_run_grounds_language_and_blind_cannot(tmp_path):

@@ -11,7 +11,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from refbench import prepare, refer, refer_hf, synth
+from refbench import data, prepare, refer, refer_hf, synth
 from refbench.errors import RefbenchError
 from refbench.fsutil import sha256_file
 
@@ -44,10 +44,10 @@ def _content(root: Path, name: str) -> dict:
     for tar_path in sorted((root / name).glob("*/*.tar")):
         with tarfile.open(tar_path) as tar:
             files = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
-        for member, data in files.items():
+        for member, blob in files.items():
             key, ext = member.rsplit(".", 1)
             if ext == "json":
-                out[(tar_path.parent.name, key)] = (json.loads(data), files[f"{key}.jpg"])
+                out[(tar_path.parent.name, key)] = (json.loads(blob), files[f"{key}.jpg"])
     return out
 
 
@@ -58,7 +58,7 @@ def test_parquet_snapshot_gives_the_same_shards_as_the_refer_files(both, tmp_pat
     assert "jxu124/refcoco" in result.output and "test -> testA" in result.output
     assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == sorted(HF_NAMES)  # no google partition in the mirrors
     for name in HF_NAMES:
-        a, b = prepare.load_manifest(tmp_path / "refer", name), prepare.load_manifest(tmp_path / "hf", name)
+        a, b = data.load_manifest(tmp_path / "refer" / name), data.load_manifest(tmp_path / "hf" / name)
         content = _content(tmp_path / "hf", name)
         assert content and content == _content(tmp_path / "refer", name)  # samples, refs, masks, tokens
         assert {k: v for k, v in a.items() if k != "sources"} == {k: v for k, v in b.items() if k != "sources"}  # counts, shards

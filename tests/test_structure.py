@@ -72,19 +72,12 @@ def test_find_cycle_finds_one():
     assert find_cycle({"a": {"b"}, "b": set(), "c": {"a", "b"}}) is None
 
 
-# A cycle that exists and is owned elsewhere: bench dispatches to bench_gpu, which imports bench's
-# `_row` and `prepared_set`. Listed by name so that it is visible and any other cycle still fails;
-# the fix is to move those helpers out of bench (the bench package work does), then empty this.
-KNOWN_CYCLES = {("refbench.bench", "refbench.bench_gpu")}
 
 
 def test_no_import_cycle():
     graph = import_graph()
     assert {"refbench.train", "refbench.evaluate", "refbench.distributed", "refbench.models.registry"} <= set(graph)
     assert "refbench.distributed" in graph["refbench.train"] & graph["refbench.evaluate"]
-    for a, b in KNOWN_CYCLES:
-        if a in graph and b in graph and b in graph[a] and a in graph[b]:
-            graph[b] = graph[b] - {a}  # the known edge back, named above
     cycle = find_cycle(graph)
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
 

@@ -10,9 +10,9 @@ import pytest
 from PIL import Image
 
 from refbench import refer, synth, text
+from refbench.datasets import PARTITIONS
 from refbench.errors import RefbenchError
 
-PARTITIONS = [("refcoco", "unc"), ("refcoco+", "unc"), ("refcocog", "umd"), ("refcocog", "google")]
 REF_KEYS = {"ref_id", "ann_id", "image_id", "category_id", "split", "file_name", "sent_ids", "sentences"}
 SPLITS = {"unc": {"train", "val", "testA", "testB"}, "umd": {"train", "val", "test"}, "google": {"train", "val"}}
 GROUP_OF = {cid: group for cid, _, group in synth.CATEGORIES}

@@ -1,4 +1,4 @@
-"""`refbench train` (issue 5): a short tiny-EAVL run learns and leaves checkpoints `refbench eval`
+"""`refbench train`: a short tiny-EAVL run learns and leaves checkpoints `refbench eval`
 loads; stop + `--resume` is bitwise an uninterrupted run (DataLoader workers 0 and 2); 2-rank
 torchrun on CPU (gloo) keeps the ranks identical on disjoint shards; clear one-line errors;
 `--set FIELD=VALUE` reaches the model config.
@@ -196,3 +196,52 @@ def test_set_overrides_reach_the_model_config(shards_root, tmp_path):
     result = cli("train", "eavl", "--recipe", "tiny", "--shards", shards_root, "--out", tmp_path / "bad",
                  "--set", "num_querys=2")
     assert_one_line_error(result, "model 'eavl' has no config field(s) num_querys")
+
+
+# ------------------------------------------------------------------------------ run state
+
+
+def test_run_state_new_resume_done_stale(tiny_run, shards_root, tmp_path):
+    from refbench.train import run_state
+
+    cfg = train_config(shards_root, tmp_path / "run", steps=TINY_RUN_STEPS)
+    new = run_state(cfg)
+    assert (new.state, new.step) == ("new", None) and "no last.pt" in new.reason
+
+    shutil.copytree(tiny_run, cfg.out)
+    done = run_state(cfg)
+    assert (done.state, done.step) == ("done", TINY_RUN_STEPS) and str(cfg.out) in done.reason
+
+    ckpt = checkpoint.load(tiny_run / "last.pt")
+    checkpoint.save(cfg.out / "last.pt", {**ckpt, "step": 3})  # as if killed at step 3
+    resume = run_state(cfg)
+    assert (resume.state, resume.step) == ("resume", 3) and f"step 3 of {TINY_RUN_STEPS}" in resume.reason
+
+    for changed, why in [(train_config(shards_root, cfg.out, steps=TINY_RUN_STEPS, seed=1), "seed"),
+                         (train_config(shards_root, cfg.out, steps=TINY_RUN_STEPS, lr=1e-2), "recipe lr"),
+                         (train_config(shards_root, cfg.out, steps=TINY_RUN_STEPS, model_overrides={"num_queries": 2}),
+                          "model config"),
+                         (train_config(shards_root, cfg.out, model="cris", steps=TINY_RUN_STEPS), "model")]:
+        stale = run_state(changed)
+        assert stale.state == "stale" and f"another {why}" in stale.reason, stale
+    checkpoint.save(cfg.out / "last.pt", ckpt)
+    (cfg.out / "best.pt").unlink()
+    assert "best.pt is missing" in run_state(cfg).reason and run_state(cfg).state == "stale"
+    (cfg.out / "last.pt").write_bytes(b"not a checkpoint")
+    assert run_state(cfg).state == "stale"
+    assert [p.name for p in sorted(cfg.out.iterdir())] == ["config.json", "curves.png", "last.pt", "log.jsonl"]  # read only
+
+
+def test_ensure_trained_redoes_a_stale_run_and_reuses_a_done_one(shards_root, tmp_path):
+    from refbench.train import ensure_trained
+
+    cfg = train_config(shards_root, tmp_path / "run", steps=1)
+    cfg.out.mkdir()
+    (cfg.out / "last.pt").write_bytes(b"left over")
+    said = []
+    state, best = ensure_trained(cfg, say=said.append)
+    assert state.state == "stale" and "training it again" in said[0]
+    assert checkpoint.load(best)["step"] == 1
+    stamp = best.stat().st_mtime_ns
+    again, best_again = ensure_trained(cfg, say=said.append)
+    assert again.state == "done" and best_again == best and best.stat().st_mtime_ns == stamp and len(said) == 1

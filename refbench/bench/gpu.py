@@ -1,6 +1,6 @@
 """`refbench bench gpu`: the GPU path measured on one GPU (EAVL and CRIS, rn101, 480 px, bf16).
 
-    python -m refbench bench gpu --out DIR          # rows as a table, DIR/bench.json and DIR/bench.md
+    refbench bench gpu --out DIR          # rows as a table, DIR/bench.json and DIR/bench.md
 
 Rows (each names model, backbone, input size, precision and batch):
 - train: optimiser steps per second x batch = samples/s and peak memory (torch.cuda
@@ -24,12 +24,20 @@ about two minutes on an H100, and imports nothing that `refbench eval` does not.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import math
 import statistics
 import time
-from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Callable
+
+import torch
+
+from refbench import data, evaluate
+from refbench import models as zoo
+from refbench.bench.common import BenchSettings, prepared_set
+from refbench.bench.common import row as _row
 
 GPU_VARIANT = "rn101"  # backbone of the GPU rows (the paper's main one)
 GPU_MODELS = ("eavl", "cris")  # models measured
@@ -47,15 +55,11 @@ CONTEXT = 17  # token context length of the synthetic batches (RefCOCO)
 
 def gpu_device() -> Any:
     """torch.device("cuda") when one is usable, else None."""
-    import torch
-
     return torch.device("cuda") if torch.cuda.is_available() else None
 
 
 def is_oom(exc: BaseException) -> bool:
     """True for a CUDA out-of-memory error (torch.cuda.OutOfMemoryError, or the older RuntimeError text)."""
-    import torch
-
     oom = getattr(torch.cuda, "OutOfMemoryError", None) or getattr(torch, "OutOfMemoryError", None)
     return (oom is not None and isinstance(exc, oom)) or "out of memory" in str(exc).lower()
 
@@ -63,15 +67,11 @@ def is_oom(exc: BaseException) -> bool:
 def free_memory(device: Any) -> None:
     gc.collect()
     if device is not None and device.type == "cuda":
-        import torch
-
-        torch.cuda.empty_cache()
+            torch.cuda.empty_cache()
 
 
 def synthetic_batch(batch: int, size: int, device: Any, seed: int = 0) -> dict:
     """A loader-shaped train batch on `device`: uint8 images + content, tokens, uint8 masks."""
-    import torch
-
     g = torch.Generator().manual_seed(seed)
     tokens = torch.zeros(batch, CONTEXT, dtype=torch.int64)
     tokens[:, 0], tokens[:, 1:6], tokens[:, 6] = 49406, torch.randint(1, 49400, (batch, 5), generator=g), 49407
@@ -86,9 +86,6 @@ def synthetic_batch(batch: int, size: int, device: Any, seed: int = 0) -> dict:
 
 def make_step(net, device: Any, amp_dtype: Any, channels_last: bool) -> Callable[[dict], float]:
     """One optimiser step of `net` on a batch (as `refbench train` does it); returns the loss."""
-    import torch
-
-    from refbench import data
 
     params = [p for p in net.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-5, fused=device.type == "cuda")
@@ -108,9 +105,7 @@ def make_step(net, device: Any, amp_dtype: Any, channels_last: bool) -> Callable
 
 def _sync(device: Any) -> None:
     if device.type == "cuda":
-        import torch
-
-        torch.cuda.synchronize(device)
+            torch.cuda.synchronize(device)
 
 
 def time_steps(step: Callable[[dict], Any], batch: dict, device: Any, steps: int, warmup: int) -> float:
@@ -130,8 +125,6 @@ def time_steps(step: Callable[[dict], Any], batch: dict, device: Any, steps: int
 def measure_train(build: Callable[[], Any], batch: int, size: int, device: Any, amp_dtype: Any, channels_last: bool,
                   steps: int = GPU_STEPS, warmup: int = GPU_WARMUP) -> dict:
     """{"samples_s", "peak_gib", "oom"} of training a fresh `build()` at `batch`; OOM is a result, not a crash."""
-    import torch
-
     net = step = data = None
     cuda = device.type == "cuda"
     try:
@@ -155,8 +148,6 @@ def measure_train(build: Callable[[], Any], batch: int, size: int, device: Any, 
 
 
 def _gpu_name(device: Any) -> str:
-    import torch
-
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
@@ -164,10 +155,6 @@ def train_rows(device: Any, models: tuple[str, ...] = GPU_MODELS, variant: str =
                batches: tuple[int, ...] = GPU_BATCHES, amp_dtype: Any = "bf16", steps: int = GPU_STEPS,
                warmup: int = GPU_WARMUP) -> list[dict]:
     """Training samples/s and peak memory per model and batch, plus channels_last vs NCHW."""
-    import torch
-
-    from refbench import models as zoo
-    from refbench.bench import _row
 
     amp = torch.bfloat16 if amp_dtype == "bf16" else amp_dtype
     precision = "bf16" if amp is torch.bfloat16 else str(amp)
@@ -198,16 +185,11 @@ def train_rows(device: Any, models: tuple[str, ...] = GPU_MODELS, variant: str =
     return rows
 
 
-def data_wait_rows(device: Any, workdir: Path, images: int, workers: tuple[int, ...] = LOADER_WORKERS,
+def data_wait_rows(device: Any, s: BenchSettings, workers: tuple[int, ...] = LOADER_WORKERS,
                    variant: str = GPU_VARIANT, steps: int = LOADER_STEPS, batch: int = LOADER_BATCH) -> list[dict]:
     """Share of EAVL training wall time spent waiting for the real loader, per worker count."""
-    import torch
 
-    from refbench import data
-    from refbench import models as zoo
-    from refbench.bench import _row, prepared_set
-
-    folder = prepared_set(workdir, "coco-like", images)
+    folder = prepared_set(s, "coco-like")
     amp = torch.bfloat16 if device.type == "cuda" else None
     rows = []
     torch.manual_seed(0)
@@ -243,18 +225,11 @@ def data_wait_rows(device: Any, workdir: Path, images: int, workers: tuple[int, 
     return rows
 
 
-def eval_rows(device: Any, workdir: Path, images: int, variant: str = GPU_VARIANT, batch: int = EVAL_BATCH,
+def eval_rows(device: Any, s: BenchSettings, variant: str = GPU_VARIANT, batch: int = EVAL_BATCH,
               workers: int = EVAL_WORKERS) -> list[dict]:
     """Sentences/s of `evaluate.score_split` (EAVL, original protocol) and its metric share."""
-    from types import SimpleNamespace
 
-    import torch
-
-    from refbench import data, evaluate
-    from refbench import models as zoo
-    from refbench.bench import _row, prepared_set
-
-    folder = prepared_set(workdir, "coco-like", images)
+    folder = prepared_set(s, "coco-like")
     manifest = data.load_manifest(folder)
     torch.manual_seed(0)
     net = zoo.build("eavl", variant, pretrained=None).to(device)
@@ -272,17 +247,15 @@ def eval_rows(device: Any, workdir: Path, images: int, variant: str = GPU_VARIAN
     return [_row("gpu", what, n / scores.seconds_total, 1.0, None, baseline_is="1 (sentences/s is the number)")]
 
 
-def bench_gpu(workdir: Path, images: int) -> list[dict]:
+def bench_gpu(s: BenchSettings) -> list[dict]:
     """All GPU rows, or none (one line printed) without a CUDA device."""
     device = gpu_device()
     if device is None:
         print("refbench bench gpu: no CUDA device here (torch.cuda.is_available() is False); nothing measured")
         return []
-    import torch
-
     torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest kernels
-    images = min(images, GPU_IMAGES)
+    s = dataclasses.replace(s, images=min(s.images, GPU_IMAGES))
     rows = train_rows(device)
-    rows += data_wait_rows(device, Path(workdir), images)
-    rows += eval_rows(device, Path(workdir), images)
+    rows += data_wait_rows(device, s)
+    rows += eval_rows(device, s)
     return rows

@@ -24,6 +24,10 @@ import time
 from pathlib import Path
 
 import numpy as np
+from pycocotools import mask as mask_utils
+
+from refbench import results, score
+from refbench.bench.common import BenchSettings, interleaved, median_ratio, row
 
 SENTENCES = 5095  # RefCOCO testB
 SENTENCES_PER_REF = 2  # testB: 5,095 sentences of 1,810 refs (2.8); 2 keeps more distinct masks
@@ -44,10 +48,6 @@ def _polygon(rng: np.random.Generator, w: int, h: int, cx: float, cy: float, r: 
 
 def submission(folder: Path, sentences: int = SENTENCES, seed: int = 0):
     """Write `folder/submission.jsonl`; returns (its path, the matching score.Truth)."""
-    from pycocotools import mask as mask_utils
-
-    from refbench import score
-
     rng = np.random.default_rng(seed)
     truth = score.Truth()
     lines = []
@@ -90,16 +90,12 @@ def submission(folder: Path, sentences: int = SENTENCES, seed: int = 0):
     return path, truth
 
 
-def bench_score(workdir: Path, images: int) -> list[dict]:
+def bench_score(s: BenchSettings) -> list[dict]:
     """Rows: ours vs decode-only (target), sentences/s vs decode-and-count, publishing (information)."""
-    from pycocotools import mask as mask_utils
-
-    from refbench import bench_rows, results, score
-
-    path, truth = submission(Path(workdir) / "score")
+    path, truth = submission(Path(s.workdir) / "score")
     n = len(truth)
     pixels = float(np.mean(np.asarray(truth.height) * np.asarray(truth.width)))
-    out_root = Path(workdir) / "score" / "results"
+    out_root = Path(s.workdir) / "score" / "results"
 
     def ours() -> float:
         t0 = time.perf_counter()
@@ -140,18 +136,18 @@ def bench_score(workdir: Path, images: int) -> list[dict]:
         )
         return time.perf_counter() - t0
 
-    times = bench_rows.interleaved({"ours": ours, "decode": decode_only, "naive": decode_and_count, "publish": publish},
-                               REPS, WARMUP)
+    times = interleaved({"ours": ours, "decode": decode_only, "naive": decode_and_count, "publish": publish},
+                        REPS, WARMUP)
     med = {k: float(np.median(v)) for k, v in times.items()}
     setting = f"{n:,} sentences, COCO-size masks (mean {pixels / 1e3:.0f} k pixels), RLE JSONL, synthetic"
     return [
-        bench_rows.row("score", f"s to score a submission: parse + validate + I/U on RLEs ({setting})",
-                   med["ours"], med["decode"], SCORE_TARGET, bench_rows.median_ratio(times["ours"], times["decode"]),
-                   baseline_is="read + parse the same file and pycocotools mask.decode every predicted mask, nothing else"),
-        bench_rows.row("score", f"sentences/s scored, from the file to per-sentence I/U ({setting})",
-                   n / med["ours"], n / med["naive"], None, bench_rows.median_ratio(times["naive"], times["ours"]),
-                   baseline_is="a decode-and-count scorer: mask.decode prediction and GT, numpy I and U"),
-        bench_rows.row("score", f"s to score and publish the record (bootstrap 1000, breakdowns, parquet; {setting})",
-                   med["publish"], med["decode"], None, bench_rows.median_ratio(times["publish"], times["decode"]),
-                   baseline_is="decode-only, as in the first row"),
+        row("score", f"s to score a submission: parse + validate + I/U on RLEs ({setting})",
+            med["ours"], med["decode"], SCORE_TARGET, median_ratio(times["ours"], times["decode"]),
+            baseline_is="read + parse the same file and pycocotools mask.decode every predicted mask, nothing else"),
+        row("score", f"sentences/s scored, from the file to per-sentence I/U ({setting})",
+            n / med["ours"], n / med["naive"], None, median_ratio(times["naive"], times["ours"]),
+            baseline_is="a decode-and-count scorer: mask.decode prediction and GT, numpy I and U"),
+        row("score", f"s to score and publish the record (bootstrap 1000, breakdowns, parquet; {setting})",
+            med["publish"], med["decode"], None, median_ratio(times["publish"], times["decode"]),
+            baseline_is="decode-only, as in the first row"),
     ]
