@@ -150,6 +150,13 @@ def run_steps(cfg: TrainConfig, manifest: dict) -> int:
     return cfg.recipe.steps or cfg.recipe.epochs * data.steps_per_epoch(manifest, "train", cfg.recipe.batch_size)
 
 
+def _config_key(config: dict, want: dict) -> str:
+    """A model config as comparable text: every field, except those `want` leaves to the build (None,
+    e.g. quick_gelu decided from the weights and recorded in the checkpoint)."""
+    fields = {k: v for k, v in config.items() if not (k in want and want[k] is None)}
+    return json.dumps(json.loads(json.dumps(fields)), sort_keys=True)
+
+
 def run_state(cfg: TrainConfig) -> RunState:
     """Decide whether `cfg.out` is a new run, one to resume, a finished one, or one made from something else.
 
@@ -172,7 +179,7 @@ def run_state(cfg: TrainConfig) -> RunState:
     step = ckpt.get("step")
     checks = [
         ("model", f"{ckpt['model'].get('name')}/{ckpt['model'].get('variant')}", f"{cfg.model}/{cfg.variant}"),
-        ("model config", json.dumps(ckpt["model"].get("config"), sort_keys=True), json.dumps(json.loads(json.dumps(want_config)), sort_keys=True)),
+        ("model config", _config_key(ckpt["model"].get("config") or {}, want_config), _config_key(want_config, want_config)),
         ("dataset", (ckpt.get("dataset") or {}).get("name"), cfg.dataset),
         ("shards (manifest sha256)", (ckpt.get("dataset") or {}).get("manifest_sha256"),
          remote.sha256(remote.join(cfg.shards, cfg.dataset, "manifest.json"))),

@@ -39,7 +39,8 @@ def installed(tmp_path_factory) -> dict:
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "--no-input"]
     built = subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(dist), str(src)],
                            capture_output=True, text=True, timeout=600)
-    assert built.returncode == 0, f"pip wheel failed (pip install -e '.[test]' provides the build backend):\n{built.stderr[-3000:]}"
+    assert built.returncode == 0, ("pip wheel failed; the offline build needs setuptools >= 70.1 "
+                                   "(pip install -e '.[test]', or pip install 'setuptools>=70.1'):\n" + built.stderr[-3000:])
     (wheel,) = dist.glob("refbench-*.whl")
     done = subprocess.run([*pip, "install", "--no-deps", "--no-index", "--target", str(target), str(wheel)],
                           capture_output=True, text=True, timeout=600)
