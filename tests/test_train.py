@@ -19,7 +19,7 @@ import torch
 from _harness import (DATASET, assert_cli_ok, assert_ok, assert_one_line_error, cli, read_log, torchrun,
                       train_config, train_losses)
 from conftest import TINY_RUN_STEPS
-from refbench import checkpoint, data, results
+from refbench import checkpoint, data, models, results
 from refbench.errors import RefbenchError
 from refbench.recipes import get_lr
 from refbench.train import train
@@ -201,7 +201,7 @@ def test_set_overrides_reach_the_model_config(shards_root, tmp_path):
 # ------------------------------------------------------------------------------ run state
 
 
-def test_run_state_new_resume_done_stale(tiny_run, shards_root, tmp_path):
+def test_run_state_new_resume_done_stale(tiny_run, shards_root, tmp_path, monkeypatch):
     from refbench.train import run_state
 
     cfg = train_config(shards_root, tmp_path / "run", steps=TINY_RUN_STEPS)
@@ -211,6 +211,23 @@ def test_run_state_new_resume_done_stale(tiny_run, shards_root, tmp_path):
     shutil.copytree(tiny_run, cfg.out)
     done = run_state(cfg)
     assert (done.state, done.step) == ("done", TINY_RUN_STEPS) and str(cfg.out) in done.reason
+    # a model config field left to the build (None, e.g. quick_gelu decided from the weights) matches
+    # whatever the checkpoint recorded as built; a value asked for explicitly must match
+    recorded = checkpoint.load(tiny_run / "last.pt")["model"]["config"]
+    assert recorded["quick_gelu"] is not None
+    real_make_config = models.make_config
+
+    def leaves_quick_gelu_to_the_build(*args, **kwargs):
+        config = real_make_config(*args, **kwargs)
+        config.quick_gelu = None
+        return config
+
+    monkeypatch.setattr(models, "make_config", leaves_quick_gelu_to_the_build)
+    assert run_state(cfg).state == "done"
+    monkeypatch.setattr(models, "make_config", real_make_config)
+    asked = run_state(train_config(shards_root, cfg.out, steps=TINY_RUN_STEPS,
+                                   model_overrides={"quick_gelu": not recorded["quick_gelu"]}))
+    assert asked.state == "stale" and "another model config" in asked.reason
 
     ckpt = checkpoint.load(tiny_run / "last.pt")
     checkpoint.save(cfg.out / "last.pt", {**ckpt, "step": 3})  # as if killed at step 3
