@@ -133,8 +133,10 @@ def _decisions_worker(rank: int, world: int, port: int, run: str, out: str) -> N
     # only rank 0 reads the run folder: on rank 1 checkpoint.load refuses (as on a node without --out)
     if rank == 1:
         checkpoint.load = lambda *a, **k: (_ for _ in ()).throw(AssertionError("rank 1 read the checkpoint"))
-    cfg = train.TrainConfig(model="eavl", variant="tiny", dataset="refcoco_unc", shards=Path(run), recipe=None,
-                            out=Path(run), resume=True)
+    from refbench.recipes import get_recipe
+
+    cfg = train.TrainConfig(model="eavl", variant="tiny", dataset="refcoco_unc", shards=Path(run),
+                            recipe=get_recipe("tiny"), out=Path(run), resume=True)
     seen["resume"] = outcome(lambda: train._start_checkpoint(cfg, d, Path(run) / "last.pt")["step"])
     cfg.resume = False
     seen["exists"] = outcome(lambda: train._start_checkpoint(cfg, d, Path(run) / "last.pt"))
@@ -163,7 +165,7 @@ def _decisions_worker(rank: int, world: int, port: int, run: str, out: str) -> N
         return "net"
 
     models_mod.build = build
-    cfg.recipe = type("R", (), {"pretrained": "openai"})()
+    cfg.recipe = type("R", (), {"pretrained": "openai", "image_size": None})()
     seen["built"] = (train._build_model(cfg, d), built[0])
     cfg.recipe.pretrained = "broken"
     seen["build_error"] = outcome(lambda: train._build_model(cfg, d))
@@ -197,9 +199,16 @@ def test_rank0_decides_and_every_rank_follows(tmp_path):
     run.mkdir()
     torch.manual_seed(0)
     net = models.build("blind", "tiny")
-    checkpoint.save(run / "last.pt", {"model": {"name": "eavl", "variant": "tiny", "config": dataclasses.asdict(net.config)},
+    # the model config and recipe a tiny eavl run records, so the resume check lets it continue
+    from refbench import train
+    from refbench.recipes import get_recipe
+
+    rec = get_recipe("tiny")
+    like = train.TrainConfig(model="eavl", variant="tiny", dataset="refcoco_unc", shards=run, recipe=rec, out=run)
+    config = models.make_config("eavl", "tiny", **train._model_overrides(like))
+    checkpoint.save(run / "last.pt", {"model": {"name": "eavl", "variant": "tiny", "config": dataclasses.asdict(config)},
                                       "state_dict": net.state_dict(), "optimizer": {"state": {}}, "step": 7,
-                                      "dataset": {"name": "refcoco_unc"}})
+                                      "dataset": {"name": "refcoco_unc"}, "recipe": dataclasses.asdict(rec)})
     out = tmp_path / "seen"
     mp.spawn(_decisions_worker, args=(2, _free_port(), str(run), str(out)), nprocs=2, join=True)
     seen = [ast.literal_eval(Path(f"{out}.{r}").read_text()) for r in (0, 1)]
