@@ -43,7 +43,9 @@ def test_short_run_lowers_the_loss_and_eval_loads_its_checkpoints(tiny_run, shar
     losses = [loss for _, (_, loss) in sorted(train_losses(tiny_run).items())]
     assert len(losses) == TINY_RUN_STEPS
     first, last = sum(losses[:2]) / 2, sum(losses[-3:]) / 3
-    assert last < 0.5 * first, losses
+    # 8 steps of batch 4: the curve depends on the data order (the epoch plan), so the bar is a
+    # clear fall (at least a third), not a tuned factor; the fixed-batch loss below is the sharp check
+    assert last < 0.67 * first, losses
 
     # the same init as the run (seed 0 before building) against the trained weights, on a fixed batch
     torch.manual_seed(0)
