@@ -67,6 +67,10 @@ def test_wheel_holds_one_package_and_its_data(installed):
     assert "refbench/reported/refcoco_family.csv" in names and "refbench/reported/README.md" in names
     assert any(n.startswith("refbench/reported/ablations/") and n.endswith(".csv") for n in names)
     assert not any(n.startswith("refbench/tests/") or "/__pycache__/" in n for n in names)
+    repo = Path(__file__).resolve().parents[1]
+    for folder, package in (("refbench", "refbench"), ("models", "refbench/models"), ("leaderboard/reported", "refbench/reported")):
+        for source in (repo / folder).rglob("*.py"):  # every module of the source tree ships, subpackages too
+            assert f"{package}/{source.relative_to(repo / folder).as_posix()}" in names, source
     entry_points = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
     assert "refbench = refbench.cli:main" in zipfile.ZipFile(installed["wheel"]).read(entry_points).decode()
 
