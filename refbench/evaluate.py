@@ -226,6 +226,18 @@ class Evaluated:
     pictures: list[Path] = field(default_factory=list)
 
 
+def load_scoring_inputs(ckpt: dict, checkpoint, dataset: str | None, shards, device):
+    """The model of a loaded checkpoint on `device`, and the dataset it is scored on (`dataset`,
+    else the one it trained on): (net, dataset name, dataset folder or URL, manifest).
+    Shared by `refbench eval` and `refbench predictions`."""
+    net = ckpt_mod.build_model(ckpt, checkpoint).to(device)
+    dataset = dataset or ckpt.get("dataset", {}).get("name")
+    if not dataset:
+        raise RefbenchError(f"{checkpoint}: the checkpoint names no dataset", hint="pass --dataset, e.g. refcoco_unc")
+    dataset_dir = remote.join(shards, dataset)  # a folder or a URL
+    return net, dataset, dataset_dir, data.load_manifest(dataset_dir)
+
+
 def evaluate_checkpoint(checkpoint: Path, *, dataset: str | None = None, splits: list[str] = ("val",),
                         shards: Path = Path("shards"), protocol: str | None = None, batch_size: int = 16,
                         workers: int | None = None, vis: int = 0, results: Path = Path("leaderboard/results"),
@@ -241,12 +253,7 @@ def evaluate_checkpoint(checkpoint: Path, *, dataset: str | None = None, splits:
     d = setup_distributed()
     ckpt = ckpt_mod.load(checkpoint)
     protocol = protocol or checkpoint_protocol(ckpt)
-    net = ckpt_mod.build_model(ckpt, checkpoint).to(d.device)
-    dataset = dataset or ckpt.get("dataset", {}).get("name")
-    if not dataset:
-        raise RefbenchError(f"{checkpoint}: the checkpoint names no dataset", hint="pass --dataset, e.g. refcoco_unc")
-    dataset_dir = remote.join(shards, dataset)  # a folder or a URL
-    manifest = data.load_manifest(dataset_dir)
+    net, dataset, dataset_dir, manifest = load_scoring_inputs(ckpt, checkpoint, dataset, shards, d.device)
     if list(splits) == ["all"]:
         splits = [s for s in manifest["splits"] if s not in EVAL_SPLITS_EXCLUDE]
     for s in splits:

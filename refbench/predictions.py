@@ -36,12 +36,7 @@ def export(checkpoint: Path, *, split: str, out: Path, dataset: str | None = Non
     proto = score.check_protocol(protocol)
     d = setup_distributed()
     ckpt = ckpt_mod.load(checkpoint)
-    net = ckpt_mod.build_model(ckpt, checkpoint).to(d.device)
-    dataset = dataset or ckpt.get("dataset", {}).get("name")
-    if not dataset:
-        raise RefbenchError(f"{checkpoint}: the checkpoint names no dataset", hint="pass --dataset, e.g. refcoco_unc")
-    dataset_dir = remote.join(shards, dataset)  # a folder or a URL
-    manifest = data.load_manifest(dataset_dir)
+    net, dataset, dataset_dir, manifest = evaluate.load_scoring_inputs(ckpt, checkpoint, dataset, shards, d.device)
     if split not in manifest["splits"]:
         raise RefbenchError(f"split {split!r} is not in {remote.join(dataset_dir, 'manifest.json')}; splits: {', '.join(manifest['splits'])}")
     workers = 2 if workers is None else workers
