@@ -3,17 +3,20 @@
 Shards hold one sample per image (original JPEG bytes + JSON with its refs, RLE masks and
 tokenized sentences). Two pipelines read them, each a list of small webdataset stages:
 
-train_loader (one epoch of one rank; infinite underneath, cut to a fixed number of steps):
+train_loader / TrainLoader.epoch (one epoch of one rank; each worker's stream is infinite
+underneath, cut at its last batch of the epoch):
     this (rank, worker)'s part of the epoch plan (seeded)  ->  tar samples (sha256 + count checked)
     ->  one record per ref, one random sentence each  ->  ref-level shuffle buffer, drained per pass
     ->  [the part again, forever]  ->  batches of refs  ->  [skip the first k on resume]
-    ->  decode + letterbox + collate
+    ->  decode + letterbox + collate  ->  [stop after this worker's batches of the epoch]
     {"image": uint8[B,3,S,S], "content": int64[B,4], "tokens": int64[B,L], "mask": uint8[B,1,S,S],
      "sent_id": int64[B], "ref_id": int64[B]}
 
 eval_loader (every sentence of every ref of a split exactly once, fixed order):
-    this rank's shards (r, r+W, ...)  ->  this worker's shards  ->  tar samples (checked)
-    ->  decode the image once, one item per sentence  ->  batches (custom collate)
+    this (rank, worker)'s run of the split's sentences (eval_plan; below shard granularity when
+    there are more streams than shards)  ->  tar samples of its shards (the stream that ends a
+    shard reads it whole and checks it)  ->  decode each image with a sentence in the run once,
+    one item per sentence  ->  batches (custom collate)
     {"image": uint8[B,3,S,S] (float32 under CRIS's preprocessing), "content": int64[B,4],
      "tokens": int64[B,L], "gt": uint8[B,max H,max W] (the GT masks, zero-padded)} + lists:
     sent_id, ref_id, image_id, category_id, sent, height, width, letterbox
@@ -31,6 +34,13 @@ Determinism. Every random choice (which shard, which sentence, the shuffle) come
 seeded by (seed, epoch, rank, DataLoader worker id), never from the global RNGs or the clock.
 The DataLoader hands out batches round-robin over workers in order, so the stream of batches
 is a function of (seed, epoch, rank, world, batch size, input size, workers).
+
+Worker processes. A training run streams every epoch through one `TrainLoader`: one
+DataLoader with persistent workers, forked once per run and restarted on each epoch's stream
+(the epoch and the batches to skip reach them through a shared-memory tensor), and each worker
+stops at its last batch of the epoch, so none makes batches past it. Training's validations
+share one eval loader with persistent workers (`eval_loader(persistent=True)`). The batches are
+those of a fresh loader of the same epoch.
 
 Coverage. Every epoch, `epoch_plan` puts the split's shards in a seeded order, lays their
 images end to end and cuts them into world x workers contiguous parts (sizes within one image):
@@ -62,11 +72,15 @@ is checked against the manifest at its end, and with `verify=True` (default) its
 computed while streaming (no second read; sha256 runs at ~1.7 GB/s, so the cost is within
 measurement noise), so a byte flipped in JPEG data that PIL would decode silently, or a tar
 header damaged so that tarfile would end the archive early, is still caught at the end of that
-shard (samples of it already yielded are not recalled: the run stops with the error).
+shard (samples of it already yielded are not recalled: the run stops with the error). In
+eval, a shard cut between streams is read whole and checked by the stream holding its last
+sentence (the others stop reading at the end of their run), which also checks its sentence
+count; `refbench eval` raises that stream's error on every rank.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import itertools
@@ -361,13 +375,14 @@ class Loader:
 
     Attributes: `batches`, `sentences` (eval: sentences this rank scores), `steps_per_epoch`
     (train: batches in a whole epoch), `workers` (eval: after clamping), `shards` (this rank's
-    shard files).
+    shard files). A loader made with persistent workers keeps its worker processes between
+    iterations until `close()` (or until it is garbage collected).
     """
 
     def __init__(self, dataloader: Iterable, batches: int, *, limit: bool, **info: Any):
         self.dataloader = dataloader
         self.batches = batches
-        self._limit = limit  # cut an infinite stream after `batches`
+        self._limit = limit  # cut the stream after `batches`
         for k, v in info.items():
             setattr(self, k, v)
 
@@ -375,23 +390,38 @@ class Loader:
         return self.batches
 
     def __iter__(self) -> Iterator[dict]:
-        batches = iter(self.dataloader)
+        batches = iter(self.dataloader)  # persistent workers: the same processes, restarted on their new stream
         try:
             for batch in itertools.islice(batches, self.batches) if self._limit else batches:
                 if isinstance(batch, _Failure):
                     raise RefbenchError(batch.message, batch.hint)
                 yield batch
         finally:
-            # Drop the DataLoader iterator (its __del__ stops the workers) now, also when an
-            # exception's traceback keeps this frame, and so its locals, alive.
+            # Drop the DataLoader iterator now (without persistent workers its __del__ stops the
+            # workers), also when an exception's traceback keeps this frame, and so its locals, alive.
             del batches
 
+    def close(self) -> None:
+        """Stop persistent worker processes now (a no-op without them)."""
+        _close_dataloader(self.dataloader)
 
-def _dataloader(stream: IterableDataset, num_workers: int, pin_memory: bool) -> DataLoader:
+
+def _dataloader(stream: IterableDataset, num_workers: int, pin_memory: bool, persistent: bool = False) -> DataLoader:
+    """The DataLoader over a stream of ready batches; `persistent` keeps its worker processes
+    from one iteration to the next (each iteration calls the stream's __iter__ again in them)."""
     return DataLoader(
         stream, batch_size=None, collate_fn=_identity, num_workers=num_workers, pin_memory=pin_memory,
-        persistent_workers=False, in_order=True,
+        persistent_workers=persistent and num_workers > 0, in_order=True,
     )
+
+
+def _close_dataloader(dataloader: Any) -> None:
+    """Shut down a DataLoader's persistent workers (torch stops them only when its iterator is
+    garbage collected, which a reference cycle or a traceback can delay)."""
+    it = getattr(dataloader, "_iterator", None)
+    if it is not None:
+        dataloader._iterator = None
+        it._shutdown_workers()
 
 
 # --------------------------------------------------------------------------------- train
@@ -522,44 +552,118 @@ def _collate_train(refs: list[_TrainRef], size: int) -> dict:
     }
 
 
-def _skip_then_collate(batches: Iterable[list[_TrainRef]], skip: int, size: int) -> Iterator[dict]:
-    """Pipeline stage: drop the first `skip` batches undecoded, collate the rest."""
-    for i, refs in enumerate(batches):
+def _skip_then_collate(batches: Iterable[list[_TrainRef]], skip: int, count: int, size: int) -> Iterator[dict]:
+    """Pipeline stage: drop the first `skip` batches undecoded, collate the next `count`, stop."""
+    for i, refs in enumerate(itertools.islice(batches, skip + count)):
         if i >= skip:
             yield _collate_train(refs, size)
 
 
 class _TrainStream(IterableDataset):
-    """The infinite batch stream of one rank; each DataLoader worker builds its own pipeline."""
+    """One rank's train batches of one epoch; each DataLoader worker builds its own pipeline.
 
-    def __init__(self, entries: list[dict], parts: list[list[Piece]], *, batch_size: int, size: int, seed: int,
-                 epoch: int, rank: int, skip_batches: int, shuffle_buffer: int, context_length: int, verify: bool,
+    Which epoch, and how many of its batches to skip, is read from `state` (int64 [2]: epoch,
+    skip_batches) each time an iteration starts. With persistent DataLoader workers the stream
+    is pickled into each worker once, so `state` lives in shared memory: the main process writes
+    the next epoch into it before it starts the next iteration, and every worker, restarted on
+    its new stream, reads it there.
+    """
+
+    def __init__(self, entries: list[dict], *, state: torch.Tensor, batch_size: int, size: int, seed: int, rank: int,
+                 world: int, workers: int, num_batches: int, shuffle_buffer: int, context_length: int, verify: bool,
                  preprocess: str = "letterbox"):
         super().__init__()
         self.preprocess = preprocess
-        self.entries, self.parts = entries, parts  # parts: this rank's epoch_plan, one per worker
-        self.batch_size, self.size, self.seed, self.epoch = batch_size, size, seed, epoch
-        self.rank, self.skip_batches, self.shuffle_buffer = rank, skip_batches, shuffle_buffer
-        self.context_length, self.verify = context_length, verify
+        self.entries, self.state = entries, state
+        self.batch_size, self.size, self.seed = batch_size, size, seed
+        self.rank, self.world, self.workers, self.num_batches = rank, world, workers, num_batches
+        self.shuffle_buffer, self.context_length, self.verify = shuffle_buffer, context_length, verify
 
     def __iter__(self) -> Iterator:
+        epoch, skip_batches = (int(v) for v in self.state.tolist())  # read once, when the iteration starts
+        parts = epoch_plan(self.entries, seed=self.seed, epoch=epoch, world=self.world, workers=self.workers)[self.rank]
         worker, num_workers = _worker()
         # In the uninterrupted stream, batch g comes from worker g % num_workers (in-order round
         # robin). A loader resumed at batch k starts its round robin at worker 0, so its worker j
         # plays the part of worker (j + k) % num_workers and drops that worker's batches < k.
-        role = (worker + self.skip_batches) % num_workers
-        skip = len(range(role, self.skip_batches, num_workers))
-        seed = (self.seed, self.epoch, self.rank, role)
-        part = self.parts[role] if len(self.parts) == num_workers else self.parts[0]
+        # Each worker stops after its last batch of the epoch (so no batch beyond the epoch is
+        # made and thrown away, and persistent workers are idle between epochs).
+        role = (worker + skip_batches) % num_workers
+        skip = len(range(role, skip_batches, num_workers))
+        count = len(range(skip_batches + worker, self.num_batches, num_workers))
+        seed = (self.seed, epoch, self.rank, role)
+        part = parts[role] if len(parts) == num_workers else parts[0]
         if not part:  # fewer images than streams: this worker reads the whole rank's share
-            part = [p for ps in self.parts for p in ps]
+            part = [p for ps in parts for p in ps]
         pipeline = wds.DataPipeline(
             functools.partial(_planned_samples, part, {e["url"]: e for e in self.entries}, self.verify, seed,
                               self.size, self.context_length, self.shuffle_buffer, self.preprocess),
             wds.batched(self.batch_size, collation_fn=None, partial=False),
-            functools.partial(_skip_then_collate, skip=skip, size=self.size),
+            functools.partial(_skip_then_collate, skip=skip, count=count, size=self.size),
         )
         return _failures_as_items(pipeline)
+
+
+class TrainLoader:
+    """One rank's train stream over a whole run: `epoch(e, skip_batches=k)` is the Loader of
+    batches k, k+1, ... of epoch e.
+
+    One DataLoader serves every epoch. With `workers` > 0 and `persistent` (the default) its
+    worker processes are forked once and live across epochs: each new epoch restarts them on
+    the epoch's stream (the epoch and skip reach them through shared memory, `_TrainStream`),
+    instead of forking `workers` new processes per epoch. The batches are exactly those of a
+    fresh loader of the same epoch (`train_loader`). `close()` (or `with`) stops the workers.
+
+    Arguments as `train_loader`'s; `num_batches` is the length of every epoch.
+    """
+
+    def __init__(self, dataset_dir: str | Path, manifest: dict | None = None, *, batch_size: int, image_size: int = 480,
+                 num_batches: int | None = None, seed: int = 0, workers: int = 0, rank: int | None = None,
+                 world: int | None = None, split: str = "train", shuffle_buffer: int = 1000, verify: bool = True,
+                 pin_memory: bool = False, preprocess: str = "letterbox", persistent: bool = True):
+        if preprocess not in EVAL_INPUTS:
+            raise RefbenchError(f"unknown preprocessing {preprocess!r}; known: {', '.join(EVAL_INPUTS)}")
+        self.rank, self.world = dist_info(rank, world)
+        manifest = load_manifest(dataset_dir) if manifest is None else manifest
+        self.entries = split_shards(manifest, dataset_dir, split)
+        if not self.entries:
+            raise RefbenchError(f"split {split!r} of {dataset_dir} has no shards", hint=REPREPARE)
+        images = sum(int(e["samples"]) for e in self.entries)
+        if images < self.world:
+            raise RefbenchError(
+                f"split {split!r} of {dataset_dir} has {images} image(s), fewer than the {self.world} ranks "
+                f"(each rank trains on its own images)",
+                hint="train on fewer ranks, or on a dataset with more images",
+            )
+        self.seed, self.workers = seed, workers
+        self.steps = steps_per_epoch(manifest, split, batch_size * self.world) if num_batches is None else num_batches
+        self.state = torch.zeros(2, dtype=torch.int64).share_memory_()  # (epoch, skip_batches), read by the workers
+        stream = _TrainStream(
+            self.entries, state=self.state, batch_size=batch_size, size=image_size, seed=seed, rank=self.rank,
+            world=self.world, workers=workers, num_batches=self.steps, shuffle_buffer=shuffle_buffer,
+            context_length=manifest["tokenizer"]["context_length"], verify=verify, preprocess=preprocess,
+        )
+        self.dataloader = _dataloader(stream, workers, pin_memory, persistent=persistent)
+
+    def epoch(self, epoch: int, skip_batches: int = 0) -> Loader:
+        """Batches `skip_batches`, ..., end of epoch `epoch` (iterate it before asking for the next epoch)."""
+        if not 0 <= skip_batches <= self.steps:
+            raise ValueError(f"skip_batches={skip_batches} is outside an epoch of {self.steps} batches")
+        self.state[0], self.state[1] = epoch, skip_batches
+        parts = epoch_plan(self.entries, seed=self.seed, epoch=epoch, world=self.world, workers=self.workers)[self.rank]
+        pieces = [p for ps in parts for p in ps]  # this rank's images this epoch: disjoint from every other rank's
+        return Loader(self.dataloader, self.steps - skip_batches, limit=True, steps_per_epoch=self.steps,
+                      workers=self.workers, shards=sorted({url for url, _, _ in pieces}), pieces=pieces)
+
+    def close(self) -> None:
+        """Stop the worker processes (a no-op without workers)."""
+        _close_dataloader(self.dataloader)
+
+    def __enter__(self) -> "TrainLoader":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
 
 
 def train_loader(
@@ -587,40 +691,20 @@ def train_loader(
     batch_size: refs per batch on this rank; image_size: square input side; num_batches: batches
     in an epoch, default ceil(refs of `split` / (batch_size x world)), the same on every rank;
     workers: DataLoader workers (any number, also more than shards); shuffle_buffer: refs held
-    by the ref-level shuffle; rank r of `world` draws only from shards r, r+W, ...
-    (`loader.shards`). Call again with epoch + 1 for the next epoch. With skip_batches=k the
-    batches equal those of the uninterrupted stream of (seed, epoch, rank, world, workers).
+    by the ref-level shuffle; rank r of `world` reads its own contiguous share of the epoch's
+    images (`epoch_plan`; `loader.shards`, `loader.pieces`). With skip_batches=k the batches
+    equal those of the uninterrupted stream of (seed, epoch, rank, world, workers).
     preprocess: "letterbox" (refbench.transforms, nearest-resized 0/1 masks) or "cris" (CRIS's
     OpenCV chain, refbench.cvwarp: cubic image warp, soft INTER_LINEAR masks).
+
+    One epoch, workers forked for it; a run over many epochs uses `TrainLoader`, whose workers
+    live across epochs.
     """
-    if preprocess not in EVAL_INPUTS:
-        raise RefbenchError(f"unknown preprocessing {preprocess!r}; known: {', '.join(EVAL_INPUTS)}")
-    rank, world = dist_info(rank, world)
-    manifest = load_manifest(dataset_dir) if manifest is None else manifest
-    entries = split_shards(manifest, dataset_dir, split)
-    if not entries:
-        raise RefbenchError(f"split {split!r} of {dataset_dir} has no shards", hint=REPREPARE)
-    images = sum(int(e["samples"]) for e in entries)
-    if images < world:
-        raise RefbenchError(
-            f"split {split!r} of {dataset_dir} has {images} image(s), fewer than the {world} ranks "
-            f"(each rank trains on its own images)",
-            hint="train on fewer ranks, or on a dataset with more images",
-        )
-    parts = epoch_plan(entries, seed=seed, epoch=epoch, world=world, workers=workers)[rank]
-    pieces = [p for ps in parts for p in ps]  # this rank's images this epoch: disjoint from every other rank's
-    steps = steps_per_epoch(manifest, split, batch_size * world) if num_batches is None else num_batches
-    if not 0 <= skip_batches <= steps:
-        raise ValueError(f"skip_batches={skip_batches} is outside an epoch of {steps} batches")
-    stream = _TrainStream(
-        entries, parts, batch_size=batch_size, size=image_size, seed=seed, epoch=epoch, rank=rank,
-        skip_batches=skip_batches, shuffle_buffer=shuffle_buffer,
-        context_length=manifest["tokenizer"]["context_length"], verify=verify, preprocess=preprocess,
-    )
-    return Loader(
-        _dataloader(stream, workers, pin_memory), steps - skip_batches, limit=True, steps_per_epoch=steps, workers=workers,
-        shards=sorted({url for url, _, _ in pieces}), pieces=pieces,
-    )
+    return TrainLoader(
+        dataset_dir, manifest, batch_size=batch_size, image_size=image_size, num_batches=num_batches, seed=seed,
+        workers=workers, rank=rank, world=world, split=split, shuffle_buffer=shuffle_buffer, verify=verify,
+        pin_memory=pin_memory, preprocess=preprocess, persistent=False,
+    ).epoch(epoch, skip_batches)
 
 
 # --------------------------------------------------------------------------------- metadata only
@@ -698,21 +782,71 @@ def _cris_input(url: str, key: str, jpeg: bytes, meta: dict, size: int, normalis
 EVAL_INPUTS = {"letterbox": _letterbox_input, "cris": _cris_input}
 
 
-def _expand_eval(samples: Iterable[dict], size: int, context_length: int, preprocess: str = "letterbox") -> Iterator[dict]:
-    """Pipeline stage: image samples -> one item per sentence (the image decoded once)."""
+def eval_plan(entries: list[dict], *, world: int, workers: int) -> list[list[list[Piece]]]:
+    """Which sentences each (rank, worker) stream scores: plan[rank][worker] = pieces
+    (shard url, first sentence, end sentence), sentences numbered within their shard in file
+    order (image, ref, sentence).
+
+    The split's sentences (shards in path order) are laid end to end and cut into `world`
+    contiguous parts, each cut again into `workers` parts (sizes differ by at most one
+    sentence; a rank's workers are clamped to its sentences). Every sentence is in exactly one
+    part, so every rank and worker gets a share even when world x workers exceeds the shards
+    of the split (RefCOCO val: 3 shards), and concatenating the parts in order gives the file
+    order. `workers` 0 means the main process (one part). A pure function of its arguments.
+    """
+    pieces = [(e["url"], 0, int(e["sentences"])) for e in entries if int(e["sentences"]) > 0]
+    plan = []
+    for rank_part in _cut(pieces, world):
+        sentences = sum(b - a for _, a, b in rank_part)
+        plan.append(_cut(rank_part, max(1, min(workers, sentences))))
+    return plan
+
+
+def _piece_sentences(pieces: list[Piece], by_url: dict[str, dict], verify: bool, size: int, context_length: int,
+                     preprocess: str = "letterbox") -> Iterator[dict]:
+    """Pipeline source: pieces (shard url, first, end sentence) -> one item per sentence, in file order.
+
+    Every image's JSON is parsed (to number its sentences), but only an image with a sentence in
+    the piece is decoded, once, and only the GT masks of refs with one. The piece that ends at
+    its shard's last sentence reads the shard to the end, so its sample count, its sentence
+    count and (with `verify`) its sha256 are checked; a piece ending earlier stops reading
+    there. Each shard ends exactly one piece of a plan, so each is checked by one stream.
+    """
     make_input = EVAL_INPUTS[preprocess]
-    for sample in samples:
-        url, key = sample["__url__"], sample["__key__"]
-        meta = _parse_meta(sample, context_length)
-        image, box, warp = make_input(url, key, sample["jpg"], meta, size)  # [3, S, S], shared by the image's sentences
-        for ref in meta["refs"]:
-            gt = torch.from_numpy(_decode_mask(url, key, ref, meta))  # uint8 [H, W]
-            for s in ref["sentences"]:
-                yield {
-                    "image": image, "tokens": s["tokens"], "sent_id": s["sent_id"], "ref_id": ref["ref_id"],
-                    "image_id": meta["image_id"], "category_id": ref["category_id"], "sent": s["sent"],
-                    "height": meta["height"], "width": meta["width"], "letterbox": box, "warp": warp, "gt_mask": gt,
-                }
+    for url, lo, hi in pieces:
+        entry = by_url[url]
+        total = int(entry["sentences"])
+        n = 0  # sentences of the shard before the next image
+        with contextlib.closing(_read_shard(entry, verify)) as samples:
+            for sample in samples:
+                key = sample["__key__"]
+                meta = _parse_meta(sample, context_length)
+                counts = [len(ref["sentences"]) for ref in meta["refs"]]
+                first, n = n, n + sum(counts)
+                if n <= lo or first >= hi:  # no sentence of this image is in the piece
+                    if first >= hi and hi < total:
+                        break  # past the piece: the rest of the shard is another stream's
+                    continue
+                image, box, warp = make_input(url, key, sample["jpg"], meta, size)  # [3, S, S], shared by the image's sentences
+                i = first
+                for ref, count in zip(meta["refs"], counts):
+                    if i + count <= lo or i >= hi:
+                        i += count
+                        continue
+                    gt = torch.from_numpy(_decode_mask(url, key, ref, meta))  # uint8 [H, W]
+                    for s in ref["sentences"]:
+                        if lo <= i < hi:
+                            yield {
+                                "image": image, "tokens": s["tokens"], "sent_id": s["sent_id"], "ref_id": ref["ref_id"],
+                                "image_id": meta["image_id"], "category_id": ref["category_id"], "sent": s["sent"],
+                                "height": meta["height"], "width": meta["width"], "letterbox": box, "warp": warp,
+                                "gt_mask": gt,
+                            }
+                        i += 1
+            else:  # read to the end: the shard holds what its manifest says
+                if n != total:
+                    raise RefbenchError(f"shard {url} is corrupt: it holds {n} sentences, the manifest says {total}",
+                                        hint=REPREPARE)
 
 
 EVAL_LISTS = ("sent_id", "ref_id", "image_id", "category_id", "sent", "height", "width", "letterbox", "warp", "gt_mask")
@@ -753,20 +887,21 @@ def pad_stack(masks: list[torch.Tensor]) -> torch.Tensor:
 
 
 class _EvalStream(IterableDataset):
-    """The sentences of one rank's shards; DataLoader workers split the shards (w, w+N, ...)."""
+    """The sentences of one rank's part of a split (`eval_plan`); DataLoader worker w scores part w."""
 
-    def __init__(self, entries: list[dict], *, batch_size: int, size: int, context_length: int, verify: bool,
-                 preprocess: str = "letterbox"):
+    def __init__(self, entries: list[dict], parts: list[list[Piece]], *, batch_size: int, size: int,
+                 context_length: int, verify: bool, preprocess: str = "letterbox"):
         super().__init__()
-        self.entries, self.batch_size, self.size = entries, batch_size, size
+        self.entries, self.parts, self.batch_size, self.size = entries, parts, batch_size, size
         self.context_length, self.verify, self.preprocess = context_length, verify, preprocess
 
     def __iter__(self) -> Iterator:
+        worker, num_workers = _worker()
+        if num_workers != len(self.parts):
+            raise RuntimeError(f"an eval stream of {len(self.parts)} parts read by {num_workers} workers")
         pipeline = wds.DataPipeline(
-            wds.SimpleShardList([e["url"] for e in self.entries]),  # seed=None: no shuffle
-            wds.split_by_worker,
-            functools.partial(_shard_samples, by_url={e["url"]: e for e in self.entries}, verify=self.verify),
-            functools.partial(_expand_eval, size=self.size, context_length=self.context_length, preprocess=self.preprocess),
+            functools.partial(_piece_sentences, self.parts[worker], {e["url"]: e for e in self.entries}, self.verify,
+                              self.size, self.context_length, self.preprocess),
             wds.batched(self.batch_size, collation_fn=collate_eval, partial=True),
         )
         return _failures_as_items(pipeline)
@@ -785,31 +920,40 @@ def eval_loader(
     verify: bool = True,
     pin_memory: bool = False,
     preprocess: str = "letterbox",
+    persistent: bool = False,
 ) -> Loader:
-    """Every sentence of every ref of `split` on this rank's shards, once, in a fixed order.
+    """Every sentence of every ref of this rank's part of `split`, once, in a fixed order.
 
     `preprocess` makes the network input: "letterbox" (refbench.transforms) or "cris" (CRIS's
     OpenCV chain, refbench.cvwarp; each item then also carries its `warp`, else None).
 
-    Rank r reads shards r, r+W, ... (sorted by path); its DataLoader workers split those again
-    (`workers` is clamped to the number of shards; a rank without shards yields nothing). The
-    order is fixed for a given (world, workers): shard order, image order, ref_id, sentence
-    order, batches interleaved round-robin over workers. `len(loader)` is the number of
-    batches; `loader.sentences` the number of sentences this rank yields.
+    The split's sentences are cut into world x workers contiguous parts (`eval_plan`), below
+    shard granularity where there are more streams than shards: rank r scores part r, its
+    DataLoader worker w sub-part w (`workers` is clamped to the rank's sentences; a rank
+    without sentences yields nothing). The order is fixed for a given (world, workers): file
+    order within each worker's part (shard, image, ref_id, sentence), batches interleaved
+    round-robin over workers; the ranks' parts in rank order tile the split in file order.
+    `len(loader)` is the number of batches; `loader.sentences` the number of sentences this
+    rank yields, `loader.pieces` its (shard, first, end sentence) runs. With `persistent` the
+    worker processes live from one iteration to the next (training's repeated validations);
+    `loader.close()` stops them.
     """
     rank, world = dist_info(rank, world)
     manifest = load_manifest(dataset_dir) if manifest is None else manifest
-    entries = split_shards(manifest, dataset_dir, split)[rank::world]
-    workers = min(workers, len(entries))
-    per_worker = [entries[w::workers] for w in range(workers)] or [entries]
-    batches = sum(math.ceil(sum(e["sentences"] for e in ws) / batch_size) for ws in per_worker)
-    info = dict(sentences=sum(e["sentences"] for e in entries), workers=workers, shards=[e["url"] for e in entries])
-    if not entries:
+    entries = split_shards(manifest, dataset_dir, split)
+    parts = eval_plan(entries, world=world, workers=workers)[rank]
+    pieces = [p for ps in parts for p in ps]
+    sentences = sum(b - a for _, a, b in pieces)
+    workers = len(parts) if workers and sentences else 0
+    batches = sum(math.ceil(sum(b - a for _, a, b in part) / batch_size) for part in parts)
+    info = dict(sentences=sentences, workers=workers, shards=list(dict.fromkeys(url for url, _, _ in pieces)),
+                pieces=pieces)
+    if not sentences:
         return Loader([], 0, limit=False, **info)
     if preprocess not in EVAL_INPUTS:
         raise RefbenchError(f"unknown preprocessing {preprocess!r}; known: {', '.join(EVAL_INPUTS)}")
     stream = _EvalStream(
-        entries, batch_size=batch_size, size=image_size, context_length=manifest["tokenizer"]["context_length"], verify=verify,
-        preprocess=preprocess,
+        entries, parts, batch_size=batch_size, size=image_size, context_length=manifest["tokenizer"]["context_length"],
+        verify=verify, preprocess=preprocess,
     )
-    return Loader(_dataloader(stream, workers, pin_memory), batches, limit=False, **info)
+    return Loader(_dataloader(stream, workers, pin_memory, persistent=persistent), batches, limit=False, **info)

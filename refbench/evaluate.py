@@ -1,6 +1,6 @@
 """`refbench eval`: score a checkpoint on a split, every sentence of every ref exactly once.
 
-    checkpoint.load -> build the model -> data.eval_loader (this rank's shards)
+    checkpoint.load -> build the model -> data.eval_loader (this rank's part of the split)
     -> forward -> sigmoid -> map back (protocol) -> binarise at the model's threshold
     -> I and U per sentence -> gather over ranks -> results.write_record -> rich table
 
@@ -18,8 +18,9 @@ it was trained for (`checkpoint_protocol`: its recipe's, `cris` for converted CR
   input with OpenCV's cubic affine letterbox, and the map goes back by bicubic upsampling
   (align_corners) and OpenCV's cubic inverse warp; then > threshold at the original size.
 
-Under torchrun every rank scores its own shards and rank 0 gathers the per-sentence I/U, so
-the metrics are exact at any world size. A record missing any sentence is never published.
+Under torchrun every rank scores its own part of the split's sentences (data.eval_plan: cut
+below shard granularity, so every rank works even on a split of fewer shards than ranks) and
+the per-sentence I/U are gathered, so the metrics are exact at any world size. A record missing any sentence is never published.
 
 Precision: scoring always runs the model in float32 (`EVAL_PRECISION`; as CRIS evaluates), on
 GPU as on CPU, also in training-time validation of a bf16 run: under bf16 autocast, pixels near
@@ -137,37 +138,62 @@ def binary_masks(probs, batch: dict, threshold: float, protocol: str) -> list[np
     return [m.cpu().numpy() > threshold for m in transforms.to_original(probs, batch["letterbox"])]  # B x bool [H_b, W_b]
 
 
+def split_loader(net, dataset_dir: Path, manifest: dict, split: str, d, *, batch_size: int = 16, workers: int = 0,
+                 protocol: str = "original", persistent: bool = False) -> data.Loader:
+    """The eval loader `score_split` reads: this rank's part of `split` (data.eval_plan), at the
+    model's input size, in the protocol's preprocessing. `persistent`: its workers live across
+    iterations (training makes one for all its validations; close it at the end)."""
+    return data.eval_loader(dataset_dir, manifest, split=split, image_size=net.image_size, batch_size=batch_size,
+                            workers=workers, rank=d.rank, world=d.world,
+                            preprocess=metrics.get_protocol(protocol).preprocess,
+                            pin_memory=d.device.type == "cuda", persistent=persistent)
+
+
 def score_split(net, dataset_dir: Path, manifest: dict, split: str, d, *, batch_size: int = 16,
-                workers: int = 0, protocol: str = "original", max_batches: int | None = None) -> SplitScores:
-    """I/U of every sentence of `split` (this rank's shards; gathered on every rank when distributed)."""
-    loader = data.eval_loader(dataset_dir, manifest, split=split, image_size=net.image_size,
-                              batch_size=batch_size, workers=workers, rank=d.rank, world=d.world,
-                              preprocess=metrics.get_protocol(protocol).preprocess,
-                              pin_memory=d.device.type == "cuda")
+                workers: int = 0, protocol: str = "original", max_batches: int | None = None,
+                loader: data.Loader | None = None) -> SplitScores:
+    """I/U of every sentence of `split` (this rank's part; gathered on every rank when distributed).
+
+    `loader`: a `split_loader` of the same split, batch size, workers and protocol to read from
+    (training's persistent one), else one is made for this call."""
+    if loader is None:
+        loader = split_loader(net, dataset_dir, manifest, split, d, batch_size=batch_size, workers=workers,
+                              protocol=protocol)
     was_training = net.training
     net.eval()
     scores = SplitScores()
     meter = diversity.DiversityMeter()
     start = time.perf_counter()
-    for b, batch in enumerate(loader):
-        if max_batches is not None and b >= max_batches:
-            break
-        on_device = data.to_device(batch, d.device)  # uint8 images normalised on the device
-        probs = probabilities(net, on_device["image"], on_device["tokens"], meter)
-        t0 = time.perf_counter()
-        inter, union = count_iu(probs, batch, net.threshold, protocol)
-        scores.seconds_metric += time.perf_counter() - t0
-        for k in COLUMNS:
-            scores.columns[k].extend(batch[k])
-        scores.columns["I"].extend(inter.tolist())
-        scores.columns["U"].extend(union.tolist())
+    error = None  # a bad shard seen by one rank: (message, hint), raised on every rank after the gather
+    try:
+        for b, batch in enumerate(loader):
+            if max_batches is not None and b >= max_batches:
+                break
+            on_device = data.to_device(batch, d.device)  # uint8 images normalised on the device
+            probs = probabilities(net, on_device["image"], on_device["tokens"], meter)
+            t0 = time.perf_counter()
+            inter, union = count_iu(probs, batch, net.threshold, protocol)
+            scores.seconds_metric += time.perf_counter() - t0
+            for k in COLUMNS:
+                scores.columns[k].extend(batch[k])
+            scores.columns["I"].extend(inter.tolist())
+            scores.columns["U"].extend(union.tolist())
+    except RefbenchError as e:
+        if d.world == 1:
+            raise
+        error = (e.message, e.hint)
+    finally:
+        net.train(was_training)
     scores.seconds_total = time.perf_counter() - start
-    net.train(was_training)
     if d.world > 1:
-        gathered = all_gather_object(d, (scores.columns, meter.state()))
+        # every rank gathers, also one that failed: no rank is left waiting in the collective
+        gathered = all_gather_object(d, (scores.columns, meter.state(), error))
+        failed = [err for _, _, err in gathered if err is not None]
+        if failed:
+            raise RefbenchError(*failed[0])
         merged = SplitScores(seconds_total=scores.seconds_total, seconds_metric=scores.seconds_metric)
         meter = diversity.DiversityMeter()
-        for cols, state in gathered:
+        for cols, state, _ in gathered:
             merged.extend(SplitScores(columns=cols))
             meter.merge(state)
         scores = merged
@@ -176,12 +202,12 @@ def score_split(net, dataset_dir: Path, manifest: dict, split: str, d, *, batch_
 
 
 def validate(net, dataset_dir: Path, manifest: dict, d, *, batch_size: int, workers: int,
-             max_batches: int | None = None, protocol: str = "original") -> dict:
+             max_batches: int | None = None, protocol: str = "original", loader: data.Loader | None = None) -> dict:
     """Training-time validation: mIoU, oIoU, Pr@X on the val split (the recipe's protocol,
     default original; float32), and the query diversity figures on val for models with queries
-    (`query_diversity`)."""
+    (`query_diversity`). `loader`: as `score_split`'s."""
     scores = score_split(net, dataset_dir, manifest, "val", d, batch_size=batch_size, workers=workers,
-                         max_batches=max_batches, protocol=protocol)
+                         max_batches=max_batches, protocol=protocol, loader=loader)
     summary = metrics.summarize(scores.columns["I"], scores.columns["U"], strict=metrics.get_protocol(protocol).pr_strict)
     if scores.diversity is not None:
         summary["query_diversity"] = scores.diversity

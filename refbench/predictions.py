@@ -10,8 +10,8 @@ checkpoint: the masks come from the same function, and the scorer counts I and U
 Protocols that compare at the network input (`input`) have no original-size masks and are
 refused.
 
-Under torchrun every rank predicts its own shards and rank 0 gathers the lines and writes the
-file (atomically).
+Under torchrun every rank predicts its own part of the split's sentences (data.eval_plan) and
+rank 0 gathers the lines and writes the file (atomically).
 """
 
 from __future__ import annotations

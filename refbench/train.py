@@ -10,11 +10,13 @@ Read top to bottom, a run is:
                                    SyncBatchNorm on CUDA with several ranks
     resume                         model, optimiser, scaler, this rank's RNG, (epoch, step_in_epoch)
     for each epoch:
-        stream train batches       refbench.data.train_loader(epoch, skip=step_in_epoch * accum)
+        stream train batches       refbench.data.TrainLoader.epoch(epoch, skip=step_in_epoch * accum):
+                                   one DataLoader for the run, its workers live across epochs
         step                       lr = get_lr(step) (pure), autocast, grad accumulation, clip
         every ckpt_every steps     last.pt (atomic)
         validate                   refbench.evaluate.score_split on val, every sentence, the same
-                                   metric code as `refbench eval` (float32); best.pt chosen on val mIoU only
+                                   metric code as `refbench eval` (float32); best.pt chosen on val mIoU only;
+                                   one val loader for the run, its workers live across validations
         log                        rich progress, log.jsonl (loss terms and, for models with
                                    queries, refbench.diversity's figures), curves.png
 
@@ -303,14 +305,18 @@ def train(cfg: TrainConfig) -> Path:
     shown_loss = float("nan")  # the loss on the progress bar, read from the device at log time only
     ran_here = 0
     rank_pieces: list = []  # this rank's train images in the last epoch: (shard, start, stop), disjoint across ranks
-    with progress:
+    # one train stream for the run, one val loader: their worker processes live across epochs and validations
+    trains = data.TrainLoader(
+        dataset_dir, manifest, split="train", image_size=net.image_size, batch_size=micro, seed=cfg.seed,
+        num_batches=steps_per_epoch * rec.grad_accum, workers=rec.workers, rank=d.rank, world=d.world,
+        pin_memory=d.device.type == "cuda", preprocess=get_protocol(rec.protocol).preprocess,
+    )
+    val_loader = None  # made at the first validation
+    with progress, contextlib.ExitStack() as loaders:
+        loaders.callback(trains.close)
+        loaders.callback(lambda: val_loader is not None and val_loader.close())
         while step < total_steps:
-            batches = data.train_loader(
-                dataset_dir, manifest, split="train", image_size=net.image_size, batch_size=micro,
-                seed=cfg.seed, epoch=epoch, num_batches=steps_per_epoch * rec.grad_accum,
-                skip_batches=step_in_epoch * rec.grad_accum, workers=rec.workers, rank=d.rank, world=d.world,
-                pin_memory=d.device.type == "cuda", preprocess=get_protocol(rec.protocol).preprocess,
-            )
+            batches = trains.epoch(epoch, skip_batches=step_in_epoch * rec.grad_accum)
             rank_pieces = batches.pieces
             it = iter(batches)
             window = _Window()
@@ -338,9 +344,12 @@ def train(cfg: TrainConfig) -> Path:
                 validate_now = (rec.val_every and step % rec.val_every == 0) or (rec.val_every is None and end_of_epoch)
                 if validate_now:
                     health.check(step)
+                    if val_loader is None:
+                        val_loader = evaluate.split_loader(net, dataset_dir, manifest, "val", d, batch_size=micro * 2,
+                                                           workers=rec.workers, protocol=rec.protocol, persistent=True)
                     metrics = evaluate.validate(net, dataset_dir, manifest, d, batch_size=micro * 2,
                                                 workers=rec.workers, max_batches=rec.val_max_batches,
-                                                protocol=rec.protocol)
+                                                protocol=rec.protocol, loader=val_loader)
                     log.write({"step": step, "epoch": epoch, "val": metrics, "val_precision": evaluate.EVAL_PRECISION})
                     window.reset()  # throughput counts training only
                     progress.note(f"step {step}: val mIoU {metrics['mIoU']:.4f}, oIoU {metrics['oIoU']:.4f} "
@@ -365,7 +374,7 @@ def train(cfg: TrainConfig) -> Path:
                     barrier(d)
                     return cfg.out
                 if step_in_epoch == 0:
-                    break  # the epoch ended: the next one streams from a new loader
+                    break  # the epoch ended: the next one streams from the same workers, restarted on it
             del it, batches
     _check_ranks_agree(net, d, log, rank_pieces)
     barrier(d)

@@ -139,6 +139,28 @@ def test_train_resume_skips_to_the_same_batches(tiny, workers):
         _assert_same_batches(_batches(resumed), full[k:])
 
 
+def test_train_loader_workers_live_across_epochs(tiny):
+    """One TrainLoader for a run: its worker processes serve every epoch (forked once), each
+    epoch's batches equal a fresh loader's of that epoch (so the order still changes every
+    epoch), and a resumed epoch skips to the same batches."""
+    ds, _ = tiny
+    kw = dict(batch_size=2, image_size=SIZE, workers=2, seed=3)
+    fresh = [_batches(data.train_loader(ds, epoch=e, **kw)) for e in range(3)]
+    assert [b["sent_id"].tolist() for b in fresh[0]] != [b["sent_id"].tolist() for b in fresh[1]]
+    with data.TrainLoader(ds, **kw) as run:
+        pids = []
+        for e in range(3):
+            _assert_same_batches(_batches(run.epoch(e)), fresh[e])
+            pids.append(_worker_pids(run))
+        resumed = run.epoch(1, skip_batches=3)
+        assert len(resumed) == len(fresh[1]) - 3
+        _assert_same_batches(_batches(resumed), fresh[1][3:])
+        _assert_same_batches(_batches(run.epoch(2)), fresh[2])
+        assert pids[0] == pids[1] == pids[2] == _worker_pids(run) and len(pids[0]) == 2
+        processes = list(run.dataloader._iterator._workers)
+    assert all(not p.is_alive() for p in processes)  # closed with the block
+
+
 def test_train_ranks_run_the_same_number_of_steps(tiny):
     ds, truth = tiny
     n_refs = len(truth.refs["train"])
@@ -207,12 +229,12 @@ def test_an_epoch_of_steps_reads_nearly_every_train_ref(tmp_path, world, workers
 # --------------------------------------------------------------------------------- eval
 
 
-@pytest.mark.filterwarnings("ignore:This DataLoader will create")  # 3 workers on a 2-core machine
+@pytest.mark.filterwarnings("ignore:This DataLoader will create")  # 5 workers on a 2-core machine
 @pytest.mark.parametrize("workers", [0, 2, 5])
 def test_eval_yields_every_sentence_exactly_once(tiny, workers):
     ds, truth = tiny
     loader = data.eval_loader(ds, split="val", image_size=SIZE, batch_size=4, workers=workers)
-    assert loader.workers == min(workers, 3)  # clamped to the 3 val shards
+    assert loader.workers == workers  # 5 workers on 3 val shards: each its own run of sentences
     batches = _batches(loader)
     assert len(batches) == len(loader)
     ids = [i for b in batches for i in b["sent_id"]]
@@ -232,10 +254,118 @@ def test_eval_ranks_together_cover_every_sentence_once(tiny, workers):
     assert sorted(ids) == sorted(truth.sentences["val"])
 
 
-def test_eval_rank_without_shards_yields_nothing(tiny):
+def test_eval_rank_without_sentences_yields_nothing(tiny):
+    ds, truth = tiny
+    n = len(truth.sentences["val"])
+    loaders = [data.eval_loader(ds, split="val", rank=r, world=n + 1, workers=2) for r in range(n + 1)]  # more ranks than sentences
+    empty = [loader for loader in loaders if loader.sentences == 0]
+    assert len(empty) == 1 and len(empty[0]) == 0 and empty[0].workers == 0 and _batches(empty[0]) == []
+    assert sorted(loader.sentences for loader in loaders) == [0] + [1] * n
+
+
+def test_eval_plan_cuts_below_shard_granularity():
+    """RefCOCO val at 2 nodes x 8 GPUs x 8 workers: 3 shards of 3,811 sentences in all cut into
+    128 parts that tile the split in file order, sizes within one sentence, none empty; a rank
+    with fewer sentences than workers gets one part per sentence."""
+    entries = [{"url": f"val-{i:06d}.tar", "sentences": n} for i, n in enumerate((1500, 1500, 811))]
+    plan = data.eval_plan(entries, world=16, workers=8)
+    assert len(plan) == 16 and all(len(rank) == 8 for rank in plan)
+    order = [(url, i) for rank in plan for part in rank for url, a, b in part for i in range(a, b)]
+    assert order == [(e["url"], i) for e in entries for i in range(e["sentences"])]  # each once, in file order
+    sizes = [sum(b - a for _, a, b in part) for rank in plan for part in rank]
+    assert min(sizes) > 0 and max(sizes) - min(sizes) <= 1
+    assert data.eval_plan(entries, world=16, workers=8) == plan  # a pure function
+    small = data.eval_plan([{"url": "v.tar", "sentences": 5}], world=2, workers=4)
+    assert [len(r) for r in small] == [2, 3] and small[1] == [[("v.tar", 2, 3)], [("v.tar", 3, 4)], [("v.tar", 4, 5)]]
+
+
+def _items_by_sentence(batches: list[dict]) -> dict[int, dict]:
+    """sent_id -> that sentence's item (tensors and list fields) taken out of the batches."""
+    out = {}
+    for b in batches:
+        for i, sid in enumerate(b["sent_id"]):
+            item = {k: b[k][i] for k in (*data.EVAL_LISTS, "image", "content", "tokens")}
+            assert sid not in out, f"sentence {sid} yielded twice"
+            out[sid] = item
+    return out
+
+
+def _assert_same_items(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        if isinstance(a[k], torch.Tensor):
+            assert torch.equal(a[k], b[k]), k
+        else:
+            assert a[k] == b[k], k
+
+
+@pytest.mark.filterwarnings("ignore:This DataLoader will create")  # 3 workers on a 2-core machine
+@pytest.mark.parametrize("world,workers", [(2, 0), (2, 2), (1, 3)])
+def test_eval_of_a_one_shard_split_gives_every_stream_a_share(tmp_path, world, workers):
+    """A split of ONE shard read by more streams than shards: every rank and worker scores
+    sentences, each sentence once, and each item equals the single-process loader's."""
+    ds, truth = write_tiny_dataset(tmp_path, images={"train": 2, "val": 5}, shard_size=5)  # val: one shard
+    assert data.load_manifest(ds)["splits"]["val"]["shards"] == 1
+    single = _items_by_sentence(_batches(data.eval_loader(ds, split="val", image_size=SIZE, batch_size=3)))
+    assert list(single) == truth.sentences["val"]
+    got = {}
+    for rank in range(world):
+        loader = data.eval_loader(ds, split="val", image_size=SIZE, batch_size=3, workers=workers, rank=rank, world=world)
+        assert loader.workers == workers and loader.shards == [str(ds / "val" / "val-000000.tar")]
+        parts = data.eval_plan(data.split_shards(data.load_manifest(ds), ds, "val"), world=world, workers=workers)[rank]
+        assert len(parts) == max(1, workers) and all(sum(b - a for _, a, b in p) > 0 for p in parts)  # every stream works
+        items = _items_by_sentence(_batches(loader))
+        assert len(items) == loader.sentences > 0
+        assert not items.keys() & got.keys()
+        got.update(items)
+    assert sorted(got) == sorted(single)
+    for sid, item in single.items():
+        _assert_same_items(got[sid], item)
+
+
+def test_eval_one_shard_split_is_checked_by_the_stream_that_ends_it(tmp_path):
+    """The shard's sha256 is checked by the stream holding its last sentence (the others stop
+    reading at the end of their part): a flipped byte that decodes silently is still caught."""
+    ds, truth = write_tiny_dataset(tmp_path, images={"train": 2, "val": 5}, shard_size=5)
+    shard = ds / "val" / "val-000000.tar"
+    _flip(shard, _silent_jpeg_flip(shard))
+    first = data.eval_loader(ds, split="val", image_size=SIZE, batch_size=3, rank=0, world=2)
+    assert len({i for b in _batches(first) for i in b["sent_id"]}) == first.sentences  # stops before the end
+    with pytest.raises(RefbenchError, match="sha256"):
+        _batches(data.eval_loader(ds, split="val", image_size=SIZE, batch_size=3, rank=1, world=2))
+
+
+def test_eval_checks_the_sentence_count_of_each_shard(tiny_copy):
+    ds, _ = tiny_copy
+    manifest = json.loads((ds / "manifest.json").read_text())
+    val = [s for s in manifest["shards"] if s["split"] == "val"]
+    val[0]["sentences"] += 1
+    manifest["splits"]["val"]["sentences"] += 1
+    (ds / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(RefbenchError, match=f"{val[0]['path']} is corrupt: it holds {val[0]['sentences'] - 1} sentences"):
+        _batches(data.eval_loader(ds, split="val", image_size=32))
+
+
+def _worker_pids(loader) -> list[int]:
+    """The process ids of a loader's DataLoader workers (torch keeps them on its live iterator)."""
+    return [w.pid for w in loader.dataloader._iterator._workers]
+
+
+def test_eval_loader_persistent_workers_serve_every_iteration(tiny):
     ds, _ = tiny
-    loader = data.eval_loader(ds, split="val", rank=3, world=4, workers=2)  # 3 val shards
-    assert len(loader) == 0 and loader.sentences == 0 and _batches(loader) == []
+    workers = 2
+    fresh = _batches(data.eval_loader(ds, split="val", image_size=SIZE, batch_size=3, workers=workers))
+    loader = data.eval_loader(ds, split="val", image_size=SIZE, batch_size=3, workers=workers, persistent=True)
+    first = _batches(loader)
+    pids = _worker_pids(loader)
+    second = _batches(loader)
+    assert _worker_pids(loader) == pids and len(pids) == workers  # the same processes, not forked again
+    for batches in (first, second):
+        assert [b["sent_id"] for b in batches] == [b["sent_id"] for b in fresh]
+        assert all(torch.equal(x["image"], y["image"]) for x, y in zip(batches, fresh))
+    processes = list(loader.dataloader._iterator._workers)
+    loader.close()
+    assert all(not p.is_alive() for p in processes)
 
 
 def test_eval_items_carry_what_scoring_needs(tiny):

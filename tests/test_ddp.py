@@ -305,3 +305,93 @@ def test_predict_uses_the_gpu_when_there_is_one(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     assert visualize.predict_device() == torch.device("cuda", 0)
+
+
+# ------------------------------------------------------------------------------ eval below shard granularity (2 gloo ranks)
+
+
+class _Scorer(torch.nn.Module):
+    """A small deterministic segmenter for the scoring tests (no CLIP import in every rank): a
+    quarter-resolution map from the image, shifted by the sentence's tokens."""
+
+    threshold, image_size = 0.35, 96
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = torch.nn.Conv2d(3, 1, 3, stride=4, padding=1)
+        self.words = torch.nn.Embedding(49408, 1)
+
+    def forward(self, image, tokens):
+        return {"logits": self.conv(image) + self.words(tokens).mean(1)[:, :, None, None]}
+
+
+def _eval_worker(rank: int, world: int, port: int, ds: str, bad: str, out: str) -> None:
+    import torch.distributed as dist
+
+    from refbench import data, evaluate, train
+    from refbench.errors import RefbenchError
+
+    import multiprocessing
+
+    multiprocessing.set_start_method("fork", force=True)  # DataLoader workers as under torchrun (mp.spawn set "spawn")
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    d = train.Dist(rank=rank, world=world, local_rank=rank, device=torch.device("cpu"))
+    net = _Scorer()
+    manifest = data.load_manifest(ds)
+    seen: dict = {}
+    # 2 ranks x 2 DataLoader workers on a split of one shard: 4 streams, each its own run of sentences
+    own = data.eval_loader(ds, manifest, split="val", image_size=net.image_size, batch_size=1, workers=2, rank=rank, world=world)
+    seen["own"] = (own.sentences, own.workers)
+    scores = evaluate.score_split(net, ds, manifest, "val", d, batch_size=1, workers=2)
+    seen["columns"] = scores.columns
+    # the shard damaged at its end: only the rank reading to the end sees it, every rank raises it
+    try:
+        evaluate.score_split(net, bad, data.load_manifest(bad), "val", d, batch_size=1, workers=0)
+        seen["bad"] = None
+    except RefbenchError as e:
+        seen["bad"] = e.message
+    dist.destroy_process_group()
+    with open(f"{out}.{rank}", "w") as f:
+        f.write(repr(seen))
+
+
+def test_two_rank_eval_of_a_one_shard_split_is_the_single_process_eval(tmp_path):
+    """A val split of ONE shard scored by 2 gloo ranks x 2 workers: both ranks score sentences
+    (the split is cut below shard granularity), the gathered per-sentence I/U equal the
+    single-process eval's (batch 1: a forward's rounding depends on its batch mates); a shard
+    damaged where only rank 1 reads raises the same error on both ranks (none hangs)."""
+    import ast
+    import shutil
+
+    import torch.multiprocessing as mp
+
+    from _tiny_shards import write_tiny_dataset
+    from refbench import data, evaluate, train
+
+    ds, truth = write_tiny_dataset(tmp_path / "good", images={"train": 2, "val": 6}, shard_size=6)
+    assert data.load_manifest(ds)["splits"]["val"]["shards"] == 1
+    bad = tmp_path / "bad" / ds.name
+    shutil.copytree(ds, bad)
+    shard = bad / "val" / "val-000000.tar"
+    shard.write_bytes(shard.read_bytes()[:-1024])  # the end-of-archive blocks: only the last reader gets there
+
+    d = train.Dist(rank=0, world=1, local_rank=0, device=torch.device("cpu"))
+    single = evaluate.score_split(_Scorer(), ds, data.load_manifest(ds), "val", d, batch_size=1, workers=0).columns
+    assert single["sent_id"] == truth.sentences["val"]
+    assert 0 < sum(single["I"]) < sum(single["U"]) and len(set(zip(single["I"], single["U"]))) > 5  # informative I/U
+
+    out = tmp_path / "seen"
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    mp.spawn(_eval_worker, args=(2, _free_port(), str(ds), str(bad), str(out)), nprocs=2, join=True)
+    seen = [ast.literal_eval(Path(f"{out}.{r}").read_text()) for r in (0, 1)]
+    n = len(truth.sentences["val"])
+    assert [s["own"] for s in seen] == [(n // 2, 2), (n - n // 2, 2)]  # both ranks, all 4 streams, score
+    for s in seen:
+        by_sentence = {k: dict(zip(s["columns"]["sent_id"], s["columns"][k])) for k in s["columns"]}
+        assert sorted(s["columns"]["sent_id"]) == sorted(single["sent_id"])  # every sentence exactly once
+        for k, values in single.items():
+            assert [by_sentence[k][sid] for sid in single["sent_id"]] == values, k
+        assert s["bad"] and "val-000000.tar" in s["bad"] and "corrupt" in s["bad"]
+    assert seen[0]["bad"] == seen[1]["bad"]

@@ -92,6 +92,47 @@ def test_stop_and_resume_is_bitwise_an_uninterrupted_run(shards_root, tmp_path, 
         get_lr(s, steps, rec["lr"], rec["warmup_steps"], rec["lr_power"], rec["min_lr"]) for s in range(steps)]
 
 
+def test_workers_live_across_epochs_and_validations_and_resume_is_bitwise(tmp_path, monkeypatch):
+    """A run of 3 epochs with a validation at the end of each and 2 DataLoader workers starts
+    worker processes twice (the train stream once, the val loader once), not once per epoch and
+    per validation (tests/test_data.py: each epoch's batches are still that epoch's); stopped
+    inside the second epoch and resumed, it ends bitwise as the uninterrupted run."""
+    from torch.utils.data import dataloader as torch_dataloader
+
+    from _tiny_shards import write_tiny_dataset
+
+    shards = tmp_path / "shards"
+    write_tiny_dataset(shards, images={"train": 4, "val": 2})
+    manifest = data.load_manifest(shards / DATASET)
+    steps_per_epoch = data.steps_per_epoch(manifest, "train", 4)
+    assert steps_per_epoch == 2  # (the tiny set's 7 train refs at batch 4)
+    steps = 3 * steps_per_epoch
+
+    starts = []  # DataLoader iterators that start worker processes
+    real_init = torch_dataloader._MultiProcessingDataLoaderIter.__init__
+
+    def counting_init(self, loader):
+        starts.append(type(loader.dataset).__name__)
+        real_init(self, loader)
+
+    monkeypatch.setattr(torch_dataloader._MultiProcessingDataLoaderIter, "__init__", counting_init)
+    full = train(train_config(shards, tmp_path / "full", steps=steps, workers=2))
+    assert sorted(starts) == ["_EvalStream", "_TrainStream"]
+    log = read_log(full)
+    assert [r["epoch"] for r in log if "val" in r] == [0, 1, 2]  # a validation per epoch
+
+    part = tmp_path / "part"
+    train(train_config(shards, part, steps=steps, workers=2, stop_after=3))
+    stopped = checkpoint.load(part / "last.pt")
+    assert (stopped["step"], stopped["epoch"], stopped["step_in_epoch"]) == (3, 1, 1)
+    train(train_config(shards, part, steps=steps, workers=2, resume=True))
+    a, b = checkpoint.load(full / "last.pt"), checkpoint.load(part / "last.pt")
+    assert a["step"] == b["step"] == steps
+    for name, tensor in a["state_dict"].items():
+        assert torch.equal(tensor, b["state_dict"][name]), name
+    assert train_losses(part) == train_losses(full)
+
+
 @pytest.mark.parametrize("model", ["eavl", pytest.param("blind", marks=pytest.mark.slow)])
 def test_torchrun_two_ranks_on_cpu(small_shards_root, tmp_path, model):
     out = tmp_path / "ddp"
