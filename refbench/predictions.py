@@ -25,13 +25,12 @@ def export(checkpoint: Path, *, split: str, out: Path, dataset: str | None = Non
            protocol: str = "original", batch_size: int = 16, workers: int | None = None) -> dict:
     """Predict every sentence of `split` and write the submission to `out` (rank 0).
 
-    Returns {"path", "sentences", "dataset", "split", "threshold", "rank"} (on every rank; only rank 0 writes).
+    Returns {"path", "sentences", "dataset", "split", "threshold", "rank", "protocol", "per_rank" (the
+    sentences each rank predicted)} on every rank; only rank 0 writes.
     """
-    import torch
-
     from refbench import checkpoint as ckpt_mod
     from refbench import data, evaluate, metrics, remote, score
-    from refbench.distributed import setup_distributed
+    from refbench.distributed import all_gather_object, setup_distributed
 
     proto = score.check_protocol(protocol)
     d = setup_distributed()
@@ -44,17 +43,25 @@ def export(checkpoint: Path, *, split: str, out: Path, dataset: str | None = Non
                               workers=workers, rank=d.rank, world=d.world, preprocess=proto.preprocess)
     net.eval()
     lines: dict[int, str] = {}
-    for batch in loader:
-        on_device = data.to_device(batch, d.device)  # uint8 images normalised on the device, as eval
-        probs = evaluate.probabilities(net, on_device["image"], on_device["tokens"])  # float32, as eval
-        for sid, mask in zip(batch["sent_id"], evaluate.binary_masks(probs, batch, net.threshold, protocol)):
-            lines[int(sid)] = score.rle_line(sid, score.encode_mask(mask))
-    if d.world > 1:
-        gathered: list = [None] * d.world
-        torch.distributed.all_gather_object(gathered, lines)
-        lines = {k: v for part in gathered for k, v in part.items()}
+    error = None  # a bad shard seen by one rank: raised on every rank after the gather
+    try:
+        for batch in loader:
+            on_device = data.to_device(batch, d.device)  # uint8 images normalised on the device, as eval
+            probs = evaluate.probabilities(net, on_device["image"], on_device["tokens"])  # float32, as eval
+            for sid, mask in zip(batch["sent_id"], evaluate.binary_masks(probs, batch, net.threshold, protocol)):
+                lines[int(sid)] = score.rle_line(sid, score.encode_mask(mask))
+    except RefbenchError as e:
+        if d.world == 1:
+            raise
+        error = (e.message, e.hint)
+    gathered = all_gather_object(d, (lines, error))  # [(lines, error)] in a single process
+    failed = [err for _, err in gathered if err is not None]
+    if failed:
+        raise RefbenchError(*failed[0])
+    per_rank = [len(part) for part, _ in gathered]  # sentences each rank predicted
+    lines = {k: v for part, _ in gathered for k, v in part.items()}
     info = {"path": out, "sentences": len(lines), "dataset": dataset, "split": split, "threshold": net.threshold,
-            "rank": d.rank, "protocol": metrics.get_protocol(protocol).name}
+            "rank": d.rank, "protocol": metrics.get_protocol(protocol).name, "per_rank": per_rank}
     if d.rank != 0:
         return info
     order = score.ground_truth(dataset_dir, manifest, split=split).sent_id
@@ -74,6 +81,8 @@ def main(checkpoint: Path, split: str, dataset: str | None, shards: Path, out: P
     info = export(checkpoint, split=split, out=out, dataset=dataset, shards=shards, protocol=protocol,
                   batch_size=batch_size, workers=workers)
     if info["rank"] == 0:
+        ranks = len(info["per_rank"])
+        shares = f"; predicted by {ranks} ranks: {' + '.join(map(str, info['per_rank']))}" if ranks > 1 else ""
         print(f"{info['sentences']} masks of {info['dataset']}/{info['split']} (original image size, protocol "
-              f"{info['protocol']}'s mapping, sigmoid > {info['threshold']:g}) written to {out}")
+              f"{info['protocol']}'s mapping, sigmoid > {info['threshold']:g}{shares}) written to {out}")
     return info

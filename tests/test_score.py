@@ -16,9 +16,9 @@ import pytest
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from _harness import DATASET, assert_cli_ok, assert_one_line_error, cli
+from _harness import DATASET, assert_cli_ok, assert_ok, assert_one_line_error, cli, torchrun
 from _tiny_shards import write_tiny_dataset
-from refbench import evaluate, leaderboard, metrics, results, score
+from refbench import data, evaluate, leaderboard, metrics, results, score
 from refbench.errors import RefbenchError
 
 SPLIT = "val"
@@ -354,3 +354,26 @@ def test_predictions_then_score_equals_eval(init_run, shards_root, tmp_path, one
         assert scored.metrics[key] == evaluated.metrics[key]
     order = [json.loads(line)["sent_id"] for line in gzip.decompress(sub.read_bytes()).splitlines()]
     assert order == score.ground_truth(shards_root / DATASET, split="testB").sent_id
+
+
+def test_torchrun_predictions_write_the_single_process_file(init_run, shards_root, tmp_path, one_torch_thread):
+    """`refbench predictions` under torchrun (2 gloo ranks x 2 loader workers) on testB, a split
+    of ONE shard here: both ranks predict (the split is cut inside the shard) and rank 0 writes
+    one complete file, byte for byte the single-process one (batch 1: a forward's rounding
+    depends on its batch mates, which differ between the two)."""
+    manifest = data.load_manifest(shards_root / DATASET)
+    assert manifest["splits"]["testB"]["shards"] == 1
+    n = manifest["splits"]["testB"]["sentences"]
+    args = ("predictions", "--checkpoint", init_run / "best.pt", "--split", "testB", "--shards", shards_root,
+            "--batch-size", "1")
+    out = tmp_path / "out"
+    out.mkdir()
+    single, ddp = out / "single.jsonl", out / "ddp.jsonl"
+    assert_cli_ok(cli(*args, "--out", single, "--workers", "0"))
+    proc = torchrun(2, *args, "--out", ddp, "--workers", "2")
+    assert_ok(proc)
+    assert f"{n} masks of {DATASET}/testB" in proc.stdout and f"predicted by 2 ranks: {n // 2} + {n - n // 2}" in proc.stdout
+    assert proc.stdout.count(" masks of ") == 1  # rank 0 alone reports (and writes)
+    assert len(single.read_text().splitlines()) == n
+    assert ddp.read_bytes() == single.read_bytes()
+    assert sorted(p.name for p in out.iterdir()) == ["ddp.jsonl", "single.jsonl"]  # nothing else left behind
