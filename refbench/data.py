@@ -40,7 +40,16 @@ DataLoader with persistent workers, forked once per run and restarted on each ep
 (the epoch and the batches to skip reach them through a shared-memory tensor), and each worker
 stops at its last batch of the epoch, so none makes batches past it. Training's validations
 share one eval loader with persistent workers (`eval_loader(persistent=True)`). The batches are
-those of a fresh loader of the same epoch.
+those of a fresh loader of the same epoch. Measured on the lent H100 machine (16 cores; the
+parent holding CUDA, EAVL rn101 and 8 GiB of pinned memory; 8 pinned workers, batch 16 at 480):
+an epoch's first batch came 0.27-0.41 s after asking with workers forked for it, 0.11-0.14 s
+from persistent ones; a saving per epoch and per validation, small beside a RefCOCO epoch.
+
+Eval parallelism. `eval_plan` cuts a split's sentences, not its shards, so world x workers
+streams all work however few shards a split has (RefCOCO val: 3 shards; at 16 GPUs 13 ranks
+used to idle). On one H100, scoring EAVL rn101 in float32 at 480 is GPU-bound (~155
+sentences/s on a one-shard split with 1, 8 or 16 workers alike): the gain is in the share of
+the split each of many GPUs scores, which one lent GPU cannot show.
 
 Coverage. Every epoch, `epoch_plan` puts the split's shards in a seeded order, lays their
 images end to end and cuts them into world x workers contiguous parts (sizes within one image):

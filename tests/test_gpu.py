@@ -5,7 +5,8 @@ CUDA, so they are no-ops on CPU-only CI). The whole set runs in about a minute o
 - a checkpoint written with every visible GPU's RNG state (the format before per-rank states)
   or by more ranks resumes on one GPU, with a note instead of an IndexError;
 - SyncBatchNorm: converted and trained in a single-process NCCL group;
-- pinned host batches and non_blocking copies;
+- pinned host batches and non_blocking copies; persistent pinned loader workers across epochs
+  and validations;
 - evaluation on GPU runs in float32 and gives the CPU's I/U (tolerance below);
 - `refbench predict` on the GPU gives the CPU's mask.
 """
@@ -107,6 +108,28 @@ def test_pinned_batches_and_non_blocking_copies(shards_root):
         assert torch.equal(on_gpu.cpu(), batch["image"])
     ev = data.eval_loader(shards_root / DATASET, split="val", image_size=96, batch_size=4, workers=1, pin_memory=True)
     assert next(iter(ev))["image"].is_pinned()
+
+
+def test_persistent_pinned_workers_across_epochs_and_validations(shards_root):
+    """Persistent workers with pinned memory (torch's pin thread and its exit hook): one
+    TrainLoader serves two epochs from the same processes, pinned, each epoch's batches those
+    of a fresh loader; a persistent eval loader read twice, pinned, the same batches."""
+    ds = shards_root / DATASET
+    kw = dict(batch_size=4, image_size=96, workers=2, pin_memory=True, num_batches=3)
+    with data.TrainLoader(ds, **kw) as run:
+        pids = []
+        for epoch in (0, 1):
+            fresh = list(data.train_loader(ds, epoch=epoch, **kw))
+            got = list(run.epoch(epoch))
+            assert all(b["image"].is_pinned() for b in got)
+            assert all(torch.equal(x["sent_id"], y["sent_id"]) and torch.equal(x["image"], y["image"])
+                       for x, y in zip(got, fresh)) and len(got) == len(fresh) == 3
+            pids.append([w.pid for w in run.dataloader._iterator._workers])
+        assert pids[0] == pids[1]
+    ev = data.eval_loader(ds, split="val", image_size=96, batch_size=4, workers=2, pin_memory=True, persistent=True)
+    first, second = list(ev), list(ev)
+    assert [b["sent_id"] for b in first] == [b["sent_id"] for b in second] and first[0]["image"].is_pinned()
+    ev.close()
 
 
 def test_gpu_evaluation_is_float32_and_gives_the_cpu_iu(init_run, shards_root):
