@@ -249,7 +249,7 @@ def train(cfg: TrainConfig) -> Path:
     net = _build_model(cfg, d)
     _seed_rank(cfg.seed, d)  # dropout and the like: each rank its own stream from here on
     net.to(d.device)
-    if d.device.type == "cuda":
+    if use_channels_last(d.device):
         net = net.to(memory_format=torch.channels_last)
     net = sync_batchnorm(net, d, rec)
     optimizer = _optimizer(net, rec)
@@ -325,12 +325,13 @@ def train(cfg: TrainConfig) -> Path:
                 for group in optimizer.param_groups:
                     group["lr"] = lr * group["lr_scale"]
                 net.train()
-                terms = _optimizer_step(ddp, net, optimizer, scaler, it, rec, d, amp_dtype, window)
+                log_now = (step + 1) % rec.log_every == 0 or step + 1 == total_steps
+                terms = _optimizer_step(ddp, net, optimizer, scaler, it, rec, d, amp_dtype, window, figures=log_now)
                 step += 1
                 step_in_epoch += 1
                 ran_here += 1
                 health.add(terms["loss"], step)
-                if step % rec.log_every == 0 or step == total_steps:
+                if log_now:
                     health.check(step)
                     terms = {k: float(v) for k, v in terms.items()}  # the one host sync of a logging window
                     shown_loss = terms["loss"]
@@ -559,37 +560,68 @@ def _optimizer(net, rec: Recipe):
     return torch.optim.Adam(groups, lr=rec.lr, fused=True)
 
 
-def _optimizer_step(ddp, net, optimizer, scaler, it, rec: Recipe, d: Dist, amp_dtype, window) -> dict:
+def _optimizer_step(ddp, net, optimizer, scaler, it, rec: Recipe, d: Dist, amp_dtype, window,
+                    figures: bool = True) -> dict:
     """One optimiser step over `grad_accum` micro-batches; returns the mean loss terms as 0-dim
-    tensors on the device (read them at log time: a float() here would wait for the GPU)."""
+    tensors on the device (read them at log time: a float() here would wait for the GPU), with
+    the query-diversity figures (`refbench.diversity`) when `figures` (the loop asks for them
+    on the steps it logs, the only ones that read them).
+
+    Each phase is a named profiler range (`refbench.step.*`; free when no profiler runs), which
+    `refbench bench step` reads to say where a step goes."""
     optimizer.zero_grad(set_to_none=True)
     totals: dict = {}  # name -> 0-dim tensor on the device: no host sync per micro-batch
     for k in range(rec.grad_accum):
         t0 = time.perf_counter()
-        try:
-            batch = next(it)
-        except StopIteration:
-            raise RuntimeError("the train stream ended early: the loader yielded fewer batches than an epoch needs") from None
+        with _phase("data_wait"):
+            try:
+                batch = next(it)
+            except StopIteration:
+                raise RuntimeError("the train stream ended early: the loader yielded fewer batches than an epoch needs") from None
         t1 = time.perf_counter()
-        on_device = data.to_device(batch, d.device, channels_last=d.device.type == "cuda")
+        with _phase("to_device"):
+            on_device = data.to_device(batch, d.device, channels_last=use_channels_last(d.device))
         image, tokens, mask = on_device["image"], on_device["tokens"], on_device["mask"]
         last = k == rec.grad_accum - 1
         sync = contextlib.nullcontext() if last or ddp is net else ddp.no_sync()
         with sync:
             with torch.autocast(d.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                out = ddp(image, tokens)
-                terms = net.loss(out, mask)
-            scaler.scale(terms["loss"] / rec.grad_accum).backward()
-        terms = {**terms, **diversity.batch_means(out)}  # query diversity, for models with queries
+                with _phase("forward"):
+                    out = ddp(image, tokens)
+                with _phase("loss"):
+                    terms = net.loss(out, mask)
+            with _phase("backward"):
+                scaler.scale(terms["loss"] / rec.grad_accum).backward()
+        if figures:
+            with _phase("diversity"):
+                terms = {**terms, **diversity.batch_means(out)}  # query diversity, for models with queries
         for name, value in terms.items():
             totals[name] = totals.get(name, 0.0) + value.detach().float() / rec.grad_accum
         window.add(samples=image.shape[0], wait=t1 - t0, total=time.perf_counter() - t0)
     if rec.grad_clip:
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(net.parameters(), rec.grad_clip)
-    scaler.step(optimizer)
-    scaler.update()
+        with _phase("clip"):
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(net.parameters(), rec.grad_clip)
+    with _phase("optimizer"):
+        scaler.step(optimizer)
+        scaler.update()
     return totals
+
+
+# device type -> train in channels_last (NHWC) memory format. On CPU too: oneDNN's convolutions
+# and BatchNorm skip their NCHW reorders (tiny models' training step 0.70-0.83x the NCHW time,
+# `refbench bench step`); the same function up to float rounding.
+CHANNELS_LAST = {"cuda": True, "cpu": True}
+
+
+def use_channels_last(device) -> bool:
+    """Whether the model and its input images are laid out channels_last on `device`."""
+    return CHANNELS_LAST.get(torch.device(device).type, False)
+
+
+def _phase(name: str):
+    """A profiler range `refbench.step.NAME` (torch.profiler shows it; without a profiler it costs microseconds)."""
+    return torch.profiler.record_function(f"refbench.step.{name}")
 
 
 class _Window:

@@ -10,6 +10,10 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "2")
+# OpenMP threads spin briefly, then sleep, as under the `refbench` command (before torch loads)
+from refbench.cli import bounded_openmp_spin  # noqa: E402 (no torch import)
+
+bounded_openmp_spin()
 
 
 # --------------------------------------------------------------------------------- data fixtures

@@ -29,16 +29,20 @@ def test_every_stage_leaves_its_output(fast_run):
     assert (workdir / "data" / "refcoco" / "refs(unc).p").is_file()
     for name in ("refcoco_unc", "refcoco+_unc", "refcocog_umd", "refcocog_google"):
         assert (workdir / "shards" / name / "manifest.json").is_file()
-    assert set(summary["checkpoints"]) == {m for m, _ in plan.models}
-    for model, _ in plan.models:
+    assert set(summary["checkpoints"]) == set(plan.models)
+    for model in plan.models:
         assert (workdir / "runs" / model / "best.pt").is_file()
+    # like for like: every model trained the same steps on the same data, batch and seed
+    configs = [json.loads((workdir / "runs" / m / "config.json").read_text()) for m in plan.models]
+    assert {(c["total_steps"], c["dataset"], c["recipe"]["batch_size"], c["seed"]) for c in configs} == {
+        (plan.steps, plan.dataset, plan.batch_size, plan.seed)}
     assert len(summary["records"]) == len(plan.models) * len(plan.eval_splits)
     for path in summary["records"]:
         rec = results.load_record(path)  # validates: metrics agree with the per-sentence sidecar
         assert rec.meta["protocol"]["name"] == "original" and rec.meta["dataset"] == plan.dataset
     md = (workdir / "leaderboard.md").read_text()
     html = (workdir / "leaderboard.html").read_text()
-    for model, _ in plan.models:
+    for model in plan.models:
         assert f"quickstart-{model}" in md and f"quickstart-{model}" in html
     assert "mIoU" in md and "oIoU" in md and "reported" in md
     assert "measured (synthetic)" in md and "| measured |" not in md  # never passed off as real RefCOCO
@@ -60,7 +64,7 @@ def test_rerun_reuses_finished_work(fast_run):
 def test_a_run_from_other_shards_config_or_length_is_not_reused(fast_run, tmp_path):
     workdir, _ = fast_run
     plan = quickstart.PLANS["fast"]
-    steps = dict(plan.models)["eavl"]
+    steps = plan.steps
     cfg = quickstart.train_config("eavl", steps, plan, workdir / "shards", workdir / "runs" / "eavl")
     assert run_state(cfg).state == "done"
     longer = run_state(dataclasses.replace(cfg, recipe=dataclasses.replace(cfg.recipe, steps=steps + 1)))
@@ -76,9 +80,10 @@ def test_a_run_from_other_shards_config_or_length_is_not_reused(fast_run, tmp_pa
 
 
 def test_short_run_grounds_language_and_blind_cannot(tmp_path):
-    """The quality bar's shorter version (plan `check`: the full data, 300 EAVL steps; ~2 minutes).
+    """The quality bar's shorter version (plan `check`: the full data, 300 steps of EAVL and of the
+    blind control; ~3 minutes).
 
-    After 300 steps tiny EAVL is well on its way (the full 1000-step run reaches the bar); the
+    After 300 steps tiny EAVL is well on its way (the full plan's longer run reaches the bar); the
     language-blind control, which cannot tell the target from its 2 same-group distractors,
     stays low: its best per-pixel guess is about 1/3 on every object, under the 0.35 threshold.
     """

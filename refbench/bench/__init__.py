@@ -1,6 +1,6 @@
 """`refbench bench`: refbench measured against its baselines, side by side in one run.
 
-    refbench bench [prepare|loader|shards|model|eval|score|gpu|all] --workdir bench --images 2000 --log bench/bench.jsonl [--out DIR]
+    refbench bench [prepare|loader|shards|model|step|eval|score|gpu|all] --workdir bench --images 2000 --log bench/bench.jsonl [--out DIR]
 
 The package keeps the measuring apart from the product code:
 
@@ -10,6 +10,10 @@ The package keeps the measuring apart from the product code:
     baselines.py  what the baselines do: the read-and-tar floor of prepare, the refer-style
                   loader, the PNG-mask byte count; nothing in refbench's data path imports it
     runs.py       one `bench_x(settings) -> rows` per benchmark, registered in `BENCHES` here
+    step.py       where a tiny training step goes (eavl, cris, blind at the quickstart's batch
+                  and input size): data wait, forward and backward by model part (CLIP image and
+                  text towers, neck, query generator, decoder, aligner / head), loss, clipping,
+                  optimiser step, from torch.profiler; ms per step and share of the step
     score.py      `refbench score` vs merely decoding the submitted masks, on a synthetic RefCOCO
                   testB-sized submission of COCO-size masks
     gpu.py        EAVL and CRIS rn101 at 480 in bf16 on one GPU: training samples/s and peak
@@ -45,6 +49,7 @@ from refbench.bench.common import BenchSettings, cores
 from refbench.bench.gpu import bench_gpu
 from refbench.bench.runs import bench_eval, bench_loader, bench_model, bench_prepare, bench_shards
 from refbench.bench.score import bench_score
+from refbench.bench.step import bench_step
 from refbench.errors import RefbenchError
 from refbench.fsutil import atomic_write_text
 from refbench.results import git_commit
@@ -54,6 +59,7 @@ BENCHES: dict[str, Callable[[BenchSettings], list[dict]]] = {  # name -> benchma
     "loader": bench_loader,
     "shards": bench_shards,
     "model": bench_model,
+    "step": bench_step,
     "eval": bench_eval,
     "score": bench_score,
     "gpu": bench_gpu,

@@ -66,6 +66,11 @@ class BenchSettings:
     eval_workers: int = 2  # eval: DataLoader workers of the eval loader (`refbench eval`'s default)
     model_settings: tuple[tuple[str, int, int], ...] = (("tiny", 32, 7), ("rn50", 2, 3))  # model: (variant, batch, timed reps)
     model_warmup: int = 2  # model: untimed steps per model before timing
+    step_models: tuple[str, ...] = ("eavl", "cris", "blind")  # step: the models whose training step is profiled (the quickstart's)
+    step_batch: int = 32  # step: training batch (the quickstart's)
+    step_workers: int = 1  # step: DataLoader workers (the quickstart's)
+    step_steps: int = 10  # step: timed steps, plain and again under the profiler
+    step_warmup: int = 5  # step: untimed steps first
 
 
 def row(bench: str, what: str, ours: float, baseline: float, target: float | None, ratio: float | None = None,
