@@ -258,17 +258,20 @@ def fixed_mask_head(dim: int) -> nn.Sequential:
     return nn.Sequential(pixel_upsampler(dim, dim // 2, "UCU"), nn.Conv2d(dim // 2, 1, 3, padding=1))
 
 
-def mask_correlation(masks: torch.Tensor) -> torch.Tensor:
+def mask_correlation(masks: torch.Tensor, absolute: bool = False) -> torch.Tensor:
     """Mean pairwise Pearson correlation, over pixels, of each sample's K masks: [B,K,H,W] -> [B].
 
-    1.0 means K copies of one mask. Differentiable (EAVL's optional decorrelation term uses it);
-    refbench.diversity reports it as query_mask_corr. Needs K >= 2; a constant mask counts as
-    uncorrelated with every other.
+    1.0 means K copies of one mask. `absolute` averages |corr| instead (a mask and its
+    complement then count as alike, not as opposites). Differentiable (EAVL's decorrelation
+    term uses it); refbench.diversity reports it as query_mask_corr. Needs K >= 2; a constant
+    mask counts as uncorrelated with every other.
     """
     b, k = masks.shape[:2]
     x = masks.flatten(2)
     x = x - x.mean(dim=-1, keepdim=True)
     unit = x / x.norm(dim=-1, keepdim=True).clamp_min(1e-6)
     corr = unit @ unit.transpose(1, 2)  # [B,K,K], ones on the diagonal (constant masks aside)
+    if absolute:
+        corr = corr.abs()
     off = corr.sum(dim=(1, 2)) - torch.diagonal(corr, dim1=1, dim2=2).sum(dim=1)
     return off / (k * (k - 1))

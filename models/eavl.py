@@ -13,9 +13,11 @@ step per equation:
 
 Choices the paper leaves open, and where we read it, documented once here:
 - Decoder: 8 heads, width 512, FFN 2048 (4.1); 3 layers as CRIS (the paper gives no count).
-- Eq 9's product is divided by sqrt(C). ReLU is positively homogeneous, so this is the same
-  model as the paper's with W_a scaled by 1/sqrt(C): an initialisation, not a new function.
-  W_vd acts on a flattened H3*W3 map, so EAVL takes exactly `image_size` square inputs.
+- Each sigma(F W) of eqs 8-10 (W_t, W_vg, W_vd, W_a, W_tv) is Linear -> ReLU -> LayerNorm
+  (`query_norm="after"`): where normalisation sits is the paper's open choice, and this is the
+  one that keeps the queries apart (below). Eq 9's product is not scaled (as written). W_vd acts
+  on a flattened H3*W3 map, so EAVL takes exactly `image_size` square inputs.
+- Eq 13's MHSA is a transformer self-attention layer: attention, residual, LayerNorm.
 - Eq 11 writes F_pn = sigma(W_p F_qn), but the text says "a linear layer", and with sigma a
   ReLU every kernel weight and bias would be >= 0 on a non-negative F_p: every logit >= 0,
   every pixel foreground. F_pn is linear here (as CRIS's text-to-pixel projector).
@@ -31,17 +33,39 @@ Choices the paper leaves open, and where we read it, documented once here:
   (F_tv = sigma(F_t W_t); the backbone then builds no F_vg projection); `estimator=False` sums the
   masks (query_weights are then all ones).
 
-Known defect, measured (refbench.diversity) and not yet fixed here: the N_q queries collapse
-into one. Eq 8's product of two ReLU outputs of default-initialised Linear layers is ~0.006,
-so every later sigma(F W) outputs about its bias: all words give one value vector, eq 9's
-logits vary by ~0.01 across words (a uniform softmax, more so after the 1/sqrt(C) scale) and
-F_q is N_q copies of one vector (at init: mask correlation 1.0000, S_q uniform to 5 digits,
-A's spread across queries 7e-5). The estimator's MHSA without a residual averages the queries
-again, so S_q cannot differ. LayerNorms inside eqs 8-10, eq 9 unscaled and a residual in the
-estimator give distinct queries at init (mask correlation 0.88), but training with the
-paper's loss alone pulls them together again within ~50 steps (0.99 at step 20, 0.9997 at 50):
-eq 14 hands every mask the same gradient S_qn dL/dy, and the kernels come from non-negative
-queries through one W_p, so every kernel moves along one direction.
+The N_q queries, and why they are kept apart (refbench.diversity's figures on a quickstart
+testB batch of 16, tiny variant; mask correlation = mean pairwise Pearson correlation of the
+per-query mask logits):
+- At initialisation, with plain Linear -> ReLU projections (`query_norm="none"`), eq 8's
+  product of two ReLU outputs of default-initialised layers is ~0.006, so every later
+  sigma(F W) outputs about its bias: all words give one value vector, eq 9's logits vary by
+  ~0.01 across words and F_q is N_q copies of one vector (mask correlation 1.0000, S_q uniform
+  to 5 digits, A's spread across queries 7e-5). With the norm before the ReLU ("before") the
+  queries differ but stay alike (0.81-0.96 over seeds 0-4): eq 10's F_qn are convex
+  combinations of non-negative vectors, so every kernel W_p F_qn shares one large component.
+  The norm after the ReLU ("after") centres each value vector: 0.51-0.73 over seeds 0-4.
+  Without the estimator's residual its self-attention averages the queries, so S_q is uniform.
+- In training, the paper's loss alone cannot keep them apart. The loss reads the masks only
+  through y = sum_n S_qn mask_n (eq 14), so each mask receives the same gradient S_qn dL/dy:
+  gradient descent adds one common pattern to every mask while their differences keep their
+  initial size, and BCE keeps growing that common part (the logits grow without bound). Distinct
+  queries at init become one query within a few dozen steps (norm before the ReLU: 0.88 ->
+  0.99 after 20 steps -> 0.9998 after 200 with BCE alone; tests/test_diversity.py shows it on
+  a short run).
+- So the loss has one term the paper does not, the smallest we found that keeps them apart:
+  `decorrelation` x mean over samples of max(0, mean_{i != j} |corr(sigmoid(mask_i),
+  sigmoid(mask_j))| - `decorrelation_margin`) (weight 1, margin 0.8). It is zero while a
+  sample's query masks are diverse enough and never touches y's supervision. Correlating the
+  probabilities (not the logits) asks the masks to select different regions, not to differ in
+  deep-background noise that the sum averages away; the absolute value stops the cheap answer
+  an earlier version found, pairs of a mask and its complement (correlation -1; mean 0.06,
+  testB mIoU 41.9%). Tighter margins cost quality: after 1000 quickstart steps, margin 0.5 gave
+  testB mIoU 49.8% (mask correlation 0.55), 0.3 gave 48.0% (0.62), against 63.4% for the
+  collapsed model; at 0.8 the validation curve follows the paper's loss alone (val mIoU 0.477
+  vs 0.473 at step 357 of 650). `decorrelation=0` is the paper's loss alone.
+- The estimator's weights stay close to uniform even with distinct masks (normalised entropy
+  0.94-0.997 after training): masks that differ but are equally good give eq 13 nothing to
+  choose between, and averaging them is then the best y. Nothing here forces S_q apart.
 
 forward returns logits [B,1,H/4,W/4] and, for visualisation, query_masks [B,Nq,H/4,W/4]
 (per-query logits), query_weights [B,Nq] (S_q) and word_attention [B,Nq,L] (A of eq 9);
@@ -50,11 +74,9 @@ the fixed aligner has no per-query masks, so it returns logits and word_attentio
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .api import ModelError, ModelSpec
@@ -65,6 +87,7 @@ from .blocks import (
     dynamic_conv,
     fixed_mask_head,
     mask_bce_loss,
+    mask_correlation,
     pixel_upsampler,
 )
 from .clip_backbone import BackboneConfig, ClipBackbone, ImageFeatures, TextFeatures, make_variants
@@ -81,10 +104,25 @@ class EAVLConfig(BackboneConfig):
     aligner: str = "dynamic"  # "dynamic": the Vision-Language Aligner; "fixed": Table 3's fixed-kernel conv
     global_vision: bool = True  # use F_vg in eq 8 (Table 4); False: F_tv from F_t alone
     estimator: bool = True  # Multi-Query Estimator, eq 13 (Table 4); False: masks summed
+    query_norm: str = "after"  # where each sigma(F W) of eqs 8-10 is normalised: "after" (Linear, ReLU, LayerNorm), "before" (Linear, LayerNorm, ReLU), "none" (no norm: the queries are one query at init)
+    decorrelation: float = 1.0  # weight of the query-mask decorrelation term (0 = the paper's loss alone; see the module docstring)
+    decorrelation_margin: float = 0.8  # the term penalises a sample's mean pairwise |correlation| of its query mask probabilities above this
 
 
 SMALL_HEAD = dict(dim=128, heads=4, ffn=256, layers=3, dropout=0.0)  # tiny, tiny-vit
 FULL_HEAD = dict(dim=512, heads=8, ffn=2048, layers=3, dropout=0.1)  # paper 4.1
+
+
+QUERY_NORMS = {  # config `query_norm` -> the layers of one sigma(F W) of eqs 8-10, given (c_in, c_out)
+    "after": lambda c_in, c_out: (nn.Linear(c_in, c_out), nn.ReLU(inplace=True), nn.LayerNorm(c_out)),
+    "before": lambda c_in, c_out: (nn.Linear(c_in, c_out), nn.LayerNorm(c_out), nn.ReLU(inplace=True)),
+    "none": lambda c_in, c_out: (nn.Linear(c_in, c_out), nn.ReLU(inplace=True)),
+}
+
+
+def relu_projection(c_in: int, c_out: int, norm: str) -> nn.Sequential:
+    """sigma(F W) of eqs 8-10 with its normalisation (`QUERY_NORMS[norm]`), [..., c_in] -> [..., c_out]."""
+    return nn.Sequential(*QUERY_NORMS[norm](c_in, c_out))
 
 
 class MultiQueryGenerator(nn.Module):
@@ -98,12 +136,12 @@ class MultiQueryGenerator(nn.Module):
         self.to_maps = nn.Sequential(  # eq 7: three convs, C -> N_q maps
             conv_block(c, c // 2, 3), conv_block(c // 2, c // 4, 3), nn.Conv2d(c // 4, nq, 1)
         )
-        self.w_t = nn.Linear(dim_words, c)  # W_t (eq 8)
-        self.w_vg = nn.Linear(cfg.dim_v4, c) if cfg.global_vision else None  # W_vg (eq 8)
-        self.w_vd = nn.Linear(grid, c)  # W_vd (eq 9), acts on a flattened H3*W3 map
-        self.w_a = nn.Linear(c, c)  # W_a (eq 9)
-        self.w_tv = nn.Linear(c, c)  # W_tv (eq 10)
-        self.scale = 1.0 / math.sqrt(c)  # eq 9 temperature (see the module docstring)
+        norm = cfg.query_norm
+        self.w_t = relu_projection(dim_words, c, norm)  # sigma(F_t W_t) (eq 8)
+        self.w_vg = relu_projection(cfg.dim_v4, c, norm) if cfg.global_vision else None  # sigma(F_vg W_vg) (eq 8)
+        self.w_vd = relu_projection(grid, c, norm)  # sigma(f_vdn W_vd) (eq 9), on a flattened H3*W3 map
+        self.w_a = relu_projection(c, c, norm)  # sigma(f_tvi W_a) (eq 9)
+        self.w_tv = relu_projection(c, c, norm)  # sigma(F_tv W_tv) (eq 10)
 
     def forward(self, vis: ImageFeatures, text: TextFeatures) -> tuple[torch.Tensor, torch.Tensor]:
         # eqs 6, 3-5: dense vision features without text -> F'_inte [B,C,H3,W3]
@@ -111,27 +149,34 @@ class MultiQueryGenerator(nn.Module):
         # eq 7: F_vd = Flatten(Conv(F'_inte))^T -> [B,Nq,H3*W3]
         f_vd = self.to_maps(dense).flatten(2)
         # eq 8: F_tv = sigma(F_t W_t) . sigma(F_vg W_vg) -> [B,L,C]
-        f_tv = F.relu(self.w_t(text.words))
+        f_tv = self.w_t(text.words)
         if self.w_vg is not None:
-            f_tv = f_tv * F.relu(self.w_vg(vis.vg))[:, None, :]
+            f_tv = f_tv * self.w_vg(vis.vg)[:, None, :]
         # eq 9: a_ni = sigma(f_vdn W_vd) sigma(f_tvi W_a)^T, softmax over the words, padding excluded
-        a = torch.einsum("bnc,blc->bnl", F.relu(self.w_vd(f_vd)), F.relu(self.w_a(f_tv))) * self.scale  # [B,Nq,L]
+        a = torch.einsum("bnc,blc->bnl", self.w_vd(f_vd), self.w_a(f_tv))  # [B,Nq,L]
         attention = a.masked_fill(text.pad[:, None, :], float("-inf")).softmax(dim=-1)  # A [B,Nq,L]
         # eq 10: F_qn = A_n sigma(F_tv W_tv) -> F_q [B,Nq,C]
-        f_q = attention @ F.relu(self.w_tv(f_tv))
+        f_q = attention @ self.w_tv(f_tv)
         return f_q, attention
 
 
 class MultiQueryEstimator(nn.Module):
-    """Eq 13: S_q = Softmax(W_s(MHSA(F_q))), one weight per query, summing to 1."""
+    """Eq 13: S_q = Softmax(W_s(MHSA(F_q))), one weight per query, summing to 1.
+
+    MHSA is a transformer self-attention layer over the queries: attention, residual, LayerNorm
+    (post-norm). Without the residual, near-uniform attention at the start averages the N_q
+    queries into one vector, and W_s scores N_q copies of it: S_q stays uniform.
+    """
 
     def __init__(self, dim: int, heads: int):
         super().__init__()
         self.mhsa = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.norm = nn.LayerNorm(dim)
         self.w_s = nn.Linear(dim, 1)  # W_s
 
     def forward(self, f_q: torch.Tensor) -> torch.Tensor:  # [B,Nq,C] -> [B,Nq]
-        return self.w_s(self.mhsa(f_q, f_q, f_q, need_weights=False)[0]).squeeze(-1).softmax(dim=-1)
+        h = self.norm(f_q + self.mhsa(f_q, f_q, f_q, need_weights=False)[0])  # [B,Nq,C]
+        return self.w_s(h).squeeze(-1).softmax(dim=-1)
 
 
 class VisionLanguageAligner(nn.Module):
@@ -180,7 +225,10 @@ class EAVL(nn.Module):
             raise ModelError(f"EAVL aligner must be one of {', '.join(ALIGNERS)}, not {cfg.aligner!r}")
         if cfg.image_size % 32:
             raise ModelError(f"EAVL image_size must be a multiple of 32, not {cfg.image_size}")
+        if cfg.query_norm not in QUERY_NORMS:
+            raise ModelError(f"EAVL query_norm must be one of {', '.join(QUERY_NORMS)}, not {cfg.query_norm!r}")
         self.image_size = cfg.image_size
+        self.decorrelation, self.decorrelation_margin = cfg.decorrelation, cfg.decorrelation_margin
         self.loss_resolution = cfg.loss_resolution
         self.backbone = ClipBackbone(cfg, global_vision=cfg.global_vision)  # F_vg only where eq 8 reads it
         self.fusion_neck = FusionNeck(cfg.dim_v2, cfg.dim_v3, cfg.dim_v4, self.backbone.dim_sentence, cfg.dim)
@@ -204,7 +252,14 @@ class EAVL(nn.Module):
         return out
 
     def loss(self, out: dict, mask: torch.Tensor) -> dict[str, torch.Tensor]:
-        return mask_bce_loss(out["logits"], mask, self.loss_resolution)
+        terms = mask_bce_loss(out["logits"], mask, self.loss_resolution)
+        masks = out.get("query_masks")
+        if self.decorrelation and masks is not None and masks.shape[1] >= 2:
+            # mean over samples of max(0, mean_ij |corr(sigmoid(mask_i), sigmoid(mask_j))| - margin)
+            corr = mask_correlation(masks.float().sigmoid(), absolute=True)  # [B]
+            excess = (corr - self.decorrelation_margin).clamp_min(0).mean()
+            terms = {**terms, "loss": terms["loss"] + self.decorrelation * excess, "decorrelation": excess.detach()}
+        return terms
 
 
 SPEC = ModelSpec(

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
 
-from refbench import diversity
+from refbench import data, diversity, models
 from refbench.models.blocks import mask_correlation
+
+DATASET = "refcoco_unc"
 
 
 def test_figures_of_collapsed_queries():
@@ -82,3 +85,110 @@ def test_training_logs_query_diversity(tiny_run):
     assert steps and all(set(diversity.KEYS) <= set(r) for r in steps)
     assert all(-1.0 <= r["query_mask_corr"] <= 1.0 and 0.0 <= r["query_weight_entropy"] <= 1.0 for r in steps)
     assert all(math.isfinite(r["word_attention_spread"]) for r in steps)
+
+
+def test_absolute_correlation_counts_a_complement_as_alike():
+    g = torch.Generator().manual_seed(3)
+    one = torch.randn(2, 1, 8, 8, generator=g)
+    pair = torch.cat([one, -one], dim=1)  # a mask and its complement
+    assert mask_correlation(pair)[0].item() == pytest.approx(-1.0, abs=1e-5)
+    assert mask_correlation(pair, absolute=True)[0].item() == pytest.approx(1.0, abs=1e-5)
+
+
+def _test_batch(shards_root: Path, image_size: int, n: int = 16) -> dict:
+    manifest = data.load_manifest(shards_root / DATASET)
+    loader = data.eval_loader(shards_root / DATASET, manifest, split="testB", image_size=image_size,
+                              batch_size=n, workers=0)
+    return data.to_device(next(iter(loader)), "cpu")
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_eavl_queries_differ_at_init(shards_root, seed):
+    """At initialisation the N_q queries attend to the words differently, their masks are not one
+    mask, and S_q depends on the query (0.51 to 0.73 mask correlation over seeds 0-4 on a
+    quickstart testB batch; 1.0000 before the fix)."""
+    torch.manual_seed(seed)
+    net = models.build("eavl", "tiny").eval()
+    batch = _test_batch(shards_root, net.image_size)
+    with torch.no_grad():
+        stats = diversity.batch_stats(net(batch["image"], batch["tokens"]))
+    assert stats["query_mask_corr"] < 0.9, stats
+    assert stats["word_attention_spread"] > 0.1, stats
+    assert stats["query_weight_entropy"] < 1.0 - 1e-3, stats
+
+
+def test_plain_linear_generator_collapses_at_init(shards_root):
+    """The cause, kept as a regression check: without normalisation (query_norm="none") eq 8's
+    product of two small ReLU outputs leaves every later projection at its bias, so all queries
+    are one query."""
+    torch.manual_seed(0)
+    net = models.build("eavl", "tiny", query_norm="none").eval()
+    batch = _test_batch(shards_root, net.image_size)
+    with torch.no_grad():
+        stats = diversity.batch_stats(net(batch["image"], batch["tokens"]))
+    assert stats["query_mask_corr"] > 0.99 and stats["word_attention_spread"] < 1e-3, stats
+
+
+def _short_training(shards_root: Path, steps: int, **overrides) -> list[dict]:
+    """Train a tiny EAVL `steps` AdamW steps (the tiny recipe's peak lr) on four fixed train batches
+    of 4; returns refbench.diversity's figures on a testB batch before and after."""
+    torch.manual_seed(0)
+    net = models.build("eavl", "tiny", **overrides)
+    manifest = data.load_manifest(shards_root / DATASET)
+    train = iter(data.train_loader(shards_root / DATASET, manifest, split="train", image_size=net.image_size,
+                                   batch_size=4, seed=0, epoch=0, num_batches=4, workers=0))
+    batches = [data.to_device(next(train), "cpu") for _ in range(4)]
+    probe = _test_batch(shards_root, net.image_size)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=6e-4, weight_decay=1e-4)
+    figures = []
+    for step in range(steps + 1):
+        if step in (0, steps):
+            net.eval()
+            with torch.no_grad():
+                figures.append(diversity.batch_stats(net(probe["image"], probe["tokens"])))
+            net.train()
+        if step == steps:
+            break
+        b = batches[step % len(batches)]
+        loss = net.loss(net(b["image"], b["tokens"]), b["mask"])["loss"]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return figures
+
+
+def test_paper_loss_alone_collapses_the_queries_in_training(shards_root):
+    """Why the decorrelation term exists: with the paper's loss alone (decorrelation=0) the
+    distinct queries of the initialisation become one within a few steps, since eq 14 hands
+    every mask the same gradient S_qn dL/dy."""
+    before, after = _short_training(shards_root, 60, decorrelation=0.0)
+    assert before["query_mask_corr"] < 0.9, before
+    assert after["query_mask_corr"] > 0.95, after
+
+
+def test_decorrelation_keeps_the_queries_apart_in_training(shards_root):
+    """With the term, the same run ends with distinct masks (it pulls them apart once the
+    paper's loss has pushed them above the margin: 0.77 -> 0.995 -> 0.65 at steps 0, 10, 60)."""
+    before, after = _short_training(shards_root, 60)
+    assert before["query_mask_corr"] < 0.9, before
+    assert after["query_mask_corr"] < 0.9, after
+
+
+def test_decorrelation_term_is_zero_below_the_margin_and_pushes_above_it():
+    torch.manual_seed(0)
+    net = models.build("eavl", "tiny", num_queries=4)
+    mask = torch.zeros(2, 1, net.image_size, net.image_size)
+    side = net.image_size // 4
+    logits = torch.zeros(2, 1, side, side)
+    same = (4 * torch.randn(2, 1, side, side)).expand(2, 4, -1, -1).clone().requires_grad_()
+    terms = net.loss({"logits": logits, "query_masks": same}, mask)
+    assert terms["decorrelation"].item() == pytest.approx(1.0 - net.decorrelation_margin, abs=1e-4)
+    terms["loss"].backward()
+    assert same.grad.abs().sum() > 0
+    complement = torch.cat([same[:, :2], -same[:, :2]], dim=1).detach()  # sigmoid(-x) = 1 - sigmoid(x)
+    assert net.loss({"logits": logits, "query_masks": complement}, mask)["decorrelation"].item() == pytest.approx(
+        1.0 - net.decorrelation_margin, abs=1e-4)  # opposites count as alike: no gaming by complements
+    apart = 4 * torch.randn(2, 4, side, side)  # independent: correlation ~0
+    assert net.loss({"logits": logits, "query_masks": apart}, mask)["decorrelation"].item() == 0.0
+    plain = models.build("eavl", "tiny", num_queries=4, decorrelation=0.0)
+    assert "decorrelation" not in plain.loss({"logits": logits, "query_masks": same}, mask)
