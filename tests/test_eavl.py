@@ -124,7 +124,7 @@ def test_every_ablation_builds_trains_and_runs(overrides, images):
     if overrides.get("global_vision") is False:
         assert model.query_generator.w_vg is None
     # the queries reach the loss in every variant (through the decoder at least)
-    assert model.query_generator.w_tv.weight.grad.abs().sum() > 0
+    assert model.query_generator.w_tv[0].weight.grad.abs().sum() > 0  # Linear of sigma(F_tv W_tv)
 
 
 def test_bad_input_is_one_clear_error(eavl):
