@@ -11,10 +11,13 @@ none of them imports another for it.
     barrier(d)              a no-op in a single process
     autocast_dtype(amp, device)
                             "auto" (bf16 on CUDA, full precision on CPU), "bf16", "fp16", "off"
+    exact_float32()         a context where float32 means float32: no TF32 convolutions or
+                            matmuls (cuDNN allows TF32 by default); evaluation and predict use it
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -84,3 +87,15 @@ def autocast_dtype(amp: str, device) -> Any:
     if amp == "auto":
         return torch.bfloat16 if device.type == "cuda" else None
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[amp]
+
+
+@contextlib.contextmanager
+def exact_float32():
+    """float32 means float32 inside: TF32 convolutions and matmuls off (cuDNN allows TF32 by
+    default, which flips pixels near the threshold between a GPU and the CPU); restored after."""
+    before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before

@@ -30,7 +30,6 @@ numbers would depend on the device and on the batch size.
 
 from __future__ import annotations
 
-import contextlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,7 +44,7 @@ from rich.table import Table
 from refbench import checkpoint as ckpt_mod
 from refbench import cvwarp, data, diversity, metrics, remote, transforms
 from refbench import results as results_mod
-from refbench.distributed import all_gather_object, setup_distributed
+from refbench.distributed import all_gather_object, exact_float32, setup_distributed
 from refbench.errors import RefbenchError
 from refbench.fsutil import check_output_folder, sha256_file
 from refbench.prepare import cap_workers
@@ -76,22 +75,11 @@ def probabilities(net, image, tokens, meter=None):
     """sigmoid(logits) of the model in float32 (autocast off, whatever the caller has on):
     float32 [B,1,h,w] over the square input. `meter` (a refbench.diversity.DiversityMeter),
     if given, takes the batch's query figures."""
-    with torch.inference_mode(), torch.autocast(image.device.type, enabled=False), _no_tf32():
+    with torch.inference_mode(), torch.autocast(image.device.type, enabled=False), exact_float32():
         out = net(image.float(), tokens)
     if meter is not None:
         meter.update(out)
     return torch.sigmoid(out["logits"].float())
-
-
-@contextlib.contextmanager
-def _no_tf32():
-    """float32 means float32: no TF32 convolutions or matmuls (cuDNN allows TF32 by default)."""
-    before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
 
 
 def count_iu(probs, batch: dict, threshold: float, protocol: str) -> tuple[np.ndarray, np.ndarray]:

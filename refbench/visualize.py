@@ -259,10 +259,11 @@ def _predict_one(net: Any, image: Image.Image, tokens: Any, device: Any, query_s
     import torch
 
     from refbench import transforms
+    from refbench.distributed import exact_float32
 
     x, box = transforms.image_to_tensor(image, net.image_size)  # [3, S, S]
     t = torch.as_tensor(np.asarray(tokens), dtype=torch.int64).reshape(1, -1).to(device)
-    with torch.inference_mode():
+    with torch.inference_mode(), exact_float32():
         out = net(x[None].to(device), t)
     probs = torch.sigmoid(out["logits"].float())  # [1, 1, h, w]
     prob = transforms.to_original(probs, [box])[0].cpu().numpy()

@@ -106,3 +106,27 @@ def test_save_png_round_trip(scene, tmp_path):
     assert back.size == out.size
     np.testing.assert_array_equal(np.asarray(back.convert("RGB")), np.asarray(out))
     assert not list((tmp_path / "sub").glob(".tmp-*"))
+
+
+def test_prediction_runs_in_exact_float32():
+    """predict and eval --vis run the model with TF32 off (cuDNN allows it by default): a GPU's
+    mask then differs from the CPU's by float32 rounding only. The flags are restored after."""
+    import torch
+
+    from refbench import visualize
+
+    seen = []
+
+    class Net(torch.nn.Module):
+        image_size = 32
+
+        def forward(self, image, tokens):
+            seen.append((torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32))
+            return {"logits": torch.zeros(image.shape[0], 1, 8, 8)}
+
+    before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    image = Image.new("RGB", (40, 30), (120, 60, 30))
+    result = visualize._predict_one(Net(), image, [49406, 320, 49407], torch.device("cpu"))
+    assert seen == [(False, False)]
+    assert (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) == before
+    assert result["prob"].shape == (30, 40)
