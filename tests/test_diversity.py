@@ -131,7 +131,16 @@ def test_plain_linear_generator_collapses_at_init(shards_root):
 
 def _short_training(shards_root: Path, steps: int, **overrides) -> list[dict]:
     """Train a tiny EAVL `steps` AdamW steps (the tiny recipe's peak lr) on four fixed train batches
-    of 4; returns refbench.diversity's figures on a testB batch before and after."""
+    of 4, on one thread (a few dozen steps at a constant peak lr are chaotic: the float summation
+    order of two threads gives another run); returns refbench.diversity's figures on a testB
+    batch before and after."""
+    from _harness import torch_threads
+
+    with torch_threads(1):
+        return _short_training_run(shards_root, steps, **overrides)
+
+
+def _short_training_run(shards_root: Path, steps: int, **overrides) -> list[dict]:
     torch.manual_seed(0)
     net = models.build("eavl", "tiny", **overrides)
     manifest = data.load_manifest(shards_root / DATASET)
