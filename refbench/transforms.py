@@ -169,14 +169,8 @@ def normalize(rgb: np.ndarray, box: Letterbox, out: "torch.Tensor | None" = None
     lookup table (about 1 ms at S = 480): single-threaded on purpose, since torch's intra-op
     threads contend with the model's in a loader running in the main process.
     """
-    import torch
-
-    if rgb.shape != (box.new_h, box.new_w, 3) or rgb.dtype != np.uint8:
-        raise ValueError(f"image of shape {rgb.shape} ({rgb.dtype}) does not match its letterbox {box.new_h}x{box.new_w}x3 uint8")
-    if out is None:
-        out = torch.empty(3, box.size, box.size, dtype=torch.float32)
+    out = _square_input(rgb, box, out, "float32")
     o = out.numpy()  # [3, S, S] view of the same memory
-    _zero_border(o, box)
     region = o[:, box.pad_y : box.pad_y + box.new_h, box.pad_x : box.pad_x + box.new_w]  # [3, new_h, new_w]
     for c in range(3):
         np.take(_LUT[c], rgb[:, :, c], out=region[c], mode="clip")
@@ -190,14 +184,8 @@ def letterbox_uint8(rgb: np.ndarray, box: Letterbox, out: "torch.Tensor | None" 
     turns it into exactly what `normalize` gives. Writes into `out` (a CPU uint8 [3, S, S],
     e.g. one slot of a batch) when given.
     """
-    import torch
-
-    if rgb.shape != (box.new_h, box.new_w, 3) or rgb.dtype != np.uint8:
-        raise ValueError(f"image of shape {rgb.shape} ({rgb.dtype}) does not match its letterbox {box.new_h}x{box.new_w}x3 uint8")
-    if out is None:
-        out = torch.empty(3, box.size, box.size, dtype=torch.uint8)
+    out = _square_input(rgb, box, out, "uint8")
     o = out.numpy()  # [3, S, S] view of the same memory
-    _zero_border(o, box)
     o[:, box.pad_y : box.pad_y + box.new_h, box.pad_x : box.pad_x + box.new_w] = rgb.transpose(2, 0, 1)
     return out
 
@@ -236,6 +224,19 @@ def image_to_tensor(image: Image.Image, size: int) -> tuple["torch.Tensor", Lett
     """A PIL image -> (float32 [3, S, S] normalised letterbox, its `Letterbox`)."""
     rgb, box = resize_image(image, size)
     return normalize(rgb, box), box
+
+
+def _square_input(rgb: np.ndarray, box: Letterbox, out: "torch.Tensor | None", dtype: str) -> "torch.Tensor":
+    """The [3, S, S] tensor a letterboxed `rgb` goes into (`out`, or a new one of `dtype`), its
+    padding zeroed; ValueError if `rgb` is not the uint8 [new_h, new_w, 3] that `box` describes."""
+    import torch
+
+    if rgb.shape != (box.new_h, box.new_w, 3) or rgb.dtype != np.uint8:
+        raise ValueError(f"image of shape {rgb.shape} ({rgb.dtype}) does not match its letterbox {box.new_h}x{box.new_w}x3 uint8")
+    if out is None:
+        out = torch.empty(3, box.size, box.size, dtype=getattr(torch, dtype))
+    _zero_border(out.numpy(), box)
+    return out
 
 
 def _zero_border(plane: np.ndarray, box: Letterbox) -> None:
