@@ -66,7 +66,7 @@ per-query mask logits):
   short runs fragile: 300 steps on two threads ended at 13.1%, where weight 0.1 gives 41.0%
   (correlation 0.58). `decorrelation=0` is the paper's loss alone.
 - The estimator's weights stay close to uniform even with distinct masks (normalised entropy
-  0.94-0.997 after training): masks that differ but are equally good give eq 13 nothing to
+  0.94-0.998 after training): masks that differ but are equally good give eq 13 nothing to
   choose between, and averaging them is then the best y. Nothing here forces S_q apart.
 
 forward returns logits [B,1,H/4,W/4] and, for visualisation, query_masks [B,Nq,H/4,W/4]
