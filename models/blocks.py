@@ -213,16 +213,19 @@ def pixel_upsampler(c_in: int, c_out: int, pattern: str, norm: str = "group") ->
     return nn.Sequential(*steps)
 
 
-def dynamic_conv(features: torch.Tensor, params: torch.Tensor, kernel: int = 3) -> torch.Tensor:
+def dynamic_conv(features: torch.Tensor, params: torch.Tensor, kernel: int = 3, scale: float = 1.0) -> torch.Tensor:
     """Convolve each sample's map with its own K generated kernels, in one grouped conv.
 
     features [B,Cp,H,W]; params [B,K,k*k*Cp+1] (first k*k*Cp values: the kernel, laid out
-    [Cp,k,k]; the last: the bias) -> [B,K,H,W]. The batch is folded into channel groups:
-    input [1, B*Cp, H, W], weight [B*K, Cp, k, k], groups=B, so no Python loop over samples.
+    [Cp,k,k]; the last: the bias) -> [B,K,H,W]. The kernels (not the biases) are multiplied by
+    `scale` (1 = CRIS). The batch is folded into channel groups: input [1, B*Cp, H, W], weight
+    [B*K, Cp, k, k], groups=B, so no Python loop over samples.
     """
     b, cp, h, w = features.shape
     k = params.shape[1]
     weight = params[..., :-1].reshape(b * k, cp, kernel, kernel)  # [B*K,Cp,k,k]
+    if scale != 1.0:
+        weight = weight * scale
     bias = params[..., -1].reshape(b * k)  # [B*K]
     out = F.conv2d(features.reshape(1, b * cp, h, w), weight, bias, padding=kernel // 2, groups=b)
     return out.reshape(b, k, h, w)

@@ -23,6 +23,17 @@ Choices the paper leaves open, and where we read it, documented once here:
   every pixel foreground. F_pn is linear here (as CRIS's text-to-pixel projector).
 - Eq 12 writes the convolution over F_s, but the kernel has C_p = C/2 channels and the masks
   are 4H3 x 4W3: the dynamic kernel is applied to F_p, not F_s.
+- Eq 12 gives the convolution no scale. Each generated kernel is divided by sqrt(9 C_p)
+  (`scaled_kernels`, the bias not), as attention divides q.k by sqrt(d): a generated kernel
+  is a dot product with a 9 C_p patch. Unscaled (CRIS's choice, `scaled_kernels=False`), W_p
+  sits behind two fan-ins: the initial logits have std ~7, and Adam, which moves each weight by
+  about lr per step whatever its gradient, shifts whole masks at once. On the quickstart's data
+  the loss then spikes (BCE 0.3 -> 1-5 in one step, gradient norms 50-200 against a clip of 1,
+  the logits' mean swinging between -5 and +5) and runs fall into the language-blind basin:
+  testB mIoU 11-28% in 6 of 7 runs at lr 1e-3 to 3e-3 (500 steps, GPU sweep, fp32). Scaled,
+  the same runs give 12-51% and the probe shows no spike; at the tiny recipe's lr (6e-4, 500
+  steps) 53.5/55.0/57.6% over seeds 0-2 against 54.0% unscaled (seed 0). It is also what lets
+  the estimator choose (below).
 - Loss: the paper says cross-entropy; for one foreground class that is binary cross-entropy
   on the final mask y. Where is a config field (`loss_resolution`): "prediction", against the
   ground truth resized (nearest) to y's resolution H/4 x W/4, as CRIS does (the paper variants);
@@ -65,9 +76,10 @@ per-query mask logits):
   against 57.6% (0.96) with the paper's loss alone and 56.0% (1.0000) before the fix, but made
   short runs fragile: 300 steps on two threads ended at 13.1%, where weight 0.1 gives 41.0%
   (correlation 0.58). `decorrelation=0` is the paper's loss alone.
-- The estimator's weights stay close to uniform even with distinct masks (normalised entropy
-  0.94-0.998 after training): masks that differ but are equally good give eq 13 nothing to
-  choose between, and averaging them is then the best y. Nothing here forces S_q apart.
+- The estimator's weights: with unscaled kernels they stayed close to uniform even with
+  distinct masks (normalised entropy 0.95-1.0 after training), every mask's logits being large
+  and alike in sign; with scaled kernels S_q is not uniform (entropy 0.68-0.87 over 18 runs of
+  400-650 steps in the sweep above). Nothing here forces S_q apart.
 
 forward returns logits [B,1,H/4,W/4] and, for visualisation, query_masks [B,Nq,H/4,W/4]
 (per-query logits), query_weights [B,Nq] (S_q) and word_attention [B,Nq,L] (A of eq 9);
@@ -107,6 +119,7 @@ class EAVLConfig(BackboneConfig):
     global_vision: bool = True  # use F_vg in eq 8 (Table 4); False: F_tv from F_t alone
     estimator: bool = True  # Multi-Query Estimator, eq 13 (Table 4); False: masks summed
     query_norm: str = "after"  # where each sigma(F W) of eqs 8-10 is normalised: "after" (Linear, ReLU, LayerNorm), "before" (Linear, LayerNorm, ReLU), "none" (no norm: the queries are one query at init)
+    scaled_kernels: bool = True  # eq 12: each generated kernel divided by sqrt(9 C_p), as attention divides q.k by sqrt(d) (the paper gives no scale); False = CRIS's unscaled kernels
     decorrelation: float = 0.1  # weight of the query-mask decorrelation term (0 = the paper's loss alone; see the module docstring)
     decorrelation_margin: float = 0.8  # the term penalises a sample's mean pairwise |correlation| of its query mask probabilities above this
 
@@ -189,12 +202,13 @@ class VisionLanguageAligner(nn.Module):
         c, cp = cfg.dim, cfg.dim // 2  # C_p = C/2
         self.pixel = pixel_upsampler(c, cp, "UCU")  # eq 11: F_p = Up(Conv(Up(F_s)))
         self.w_p = nn.Linear(c, 9 * cp + 1)  # eq 11: F_pn = W_p F_qn (3x3 x C_p kernel + bias)
+        self.kernel_scale = (9 * cp) ** -0.5 if cfg.scaled_kernels else 1.0  # eq 12's kernel scale
         self.estimator = MultiQueryEstimator(c, cfg.heads) if cfg.estimator else None
 
     def forward(self, f_s: torch.Tensor, f_q: torch.Tensor) -> dict[str, torch.Tensor]:
         f_p = self.pixel(f_s)  # [B,Cp,4H3,4W3]
         # eq 12: mask_n = Psi_n(F_p, W_qn), all queries of all samples in one grouped conv
-        masks = dynamic_conv(f_p, self.w_p(f_q))  # [B,Nq,4H3,4W3]
+        masks = dynamic_conv(f_p, self.w_p(f_q), scale=self.kernel_scale)  # [B,Nq,4H3,4W3]
         # eq 13 (or, ablated, all ones = a plain sum)
         weights = self.estimator(f_q) if self.estimator is not None else masks.new_ones(masks.shape[:2])  # [B,Nq]
         # eq 14: y = sum_n S_qn mask_n

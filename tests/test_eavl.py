@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from refbench import models
 from refbench.models.blocks import dynamic_conv
+from _harness import torch_threads
 from _model_helpers import make_tokens
 from refbench.models.clip_backbone import BACKBONES
 
@@ -25,14 +26,15 @@ def images():
     return torch.randn(3, 3, S, S, generator=torch.Generator().manual_seed(7))
 
 
-def test_dynamic_conv_equals_per_sample_loop():
+@pytest.mark.parametrize("scale", [1.0, 0.25])
+def test_dynamic_conv_equals_per_sample_loop(scale):
     g = torch.Generator().manual_seed(0)
     b, k, cp, h, w = 3, 5, 4, 9, 11
     features = torch.randn(b, cp, h, w, generator=g)
     params = torch.randn(b, k, 9 * cp + 1, generator=g)
-    batched = dynamic_conv(features, params)
+    batched = dynamic_conv(features, params, scale=scale)
     for i in range(b):
-        weight = params[i, :, :-1].reshape(k, cp, 3, 3)
+        weight = params[i, :, :-1].reshape(k, cp, 3, 3) * scale  # the kernel scaled, the bias not
         expected = F.conv2d(features[i : i + 1], weight, params[i, :, -1], padding=1)[0]
         torch.testing.assert_close(batched[i], expected, rtol=1e-5, atol=1e-5)
 
@@ -134,3 +136,32 @@ def test_bad_input_is_one_clear_error(eavl):
         models.build("eavl", "tiny", aligner="sparse")
     with pytest.raises(models.ModelError, match="context"):
         eavl(torch.randn(1, 3, S, S), make_tokens(1, 80))
+
+
+def _logits_and_one_adam_step(scaled: bool, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits of a fresh tiny EAVL (seed 0) before and after one AdamW step at lr 1e-3."""
+    torch.manual_seed(0)
+    net = models.build("eavl", "tiny", scaled_kernels=scaled)
+    tokens = make_tokens(len(images), 17)
+    mask = (torch.rand(len(images), 1, S, S, generator=torch.Generator().manual_seed(1)) > 0.8).float()
+    with torch.no_grad():
+        before = net.eval()(images, tokens)["logits"]
+    optimizer = torch.optim.AdamW(net.parameters(), lr=1e-3)
+    net.train().loss(net(images, tokens), mask)["loss"].backward()
+    optimizer.step()
+    with torch.no_grad():
+        after = net.eval()(images, tokens)["logits"]
+    return before, after
+
+
+def test_scaled_kernels_keep_the_logits_and_adam_steps_small(images):
+    """Why eq 12's kernels are divided by sqrt(9 C_p) (module docstring): unscaled, W_p sits
+    behind two fan-ins, so the initial logits have a std of ~5 and one Adam step, which moves
+    every weight by about lr, shifts them by ~10 on average (0.3 and ~2 scaled; quickstart
+    testB batch, seeds 0-4). The masks' correlation does not change: only their scale does."""
+    with torch_threads(1):
+        unscaled = _logits_and_one_adam_step(False, images)
+        scaled = _logits_and_one_adam_step(True, images)
+    assert unscaled[0].std() > 2.0 and scaled[0].std() < 1.0, (unscaled[0].std(), scaled[0].std())
+    move_unscaled, move_scaled = ((a - b).abs().mean() for b, a in (unscaled, scaled))
+    assert move_unscaled > 4.0 and move_scaled < 3.0 and move_unscaled > 3 * move_scaled, (move_unscaled, move_scaled)
