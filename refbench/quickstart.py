@@ -14,11 +14,12 @@ from other shards, another tiny config or another step count (an older refbench)
 
 The plan is data (`QuickstartPlan`). Every model of a plan trains the same number of steps on
 the same data, batch and seed (one `steps` field), so the leaderboard it writes compares like
-with like. `full`: 650 steps each, about 5.5 epochs of the 3,795 train refs. Measured (seed 0,
-2 CPU cores): testB mIoU EAVL 0.560, CRIS 0.628, blind 0.179, so the language-blind control stays
-under 0.35 but tiny EAVL misses the 0.60 bar it reached with 1000 steps of its own; the
-training steps (0.39 s EAVL, 0.41 s CRIS, 0.17 s blind on idle cores, `refbench bench step`)
-make the whole run about 11 minutes on idle cores, over the ten-minute budget. `check` (the
+with like. `full`: 500 steps each, about 4.2 epochs of the 3,795 train refs: what three tiny
+trainings fit in ten minutes on 2 cores (steps of 0.35-0.45 s for EAVL and CRIS, 0.2 s for
+blind; `refbench bench step`). Measured (seed 0, 2 idle CPU cores): testB mIoU EAVL 0.583,
+CRIS 0.618, blind 0.165, the whole run 543 s (another run of the same work took 601 s). The
+language-blind control stays under 0.35; tiny EAVL misses the 0.60 bar by about two points
+(it reached it with 1000 steps of its own, when the other models trained less). `check` (the
 default test suite's quality test) is the same data with fewer steps; `fast` (`--fast`, also
 used by the tests) is a smaller dataset and a few steps, for checking that every stage
 connects, not for quality.
@@ -58,7 +59,7 @@ class QuickstartPlan:
 
 PLANS: dict[str, QuickstartPlan] = {
     "full": QuickstartPlan(images=2000, seed=0, shard_size=200, dataset="refcoco_unc",
-                           models=("eavl", "cris", "blind"), steps=650, batch_size=32,
+                           models=("eavl", "cris", "blind"), steps=500, batch_size=32,
                            eval_splits=("val", "testA", "testB"), vis=6, workers=1),
     # `check`: the quality test's shorter run (same data, fewer steps, testB only): grounding is
     # already clearly learned, and the language-blind control stays low
