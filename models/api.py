@@ -14,7 +14,10 @@ function. A built model is an `nn.Module` with:
     loss(out: dict, mask: float[B,1,H,W]) -> {"loss": scalar, ...named terms}
 
 A model that needs to be rebuilt (checkpoint loading) is rebuilt with
-`build(name, variant, **dataclasses.asdict(config))` (refbench.models.registry).
+`build(name, variant, **dataclasses.asdict(config))` (refbench.models.registry). A field added
+after checkpoints were written with a default that changes the model names, in the spec's
+`absent_means`, the value those older configs meant (EAVL: `scaled_kernels=False`), so an
+older checkpoint rebuilds as it was trained, not with the new default.
 
 Config overrides (`--set FIELD=VALUE`) are checked before anything is built, against the
 field's annotation: an `int` field takes an integer >= 1 (config ints are sizes and counts), a
@@ -26,7 +29,7 @@ fails on overridden values (e.g. heads that do not divide the width) is a `Model
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 
@@ -41,3 +44,4 @@ class ModelSpec:
     variants: dict[str, dict]  # variant name -> field overrides, e.g. {"tiny": {...}, "rn50": {...}}
     build: Callable[[Any], Any]  # config instance -> nn.Module honouring the contract
     description: str = ""  # one line for `refbench models`
+    absent_means: dict[str, Any] = field(default_factory=dict)  # config field added later -> what a saved config without it meant (a checkpoint keeps its behaviour)

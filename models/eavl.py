@@ -26,12 +26,12 @@ Choices the paper leaves open, and where we read it, documented once here:
 - Eq 12 gives the convolution no scale. Each generated kernel is divided by sqrt(9 C_p)
   (`scaled_kernels`, the bias not), as attention divides q.k by sqrt(d): a generated kernel
   is a dot product with a 9 C_p patch. Unscaled (CRIS's choice, `scaled_kernels=False`), W_p
-  sits behind two fan-ins: the initial logits have std ~7, and Adam, which moves each weight by
+  sits behind two fan-ins: the initial logits have std ~5, and Adam, which moves each weight by
   about lr per step whatever its gradient, shifts whole masks at once. On the quickstart's data
-  the loss then spikes (BCE 0.3 -> 1-5 in one step, gradient norms 50-200 against a clip of 1,
+  the loss then spikes (BCE 0.3 -> 1-5 in one step, gradient norms 40-160 against a clip of 1,
   the logits' mean swinging between -5 and +5) and runs fall into the language-blind basin:
   testB mIoU 11-28% in 6 of 7 runs at lr 1e-3 to 3e-3 (500 steps, GPU sweep, fp32). Scaled,
-  the same runs give 12-51% and the probe shows no spike; at the tiny recipe's lr (6e-4, 500
+  8 runs of the same sweep give 12-51% and the probe shows no spike; at the tiny recipe's lr (6e-4, 500
   steps) 53.5/55.0/57.6% over seeds 0-2 against 54.0% unscaled (seed 0). It is also what lets
   the estimator choose (below).
 - Loss: the paper says cross-entropy; for one foreground class that is binary cross-entropy
@@ -284,4 +284,5 @@ SPEC = ModelSpec(
     variants=make_variants(SMALL_HEAD, FULL_HEAD),
     build=EAVL,
     description="EAVL (Yan et al. 2023): Nq queries -> dynamic kernels -> weighted mask sum",
+    absent_means={"scaled_kernels": False},  # checkpoints written before the field had unscaled kernels
 )

@@ -231,9 +231,10 @@ def load(path: str | Path, map_location: str = "cpu") -> dict:
 def build_model(ckpt: dict, path: str | Path = "<checkpoint>"):
     """Rebuild the model a checkpoint describes and load its weights (random init, no download)."""
     spec = ckpt["model"]
-    config = dict(spec["config"])
-    config["pretrained"] = None  # the weights come from the checkpoint, never from the network
     try:
+        # a field newer than the checkpoint takes the value its absence meant, not today's default
+        config = {**models.get_spec(spec["name"]).absent_means, **spec["config"]}
+        config["pretrained"] = None  # the weights come from the checkpoint, never from the network
         model = models.build(spec["name"], spec["variant"], **config)
     except models.ModelError as e:
         raise RefbenchError(f"{path}: cannot rebuild model {spec['name']!r}: {e}") from None

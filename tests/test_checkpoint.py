@@ -67,3 +67,22 @@ def test_malicious_pickle_does_not_run(tmp_path, monkeypatch):
     with pytest.raises(RefbenchError, match="not a readable refbench checkpoint"):
         checkpoint.load(path)
     assert not (tmp_path / "pwned-by-checkpoint").exists()
+
+
+@pytest.mark.parametrize("saved, scale", [({}, 1.0), ({"scaled_kernels": True}, (9 * 64) ** -0.5),
+                                          ({"scaled_kernels": False}, 1.0)])
+def test_a_field_newer_than_the_checkpoint_keeps_the_old_behaviour(tmp_path, saved, scale):
+    """An EAVL checkpoint written before `scaled_kernels` existed had unscaled kernels: it is
+    rebuilt with scaled_kernels=False (the spec's absent_means), not with today's default."""
+    import dataclasses
+
+    from refbench import models
+
+    torch.manual_seed(0)
+    net = models.build("eavl", "tiny")
+    config = {k: v for k, v in dataclasses.asdict(net.config).items() if k != "scaled_kernels"}
+    payload = {"model": {"name": "eavl", "variant": "tiny", "config": {**config, **saved}},
+               "state_dict": net.state_dict()}
+    rebuilt = checkpoint.build_model(checkpoint.load(checkpoint.save(tmp_path / "best.pt", payload)))
+    assert rebuilt.aligner.kernel_scale == pytest.approx(scale)
+    assert rebuilt.config.scaled_kernels == (scale != 1.0)
