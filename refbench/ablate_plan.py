@@ -13,10 +13,11 @@ from typing import Any, Sequence
 
 from refbench.recipes import Recipe, get_recipe
 
-# Steps per run. Measured: `refbench ablate` with the defaults took 32.1 min on 2 idle cores
-# (12 runs, ~2.7 min each: 400 tiny EAVL steps at ~0.3 s, 4 validations and the testA scoring).
-# At 400 steps (~3.4 epochs of the synthetic train refs) the full model reaches 61% testA mIoU and
-# every ablation's sign matches the paper's; val mIoU is still climbing: enough to learn, not to converge.
+# Steps per run. Measured: `refbench ablate` with the defaults took 33.4 min on 2 idle cores
+# (12 runs, ~2.8 min each: 400 tiny EAVL steps, 4 validations and the testA scoring). At 400
+# steps (~3.4 epochs of the synthetic train refs) the full model reaches 58% testA mIoU and
+# Table 4's signs match the paper's; Table 2's Nq effects are below one seed's run-to-run noise.
+# val mIoU is still climbing: enough to learn, not to converge.
 DEFAULT_STEPS = 400
 
 
