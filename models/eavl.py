@@ -31,9 +31,9 @@ Choices the paper leaves open, and where we read it, documented once here:
   the loss then spikes (BCE 0.3 -> 1-5 in one step, gradient norms 40-160 against a clip of 1,
   the logits' mean swinging between -5 and +5) and runs fall into the language-blind basin:
   testB mIoU 11-28% in 6 of 7 runs at lr 1e-3 to 3e-3 (500 steps, GPU sweep, fp32). Scaled,
-  8 runs of the same sweep give 12-51% and the probe shows no spike; at the tiny recipe's lr (6e-4, 500
-  steps) 53.5/55.0/57.6% over seeds 0-2 against 54.0% unscaled (seed 0). It is also what lets
-  the estimator choose (below).
+  8 runs of the same sweep give 12-51% and the probe shows no spike; at the tiny recipe's lr
+  (6e-4, 500 steps) 53.5/55.0/57.6% over seeds 0-2 against 54.0% unscaled (seed 0). It is
+  also what lets the estimator choose (below).
 - Loss: the paper says cross-entropy; for one foreground class that is binary cross-entropy
   on the final mask y. Where is a config field (`loss_resolution`): "prediction", against the
   ground truth resized (nearest) to y's resolution H/4 x W/4, as CRIS does (the paper variants);
