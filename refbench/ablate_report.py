@@ -107,6 +107,11 @@ TABLE_TITLES = {
 DASH = "-"  # an empty cell: not run by us / not in the paper
 
 
+def paper_protocol(paper) -> str:
+    """The protocol the paper's ablation rows were computed under (one for the whole file)."""
+    return ", ".join(sorted(set(paper["protocol"].to_list())))
+
+
 def paper_row(paper, table: int, s: Setting) -> dict | None:
     """The paper's row of `table` for setting `s` (values in percent), or None."""
     hit = paper.filter(
@@ -160,8 +165,8 @@ def render_report(report: Report, plot_name: str = PLOT_NAME) -> str:
         f"(`refbench synth`, seed {cfg.data_seed}), best.pt chosen on synthetic val mIoU, scored on **synthetic "
         f"`{cfg.dataset}` {cfg.split}** ({f['sentences']} sentences) under protocol `{cfg.protocol}` "
         f"v{f['protocol_version']} (threshold {f['threshold']:g}).",
-        f"- **Paper**: {PAPER_SETUP} ({n_paper} sentences); "
-        "leaderboard/reported/ablations/eavl.csv.",
+        f"- **Paper**: {PAPER_SETUP} ({n_paper} sentences), protocol `{paper_protocol(report.paper)}` (CRIS's "
+        "evaluation code); leaderboard/reported/ablations/eavl.csv.",
         f"- Generated {f['date']} by `refbench ablate` (git commit {f['git_commit'] or 'unknown'}), "
         f"wall time of this invocation {f['wall_seconds'] / 60:.1f} min.",
         "",

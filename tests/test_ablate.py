@@ -71,7 +71,7 @@ def test_every_planned_row_has_the_papers_row_and_a_valid_model_config(tmp_path)
     for row in ablate.table_rows(_cfg(tmp_path)):
         p = ablate.paper_row(paper, row.table, row.setting)
         assert p is not None, row
-        assert p["dataset"] == "refcoco+_unc" and p["split"] == "testA" and p["protocol"] == "original"
+        assert p["dataset"] == "refcoco+_unc" and p["split"] == "testA" and p["protocol"] == "cris"
         config = models.make_config("eavl", "tiny", **row.setting.overrides())
         assert (config.num_queries, config.aligner, config.global_vision, config.estimator) == (
             row.setting.num_queries, row.setting.aligner, row.setting.global_vision, row.setting.estimator)
