@@ -303,6 +303,7 @@ def train(cfg: TrainConfig) -> Path:
         log.write({"step": step, "note": note})
     health = _LossHealth(d)
     shown_loss = float("nan")  # the loss on the progress bar, read from the device at log time only
+    shown_rate = 0.0  # samples/s on the progress bar: the latest window that had samples
     ran_here = 0
     rank_pieces: list = []  # this rank's train images in the last epoch: (shard, start, stop), disjoint across ranks
     # one train stream for the run, one val loader: their worker processes live across epochs and validations
@@ -335,12 +336,15 @@ def train(cfg: TrainConfig) -> Path:
                     health.check(step)
                     terms = {k: float(v) for k, v in terms.items()}  # the one host sync of a logging window
                     shown_loss = terms["loss"]
+                    shown_rate = window.samples_per_s(d.world)
                     log.write({"step": step, "epoch": epoch, "lr": lr, **terms,
-                               "samples_per_s": window.samples_per_s(d.world), "data_wait": window.data_wait_share()})
+                               "samples_per_s": shown_rate, "data_wait": window.data_wait_share()})
                     window.reset()
                 if ran_here == 1 and math.isnan(shown_loss):
                     shown_loss = float(terms["loss"])  # one sync, so the bar never starts at "nan"
-                progress.update(step, epoch=epoch, loss=shown_loss, lr=lr, samples_per_s=window.samples_per_s(d.world))
+                if window.samples:  # a window just reset (by the log) has no rate yet: the bar keeps the last one
+                    shown_rate = window.samples_per_s(d.world)
+                progress.update(step, epoch=epoch, loss=shown_loss, lr=lr, samples_per_s=shown_rate)
                 end_of_epoch = step_in_epoch == steps_per_epoch or step == total_steps
                 validate_now = (rec.val_every and step % rec.val_every == 0) or (rec.val_every is None and end_of_epoch)
                 if validate_now:

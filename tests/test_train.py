@@ -133,6 +133,17 @@ def test_workers_live_across_epochs_and_validations_and_resume_is_bitwise(tmp_pa
     assert train_losses(part) == train_losses(full)
 
 
+def test_the_progress_bar_keeps_the_last_throughput_across_logs_and_validations(shards_root, tmp_path, monkeypatch):
+    """The log and a validation each open a new throughput window; the bar shows the last rate
+    measured, never the 0.0 of a window that has no samples yet (every step is logged here)."""
+    from refbench.progress import TrainProgress
+
+    shown = []
+    monkeypatch.setattr(TrainProgress, "update", lambda self, step, **fields: shown.append(fields["samples_per_s"]))
+    train(train_config(shards_root, tmp_path / "run", steps=4, val_every=2))
+    assert len(shown) == 4 and all(rate > 0 for rate in shown), shown
+
+
 @pytest.mark.parametrize("model", ["eavl", pytest.param("blind", marks=pytest.mark.slow)])
 def test_torchrun_two_ranks_on_cpu(small_shards_root, tmp_path, model):
     out = tmp_path / "ddp"
