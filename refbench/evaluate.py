@@ -47,6 +47,7 @@ from refbench import results as results_mod
 from refbench.distributed import all_gather_object, exact_float32, setup_distributed
 from refbench.errors import RefbenchError
 from refbench.fsutil import check_output_folder, sha256_file
+from refbench.metrics import checkpoint_protocol
 from refbench.prepare import cap_workers
 from refbench.visualize import render_examples
 
@@ -208,15 +209,6 @@ def validate(net, dataset_dir: Path, manifest: dict, d, *, batch_size: int, work
 EVAL_SPLITS_EXCLUDE = ("train",)  # `--split all` scores every split but these
 
 
-def checkpoint_protocol(ckpt: dict) -> str:
-    """The protocol a checkpoint is scored under by default: the one its recipe trained and
-    validated with (`cris` for the cris and paper recipes, whose input is CRIS's preprocessing),
-    `cris` for a converted CRIS.pytorch checkpoint, else refbench's default (`original`)."""
-    recipe = ckpt.get("recipe") if isinstance(ckpt.get("recipe"), dict) else {}
-    name = recipe.get("protocol") or ckpt.get("protocol")
-    return name if name in metrics.PROTOCOLS else metrics.DEFAULT_PROTOCOL
-
-
 def main(checkpoint: Path, dataset: str | None, split: str, shards: Path, protocol: str | None, batch_size: int,
          workers: int | None, vis: int, results: Path, run_name: str | None) -> list[Path]:
     """`refbench eval`: score a checkpoint on one split (or all), publish records, print the table."""
@@ -305,7 +297,8 @@ def evaluate_checkpoint(checkpoint: Path, *, dataset: str | None = None, splits:
     if vis:
         for item in done:
             item.pictures = render_examples(net, dataset_dir, manifest, item.split, item.scores, vis,
-                                            results_dir_for(item.path), d.device)
+                                            results_dir_for(item.path), d.device,
+                                            preprocess=metrics.get_protocol(protocol).preprocess)
     return done
 
 

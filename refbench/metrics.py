@@ -99,6 +99,15 @@ def takes_binary_masks(protocol: Protocol) -> bool:
     return protocol.resolution == "original"
 
 
+def checkpoint_protocol(ckpt: dict) -> str:
+    """The protocol a checkpoint is scored under by default: the one its recipe trained and
+    validated with (`cris` for the cris and paper recipes, whose input is CRIS's preprocessing),
+    `cris` for a converted CRIS.pytorch checkpoint, else refbench's default (`original`)."""
+    recipe = ckpt.get("recipe") if isinstance(ckpt.get("recipe"), dict) else {}
+    name = recipe.get("protocol") or ckpt.get("protocol")
+    return name if name in PROTOCOLS else DEFAULT_PROTOCOL
+
+
 def get_protocol(name: str) -> Protocol:
     """The registered protocol `name`; a one-line error naming the known ones otherwise."""
     if name not in PROTOCOLS:

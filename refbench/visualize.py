@@ -12,7 +12,10 @@
 - `render_examples(...)`: `refbench eval --vis N`, the chosen sentences re-run and drawn.
 - `main_predict(...)`: `refbench predict`, one image and one sentence -> mask PNG + overlay.
 
-Drawing is PIL and numpy only; the last two run a model (torch imported inside them).
+Drawing is PIL and numpy only; the last two run a model (torch imported inside them), with the
+input preprocessing of the checkpoint's protocol (`preprocess`: refbench's letterbox, or CRIS's
+OpenCV warp for checkpoints trained or converted for the `cris` protocol) and its way back to
+the image, so a picture shows the mask that was scored.
 """
 
 from __future__ import annotations
@@ -248,30 +251,48 @@ def save_png(image: Image.Image, path: str | Path) -> Path:
 # --------------------------------------------------------------------------- running a model for pictures
 
 
-def _predict_one(net: Any, image: Image.Image, tokens: Any, device: Any, query_size: tuple[int, int] | None = None) -> dict[str, Any]:
+def _predict_one(net: Any, image: Image.Image, tokens: Any, device: Any, query_size: tuple[int, int] | None = None,
+                 preprocess: str = "letterbox", rgb: np.ndarray | None = None) -> dict[str, Any]:
     """Run `net` on one PIL image and one token row; maps back to the original size.
 
-    Returns {"prob": float [H, W] in [0, 1], "query_probs": float [Q, H, W] or None,
-    "query_weights": float [Q] or None, "input_prob": float [h, w] over the square input,
-    "box": its Letterbox}. With `query_size` (w, h) the query maps come at that size instead
-    of the image's (a thumbnail for `query_grid`: Q maps at full size can outweigh the photo).
+    `preprocess` (a protocol's, refbench.metrics.Protocol): "letterbox" (refbench.transforms,
+    mapped back bilinearly) or "cris" (refbench.cvwarp: CRIS's cubic warp in and out); `rgb`,
+    the image as uint8 [H, W, 3] when the caller decoded it as the protocol does (OpenCV for
+    "cris"), else taken from `image`. Returns {"prob": float [H, W] in [0, 1], "query_probs":
+    float [Q, H, W] or None, "query_weights": float [Q] or None, "input_prob": float [h, w] over
+    the square input, "frame": the input frame (a transforms.Letterbox or a cvwarp.CrisWarp)}.
+    With `query_size` (w, h) the query maps come at that size instead of the image's (a
+    thumbnail for `query_grid`: Q maps at full size can outweigh the photo).
     """
     import torch
 
-    from refbench import transforms
+    from refbench import cvwarp, transforms
     from refbench.distributed import exact_float32
 
-    x, box = transforms.image_to_tensor(image, net.image_size)  # [3, S, S]
+    if preprocess == "cris":
+        warped, frame = cvwarp.warp_image(np.asarray(image.convert("RGB")) if rgb is None else rgb, net.image_size)
+        x = cvwarp.normalize(warped)
+
+        def back(probs, size):  # [N,1,h,w] -> N float32 maps at `size` (w, h), or at the image's
+            warp = frame if size is None else cvwarp.CrisWarp.fit(size[0], size[1], frame.size)
+            return cvwarp.cris_to_original(probs, [warp] * probs.shape[0])
+    elif preprocess == "letterbox":
+        x, frame = transforms.image_to_tensor(image, net.image_size)  # [3, S, S]
+
+        def back(probs, size):
+            box = frame if size is None else _rebox(frame, *size)
+            return [m.cpu().numpy() for m in transforms.to_original(probs, [box] * probs.shape[0])]
+    else:
+        raise ValueError(f"unknown preprocess {preprocess!r}: 'letterbox' or 'cris'")
     t = torch.as_tensor(np.asarray(tokens), dtype=torch.int64).reshape(1, -1).to(device)
     with torch.inference_mode(), exact_float32():
         out = net(x[None].to(device), t)
     probs = torch.sigmoid(out["logits"].float())  # [1, 1, h, w]
-    prob = transforms.to_original(probs, [box])[0].cpu().numpy()
-    result = {"prob": prob, "query_probs": None, "query_weights": None, "input_prob": probs[0, 0].cpu(), "box": box}
+    result = {"prob": back(probs, None)[0], "query_probs": None, "query_weights": None,
+              "input_prob": probs[0, 0].cpu(), "frame": frame}
     if "query_masks" in out and "query_weights" in out:
         q = torch.sigmoid(out["query_masks"][0].float())[:, None]  # [Q, 1, h, w]
-        qbox = box if query_size is None else _rebox(box, *query_size)
-        result["query_probs"] = np.stack([m.cpu().numpy() for m in transforms.to_original(q, [qbox] * q.shape[0])])
+        result["query_probs"] = np.stack(back(q, query_size))
         result["query_weights"] = out["query_weights"][0].float().cpu().numpy()
     return result
 
@@ -281,7 +302,44 @@ def _rebox(box: Any, width: int, height: int) -> Any:
     return replace(box, orig_w=width, orig_h=height, scale=min(box.size / width, box.size / height))
 
 
-def _mask_bands(input_prob: Any, box: Any, size: tuple[int, int], threshold: float, band: int = 256):
+def _mask_bands(input_prob: Any, frame: Any, size: tuple[int, int], threshold: float, band: int = 256):
+    """Bands of rows (uint8 [<=band, W], 0/255) of the binary mask at `size` (w, h) of a
+    probability map over the input frame, mapped back as the frame's protocol does."""
+    from refbench import cvwarp
+
+    if isinstance(frame, cvwarp.CrisWarp):
+        return _cris_mask_bands(input_prob, frame, size, threshold, band)
+    return _letterbox_mask_bands(input_prob, frame, size, threshold, band)
+
+
+def _cris_mask_bands(input_prob: Any, warp: Any, size: tuple[int, int], threshold: float, band: int = 256):
+    """`_mask_bands` for the `cris` protocol: `cvwarp.cris_to_original` (bicubic to S x S, then
+    OpenCV's cubic warp by M^-1), computed `band` rows at a time. Each band is the same warp with
+    the output rows shifted (its source coordinates are those of the whole warp's rows), so no
+    float map ever exists at the photo's full size."""
+    import cv2
+    import torch
+    import torch.nn.functional as F
+
+    from refbench import cvwarp
+
+    width, height = size
+    full = cvwarp.CrisWarp.fit(width, height, warp.size)
+    prob = input_prob.float()[None, None]
+    if tuple(prob.shape[-2:]) != (warp.size, warp.size):
+        prob = F.interpolate(prob, size=(warp.size, warp.size), mode="bicubic", align_corners=True)
+    square = prob[0, 0].cpu().numpy()  # float32 [S, S]
+    to_input = cv2.invertAffineTransform(full.mat_inv)  # original pixel -> input pixel, as warpAffine inverts M^-1
+    for y in range(0, height, band):
+        rows = min(band, height - y)
+        shifted = to_input.copy()
+        shifted[:, 2] += to_input[:, 1] * y  # the band's row 0 is the image's row y
+        warped = cv2.warpAffine(square, shifted, (width, rows), flags=cv2.INTER_CUBIC | cv2.WARP_INVERSE_MAP,
+                                borderValue=0.0)
+        yield (torch.from_numpy(warped) > threshold).numpy().view(np.uint8) * np.uint8(255)  # [rows, W]
+
+
+def _letterbox_mask_bands(input_prob: Any, box: Any, size: tuple[int, int], threshold: float, band: int = 256):
     """Bands of rows (uint8 [<=band, W], 0/255) of the binary mask at `size` (w, h) of a
     probability map over the input frame.
 
@@ -340,17 +398,17 @@ def write_mask_png(path: str | Path, bands: Any, size: tuple[int, int]) -> Path:
 
 
 def render_examples(net: Any, dataset_dir: Path, manifest: dict, split: str, scores: Any, n: int,
-                    out_dir: Path, device: Any, seed: int = 0) -> list[Path]:
+                    out_dir: Path, device: Any, seed: int = 0, preprocess: str = "letterbox") -> list[Path]:
     """`refbench eval --vis N`: overlays of the best, worst and random sentences of a split.
 
     `scores` is the split's `evaluate.SplitScores`; the chosen sentences are found again in the
     split's shards (JSON parsed, only their JPEGs decoded), re-run through the model, and drawn
     as `<out_dir>/<kind>-<k>-sent<sent_id>.png`, plus `...-queries.png` for models that expose
-    per-query masks (EAVL).
+    per-query masks (EAVL). `preprocess` is the scored protocol's: the picture shows the scored mask.
     """
     import json
 
-    from refbench import data, metrics, refer
+    from refbench import cvwarp, data, metrics, refer
 
     cols = scores.columns
     ious = metrics.iou(cols["I"], cols["U"])
@@ -366,9 +424,10 @@ def render_examples(net: Any, dataset_dir: Path, manifest: dict, split: str, sco
         if not hits:
             continue
         image = Image.open(io.BytesIO(sample["jpg"])).convert("RGB")
+        rgb = cvwarp.decode_rgb(sample["jpg"]) if preprocess == "cris" else None  # decoded as the protocol does
         for ref, s in hits:
             kind, k, iou_value = wanted[s["sent_id"]]
-            pred = _predict_one(net, image, s["tokens"], device)
+            pred = _predict_one(net, image, s["tokens"], device, preprocess=preprocess, rgb=rgb)
             gt = refer.decode_mask(ref["mask"])
             stem = f"{kind}-{k}-sent{s['sent_id']}"
             written.append(save_png(overlay(image, gt, pred["prob"] > net.threshold, s["sent"], iou_value),
@@ -468,13 +527,15 @@ def _to_rgb(im: Image.Image) -> Image.Image:
 def main_predict(checkpoint: Path, image: Path, text: str, out: Path) -> dict[str, Path]:
     """`refbench predict`: one image, one sentence -> the mask PNG and an overlay beside it.
 
-    The model sees the photo upright (EXIF applied) and decoded at reduced scale (`load_photo`);
-    the mask PNG has the upright photo's full size (the model's probability map mapped to every
-    pixel as the `original` protocol does, then thresholded), the overlay the working size
-    (longest side PREDICT_SIDE).
+    The model sees the photo upright (EXIF applied) and decoded at reduced scale (`load_photo`),
+    made into its input as its checkpoint's protocol does (refbench's letterbox, or CRIS's warp for
+    a checkpoint trained or converted for `cris`); the mask PNG has the upright photo's full size
+    (the model's probability map mapped to every pixel as that protocol does, then thresholded),
+    the overlay the working size (longest side PREDICT_SIDE).
     Memory follows the working size and the mask, not the photo's decoded size.
     """
     from refbench import checkpoint as ckpt_mod
+    from refbench import metrics
     from refbench import text as text_mod
 
     out = Path(out)
@@ -490,7 +551,8 @@ def main_predict(checkpoint: Path, image: Path, text: str, out: Path) -> dict[st
     picture = photo.image
     thumb = picture.copy()
     thumb.thumbnail((2 * STYLE.tile_width, 2 * STYLE.tile_width))  # the query grid's tiles are tile_width wide
-    pred = _predict_one(net, picture, tokens, device, query_size=thumb.size)
+    preprocess = metrics.get_protocol(metrics.checkpoint_protocol(ckpt)).preprocess  # the input it was trained on
+    pred = _predict_one(net, picture, tokens, device, query_size=thumb.size, preprocess=preprocess)
     mask = pred["prob"] > net.threshold  # bool [h, w] at the working size
     paths = {"overlay": save_png(overlay(picture, None, mask, text, None), out.with_name(f"{out.stem}-overlay.png"))}
     if pred["query_probs"] is not None:
@@ -504,7 +566,7 @@ def main_predict(checkpoint: Path, image: Path, text: str, out: Path) -> dict[st
             area += int(np.count_nonzero(block))
             yield block
 
-    paths["mask"] = write_mask_png(out, counted(_mask_bands(pred["input_prob"], pred["box"], photo.size, net.threshold)),
+    paths["mask"] = write_mask_png(out, counted(_mask_bands(pred["input_prob"], pred["frame"], photo.size, net.threshold)),
                                    photo.size)
     from rich.console import Console
 
@@ -512,6 +574,6 @@ def main_predict(checkpoint: Path, image: Path, text: str, out: Path) -> dict[st
     rotated = f", EXIF orientation {photo.orientation} applied" if photo.orientation != 1 else ""
     Console().print(f"predicted mask for {text!r}: {area} px of {photo.size[0]}x{photo.size[1]}{rotated} "
                     f"({100 * area / total:.1f}% of the image, threshold {net.threshold} on sigmoid, float32 on "
-                    f"{device.type}) -> "
+                    f"{device.type}, {preprocess} preprocessing) -> "
                     f"{paths['mask']}, overlay {paths['overlay']}")
     return paths

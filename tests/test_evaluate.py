@@ -86,6 +86,43 @@ def test_vis_draws_best_worst_and_random_with_query_grids(evaluated, synth_root)
             assert row["IoU"] == rec.sentences["IoU"].min()
 
 
+@pytest.mark.parametrize("protocol", ["original", "cris"])
+def test_pictures_redraw_the_scored_masks(init_run, shards_root, tmp_path, protocol):
+    """`eval --vis` and `predict` re-run the model for their pictures with the scored protocol's
+    preprocessing and way back (CRIS's OpenCV warp for `cris`), so a picture's mask has exactly
+    the I and U of its sentence in the record (eval at batch 1: the same forward, sentence by sentence)."""
+    import io
+
+    import torch
+
+    from refbench import checkpoint, cvwarp
+
+    root = tmp_path / "results"
+    assert_cli_ok(cli("eval", "--checkpoint", init_run / "best.pt", "--shards", shards_root, "--split", "testB",
+                      "--protocol", protocol, "--batch-size", "1", "--workers", "0", "--results", root))
+    (rec,) = _records(root, "testB")
+    scored = {r["sent_id"]: (r["I"], r["U"]) for r in rec.sentences.iter_rows(named=True)}
+    ckpt = checkpoint.load(init_run / "best.pt")
+    net = checkpoint.build_model(ckpt, init_run / "best.pt").eval()
+    preprocess = metrics.get_protocol(protocol).preprocess
+    redrawn, letterboxed = {}, {}  # the pictures' I/U; and with refbench's letterbox whatever the protocol
+    manifest = data.load_manifest(shards_root / DATASET)
+    for sample in data.split_samples(manifest, shards_root / DATASET, "testB"):
+        image = Image.open(io.BytesIO(sample["jpg"])).convert("RGB")
+        rgb = cvwarp.decode_rgb(sample["jpg"]) if preprocess == "cris" else None
+        for ref in json.loads(sample["json"])["refs"]:
+            gt = refer.decode_mask(ref["mask"]).astype(bool)
+            for s in ref["sentences"]:
+                for preprocessing, out in ((preprocess, redrawn), ("letterbox", letterboxed)):
+                    pred = visualize._predict_one(net, image, s["tokens"], torch.device("cpu"),
+                                                  preprocess=preprocessing, rgb=rgb if preprocessing == "cris" else None)
+                    mask = pred["prob"] > net.threshold
+                    out[s["sent_id"]] = (int((mask & gt).sum()), int((mask | gt).sum()))
+    assert redrawn == scored
+    # the letterbox draws other masks than CRIS's chain scores (what the pictures showed before)
+    assert (letterboxed == scored) == (protocol == "original")
+
+
 @pytest.mark.parametrize("fmt", ["md", "csv", "json", "html"])
 def test_leaderboard_exports_contain_the_record(evaluated, init_run, tmp_path, fmt):
     root, _ = evaluated
