@@ -26,7 +26,9 @@ rate with warm-up, and a step budget that fits in minutes on 2 cores (refbench's
 antialiased letterbox, `original` protocol). Its lr, 6e-4: a sweep of the quickstart's 500-step
 EAVL run (GPU, fp32, seed 0) fell with every step up from it (testB mIoU 53.5% at 6e-4, 46.4%
 at 1e-3, 38.7% at 1.5e-3, 30.9% at 2e-3, 12.5% at 3e-3), and lower was no better on 2 CPU
-cores (the quickstart's 500 steps at 4e-4: EAVL 57.8%, CRIS 60.3%; at 6e-4: 58.3%, 61.8%).
+cores (the quickstart's then 500 steps one after another, at 4e-4: EAVL 57.8%, CRIS 60.3%; at
+6e-4: 58.3%, 61.8%; EAVL's 500 steps on one thread, seeds 0-2: 55.7 / 59.1 / 57.8% at 6e-4,
+60.6 / 56.4 / 55.6% at 4e-4; seeds 0-1 at 3e-4: 59.0 / 54.9%).
 """
 
 from __future__ import annotations
