@@ -499,42 +499,27 @@ def test_predict_decodes_a_large_jpeg_in_bounded_memory(tmp_path):
     assert grown_kb < 40_000, f"load_photo grew the process by {grown_kb} KB"
 
 
-def test_mask_png_is_the_cris_protocol_at_full_size(tmp_path):
-    """For a `cris` checkpoint the streamed mask PNG equals `cvwarp.cris_to_original` thresholded,
-    pixel for pixel: each band is the whole warp with its rows shifted."""
+@pytest.mark.parametrize("protocol", ["original", "cris"])
+def test_mask_png_is_the_protocols_map_at_full_size(tmp_path, protocol):
+    """The streamed mask PNG equals the protocol's way back thresholded, pixel for pixel:
+    `transforms.to_original` (original) or `cvwarp.cris_to_original` (cris: each band is the whole
+    warp with its rows shifted)."""
     import numpy as np
     import torch
     from PIL import Image
 
-    from refbench import cvwarp
+    from refbench import cvwarp, transforms
     from refbench.visualize import _mask_bands, write_mask_png
 
     torch.manual_seed(0)
     probs = torch.rand(1, 1, 24, 24)
-    warp = cvwarp.CrisWarp.fit(300, 200, 96)
-    want = cvwarp.cris_to_original(probs, [warp])[0] > 0.35
-    path = write_mask_png(tmp_path / "m.png", _mask_bands(probs[0, 0], warp, (300, 200), 0.35, band=7), (300, 200))
-    with Image.open(path) as im:
-        assert im.mode == "L" and im.size == (300, 200)
-        got = np.asarray(im)
-    assert set(np.unique(got).tolist()) <= {0, 255}
-    assert np.array_equal(got == 255, want)
-
-
-def test_mask_png_is_the_original_protocol_at_full_size(tmp_path):
-    """The streamed mask PNG equals `transforms.to_original` thresholded, pixel for pixel."""
-    import numpy as np
-    import torch
-    from PIL import Image
-
-    from refbench import transforms
-    from refbench.visualize import _mask_bands, write_mask_png
-
-    torch.manual_seed(0)
-    probs = torch.rand(1, 1, 24, 24)
-    box = transforms.Letterbox.fit(300, 200, 96)
-    want = (transforms.to_original(probs, [box])[0] > 0.35).numpy()
-    path = write_mask_png(tmp_path / "m.png", _mask_bands(probs[0, 0], box, (300, 200), 0.35, band=7), (300, 200))
+    if protocol == "cris":
+        frame = cvwarp.CrisWarp.fit(300, 200, 96)
+        want = cvwarp.cris_to_original(probs, [frame])[0] > 0.35
+    else:
+        frame = transforms.Letterbox.fit(300, 200, 96)
+        want = (transforms.to_original(probs, [frame])[0] > 0.35).numpy()
+    path = write_mask_png(tmp_path / "m.png", _mask_bands(probs[0, 0], frame, (300, 200), 0.35, band=7), (300, 200))
     with Image.open(path) as im:
         assert im.mode == "L" and im.size == (300, 200)
         got = np.asarray(im)
