@@ -31,7 +31,6 @@ that every stage connects, not for quality.
 from __future__ import annotations
 
 import dataclasses
-import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -95,7 +94,7 @@ def main(workdir: Path, fast: bool = False, plan: QuickstartPlan | None = None) 
         _synth(data, plan, console)
     with stage("2/6 prepare: raw REFER files -> webdataset shards (all four dataset/partitions)"):
         prepare.main(all_=True, data=data, out=shards, shard_size=plan.shard_size)
-    lanes, threads, workers = side_by_side(len(plan.models), os.cpu_count() or 1, plan.workers)
+    lanes, threads, workers = side_by_side(len(plan.models), prepare.usable_cores(), plan.workers)
     if lanes > 1:
         with stage(f"3/6 train side by side: tiny {', '.join(plan.models)} on {plan.dataset}, {plan.steps} steps each, "
                    f"one process each ({threads} thread{'s' if threads > 1 else ''})"):

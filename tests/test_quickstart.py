@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 
 import pytest
 
-from refbench import models, quickstart, results
+from refbench import models, prepare, quickstart, results
 from refbench.train import run_state
 
 CHECK_EAVL_MIN = 0.38  # testB mIoU floor of the `check` plan; measured 0.497 (blind 0.150) on 2 cores side by side, seed 0
@@ -51,7 +50,7 @@ def test_every_stage_leaves_its_output(fast_run):
     assert summary["pictures"] and all(p.endswith(".png") for p in summary["pictures"])
     saved = json.loads((workdir / "summary.json").read_text())
     assert saved["scores"].keys() == summary["scores"].keys()
-    if (os.cpu_count() or 1) >= 2:  # trained side by side, one process per model
+    if prepare.usable_cores() >= 2:  # trained side by side, one process per model
         assert {f"train {m}" for m in plan.models} <= set(summary["timings"]), summary["timings"]
 
 
