@@ -198,8 +198,10 @@ def _train_side_by_side(plan: QuickstartPlan, shards: Path, runs: Path, threads:
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    cfgs = {m: dataclasses.replace(train_config(m, plan.steps, plan, shards, runs / m), quiet=True) for m in plan.models}
-    cfgs = {m: dataclasses.replace(c, recipe=dataclasses.replace(c.recipe, workers=workers)) for m, c in cfgs.items()}
+    cfgs = {}
+    for m in plan.models:
+        cfg = train_config(m, plan.steps, plan, shards, runs / m)
+        cfgs[m] = dataclasses.replace(cfg, quiet=True, recipe=dataclasses.replace(cfg.recipe, workers=workers))
     bars = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                     console=console, auto_refresh=False)  # redrawn once a poll: this process should not take the runs' cores
     best: dict[str, Path] = {}

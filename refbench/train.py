@@ -339,11 +339,11 @@ def train(cfg: TrainConfig) -> Path:
                     shown_rate = window.samples_per_s(d.world)
                     log.write({"step": step, "epoch": epoch, "lr": lr, **terms,
                                "samples_per_s": shown_rate, "data_wait": window.data_wait_share()})
-                    window.reset()
+                    window.reset()  # the bar keeps the rate just logged, not the empty window's 0.0
+                else:
+                    shown_rate = window.samples_per_s(d.world)
                 if ran_here == 1 and math.isnan(shown_loss):
                     shown_loss = float(terms["loss"])  # one sync, so the bar never starts at "nan"
-                if window.samples:  # a window just reset (by the log) has no rate yet: the bar keeps the last one
-                    shown_rate = window.samples_per_s(d.world)
                 progress.update(step, epoch=epoch, loss=shown_loss, lr=lr, samples_per_s=shown_rate)
                 end_of_epoch = step_in_epoch == steps_per_epoch or step == total_steps
                 validate_now = (rec.val_every and step % rec.val_every == 0) or (rec.val_every is None and end_of_epoch)

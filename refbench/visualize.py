@@ -423,8 +423,8 @@ def render_examples(net: Any, dataset_dir: Path, manifest: dict, split: str, sco
         hits = [(ref, s) for ref in meta["refs"] for s in ref["sentences"] if s["sent_id"] in wanted]
         if not hits:
             continue
-        image = Image.open(io.BytesIO(sample["jpg"])).convert("RGB")
         rgb = cvwarp.decode_rgb(sample["jpg"]) if preprocess == "cris" else None  # decoded as the protocol does
+        image = Image.fromarray(rgb) if rgb is not None else Image.open(io.BytesIO(sample["jpg"])).convert("RGB")
         for ref, s in hits:
             kind, k, iou_value = wanted[s["sent_id"]]
             pred = _predict_one(net, image, s["tokens"], device, preprocess=preprocess, rgb=rgb)
