@@ -291,7 +291,7 @@ def _print_summary(console, s: dict) -> None:
             if qd:
                 console.print(f"query diversity of {model} on {sp} (mean over {qd['n']} sentences): mask correlation "
                               f"{qd['query_mask_corr']:.3f}, S_q entropy / log Nq {qd['query_weight_entropy']:.3f}, "
-                              f"word attention spread {qd['word_attention_spread']:.3f}")
+                              f"word attention spread {qd['word_attention_spread']:.3f}, on [SOS] {qd['sos_attention']:.3f}")
     console.print(f"time: {s['seconds']:.0f} s in all ({', '.join(f'{k} {v:.0f} s' for k, v in s['timings'].items())})")
     console.print(f"data:        {s['workdir']}/data (raw REFER format), {s['workdir']}/shards (webdataset)")
     for model, ckpt in s["checkpoints"].items():

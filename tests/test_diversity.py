@@ -25,6 +25,21 @@ def test_figures_of_collapsed_queries():
     assert stats["query_mask_corr"] == pytest.approx(1.0, abs=1e-5)
     assert stats["query_weight_entropy"] == pytest.approx(1.0, abs=1e-6)
     assert stats["word_attention_spread"] == pytest.approx(0.0, abs=1e-7)
+    assert stats["sos_attention"] == pytest.approx(0.5, abs=1e-6)  # every query puts 0.5 on [SOS]
+
+
+def test_sos_attention_is_the_estimators_weighted_share():
+    """sum_n S_qn A_n0 per sample: a query on [SOS] counts by its weight; without an estimator
+    (all-ones weights) every query counts alike."""
+    attention = torch.zeros(2, 2, 4)
+    attention[:, 0, 0] = 1.0  # query 0 reads only [SOS]
+    attention[:, 1, 1] = 1.0  # query 1 reads the first word
+    masks = torch.randn(2, 2, 4, 4, generator=torch.Generator().manual_seed(4))
+    weighted = {"query_masks": masks, "query_weights": torch.tensor([[0.25, 0.75], [1.0, 0.0]]),
+                "word_attention": attention}
+    assert diversity.sample_stats(weighted)["sos_attention"].tolist() == pytest.approx([0.25, 1.0])
+    summed = {**weighted, "query_weights": torch.ones(2, 2)}
+    assert diversity.sample_stats(summed)["sos_attention"].tolist() == pytest.approx([0.5, 0.5])
 
 
 def test_figures_of_distinct_queries():
@@ -39,6 +54,7 @@ def test_figures_of_distinct_queries():
     assert stats["query_weight_entropy"] == pytest.approx(0.0, abs=1e-6)
     # std over 6 queries of (1,1,1,0,0,0) on each real word, padding words not counted
     assert stats["word_attention_spread"] == pytest.approx(torch.tensor([1.0, 1, 1, 0, 0, 0]).std().item(), rel=1e-5)
+    assert stats["sos_attention"] == pytest.approx(1.0)  # the one weighted query reads word 0, [SOS]
 
 
 def test_mask_correlation_matches_pearson_and_is_differentiable():
@@ -84,7 +100,7 @@ def test_training_logs_query_diversity(tiny_run):
     steps = [r for r in read_log(tiny_run) if "loss" in r]
     assert steps and all(set(diversity.KEYS) <= set(r) for r in steps)
     assert all(-1.0 <= r["query_mask_corr"] <= 1.0 and 0.0 <= r["query_weight_entropy"] <= 1.0 for r in steps)
-    assert all(math.isfinite(r["word_attention_spread"]) for r in steps)
+    assert all(math.isfinite(r["word_attention_spread"]) and 0.0 <= r["sos_attention"] <= 1.0 + 1e-6 for r in steps)
 
 
 def test_absolute_correlation_counts_a_complement_as_alike():
