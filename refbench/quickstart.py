@@ -3,7 +3,8 @@
     synth          WORKDIR/data              the raw REFER-format synthetic dataset
     prepare --all  WORKDIR/shards            all four dataset/partition pairs as webdataset shards
     train          WORKDIR/runs/<model>      tiny eavl, cris, blind on synthetic refcoco_unc: same steps, side by side
-    eval           WORKDIR/results           val, testA, testB of refcoco_unc (original protocol)
+    eval           WORKDIR/results           val, testA, testB of refcoco_unc (original protocol), each
+                                             model as soon as it is trained
     leaderboard    WORKDIR/leaderboard.md    + leaderboard.html (measured rows beside the papers')
     pictures       WORKDIR/pictures          overlays of EAVL's best/worst/random testB sentences
 
@@ -17,7 +18,8 @@ the same data, batch and seed (one `steps` field), so the leaderboard it writes 
 with like. On two cores or more the models train side by side, one process each with an equal
 share of the cores (`side_by_side`): a tiny step is hundreds of small kernels that a second
 thread barely speeds up, so three one-thread runs at once get through about 1.3x the steps of
-three two-thread runs one after another. `full`: 600 steps each, about 5 epochs of the 3,795
+three two-thread runs one after another. A model is scored in a process of its own as soon as
+it is trained, on the cores the runs still training leave free. `full`: 600 steps each, about 5 epochs of the 3,795
 train refs, the time of the 500 that fitted one after another. Measured (seed 0, 2 idle CPU
 cores): testB mIoU EAVL 0.589, CRIS 0.630, blind 0.152, the whole run 486 s (another run of
 the same work took 535 s; training side by side 436 s, where 500 steps one after another took
@@ -95,11 +97,14 @@ def main(workdir: Path, fast: bool = False, plan: QuickstartPlan | None = None) 
     with stage("2/6 prepare: raw REFER files -> webdataset shards (all four dataset/partitions)"):
         prepare.main(all_=True, data=data, out=shards, shard_size=plan.shard_size)
     lanes, threads, workers = side_by_side(len(plan.models), prepare.usable_cores(), plan.workers)
+    scored: dict[str, list] = {}
     if lanes > 1:
         with stage(f"3/6 train side by side: tiny {', '.join(plan.models)} on {plan.dataset}, {plan.steps} steps each, "
-                   f"one process each ({threads} thread{'s' if threads > 1 else ''})"):
-            checkpoints, seconds = _train_side_by_side(plan, shards, runs, threads, workers, console)
-        timings.update({f"train {m}": s for m, s in seconds.items()})
+                   f"one process each ({threads} thread{'s' if threads > 1 else ''}), each scored once trained"):
+            checkpoints, seconds, scored = _train_side_by_side(plan, shards, runs, threads, workers, console,
+                                                               results=results)
+        timings.update({f"train {m}": seconds[m] for m in plan.models})
+        timings.update({f"eval {m}": seconds[f"eval {m}"] for m in plan.models})
     else:
         checkpoints = {}
         for model in plan.models:
@@ -108,10 +113,7 @@ def main(workdir: Path, fast: bool = False, plan: QuickstartPlan | None = None) 
     evaluated = []
     with stage(f"4/6 eval: {plan.dataset} {', '.join(plan.eval_splits)}, original protocol"):
         for model, ckpt in checkpoints.items():
-            vis = plan.vis if model == "eavl" else 0
-            done = evaluate.evaluate_checkpoint(ckpt, dataset=plan.dataset, splits=list(plan.eval_splits),
-                                                shards=shards, results=results, run_name=f"quickstart-{model}",
-                                                batch_size=64, workers=plan.workers, vis=vis)
+            done = scored[model] if model in scored else _score(ckpt, model, plan, shards, results, plan.workers)
             evaluated += done
             evaluate.print_scores(done)
     with stage("5/6 leaderboard: measured records beside the papers' reported rows"):
@@ -188,15 +190,50 @@ def _train_quietly(cfg: TrainConfig, threads: int) -> tuple[str, str, str, float
     return state.state, reason, str(best), time.perf_counter() - t0
 
 
-def _train_side_by_side(plan: QuickstartPlan, shards: Path, runs: Path, threads: int, workers: int,
-                        console) -> tuple[dict[str, Path], dict[str, float]]:
+def _score(ckpt: Path, model: str, plan: QuickstartPlan, shards: Path, results: Path, workers: int) -> list:
+    """Score one quickstart model on the plan's eval splits (EAVL with its overlays): its records."""
+    return evaluate.evaluate_checkpoint(ckpt, dataset=plan.dataset, splits=list(plan.eval_splits), shards=shards,
+                                        results=results, run_name=f"quickstart-{model}", batch_size=64,
+                                        workers=workers, vis=plan.vis if model == "eavl" else 0)
+
+
+def _score_quietly(ckpt: str, model: str, plan: QuickstartPlan, shards: Path, results: Path, threads: int,
+                   workers: int) -> tuple[list, float]:
+    """`_score` in a side-by-side process: (records, seconds)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    t0 = time.perf_counter()
+    return _score(Path(ckpt), model, plan, shards, results, workers), time.perf_counter() - t0
+
+
+def _run_in_child(conn, fn, args) -> None:
+    """A side-by-side process: fn(*args), and its result or its exception sent back through `conn`."""
+    try:
+        outcome = ("ok", fn(*args))
+    except BaseException as e:  # the parent raises it
+        outcome = ("error", e)
+    try:
+        conn.send(outcome)
+    except Exception as e:  # a result or an exception that does not pickle
+        conn.send(("error", RuntimeError(f"{outcome[1]!r} (could not be sent back: {e})")))
+    conn.close()
+
+
+def _train_side_by_side(plan: QuickstartPlan, shards: Path, runs: Path, threads: int, workers: int, console,
+                        results: Path | None = None) -> tuple[dict[str, Path], dict[str, float], dict[str, list]]:
     """Train every model of the plan at once, one spawned process each (`_train_quietly`), with a
-    progress bar per run read from its log; the first failure stops the others (their last.pt
-    stays: a re-run resumes them) and is raised as the run raised it. Returns (best.pt, seconds)
-    per model."""
+    progress bar per run read from its log; with `results`, each model is scored (`_score`) in a
+    process of its own as soon as it is trained, on the cores the runs still training leave free.
+    The first failure stops the others (their last.pt stays: a re-run resumes them) and is raised
+    as it was raised. The processes are not daemons, so a run with loader workers can start them.
+    Returns per model: best.pt, seconds (training, and "eval <model>" for the scoring) and records.
+    """
     import multiprocessing
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from refbench.errors import RefbenchError
 
     cfgs = {}
     for m in plan.models:
@@ -204,24 +241,61 @@ def _train_side_by_side(plan: QuickstartPlan, shards: Path, runs: Path, threads:
         cfgs[m] = dataclasses.replace(cfg, quiet=True, recipe=dataclasses.replace(cfg.recipe, workers=workers))
     bars = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                     console=console, auto_refresh=False)  # redrawn once a poll: this process should not take the runs' cores
+    ctx = multiprocessing.get_context("spawn")
+    running: dict[tuple[str, str], tuple] = {}  # (job, model) -> (process, receiving end)
+
+    def start(job: str, m: str, fn, args: tuple) -> None:
+        recv, send = ctx.Pipe(duplex=False)
+        proc = ctx.Process(target=_run_in_child, args=(send, fn, args), name=f"quickstart-{job}-{m}")
+        proc.start()
+        send.close()
+        running[job, m] = (proc, recv)
+
     best: dict[str, Path] = {}
     seconds: dict[str, float] = {}
-    with multiprocessing.get_context("spawn").Pool(len(cfgs)) as pool, bars:
-        tasks = {m: bars.add_task(m, total=plan.steps) for m in cfgs}
-        pending = {m: pool.apply_async(_train_quietly, (cfg, threads)) for m, cfg in cfgs.items()}
-        while pending:
-            for m in list(pending):
-                if pending[m].ready():
-                    state, reason, path, took = pending.pop(m).get()  # a run's exception is raised here
-                    best[m] = Path(path)
-                    seconds[m] = round(took, 1)
-                    bars.update(tasks[m], completed=plan.steps)
-                    console.print(f"{m}: {reason}" + (": reused" if state == "done" else f"; trained in {took:.0f} s"))
-                else:
-                    bars.update(tasks[m], completed=_logged_step(cfgs[m].out))
-            bars.refresh()
-            time.sleep(1.0)
-    return {m: best[m] for m in plan.models}, {m: seconds[m] for m in plan.models}
+    scored: dict[str, list] = {}
+    try:
+        with bars:
+            tasks = {m: bars.add_task(m, total=plan.steps) for m in cfgs}
+            for m, cfg in cfgs.items():
+                start("train", m, _train_quietly, (cfg, threads))
+            while running:
+                for (job, m), (proc, recv) in list(running.items()):
+                    if not recv.poll():
+                        if job == "train":
+                            bars.update(tasks[m], completed=_logged_step(cfgs[m].out))
+                        continue
+                    try:
+                        status, value = recv.recv()
+                    except EOFError:  # it ended without a word: killed, or out of memory
+                        proc.join()
+                        raise RefbenchError(f"quickstart: the {job} process of {m} ended (exit code {proc.exitcode}) "
+                                            "without a result") from None
+                    proc.join()
+                    del running[job, m]
+                    if status == "error":
+                        raise value
+                    if job == "train":
+                        state, reason, path, took = value
+                        best[m], seconds[m] = Path(path), round(took, 1)
+                        console.print(f"{m}: {reason}" + (": reused" if state == "done" else f"; trained in {took:.0f} s"))
+                        if results is not None:
+                            bars.update(tasks[m], completed=plan.steps, description=f"{m}: scoring")
+                            start("eval", m, _score_quietly, (path, m, plan, shards, results, threads, workers))
+                        else:
+                            bars.update(tasks[m], completed=plan.steps)
+                    else:
+                        scored[m], took = value
+                        seconds[f"eval {m}"] = round(took, 1)
+                        bars.update(tasks[m], description=f"{m}: scored")
+                bars.refresh()
+                time.sleep(1.0)
+    finally:
+        for proc, recv in running.values():  # after a failure, or an interrupt
+            proc.terminate()
+            proc.join()
+            recv.close()
+    return {m: best[m] for m in plan.models}, seconds, scored
 
 
 def _logged_step(run: Path) -> int:

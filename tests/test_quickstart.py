@@ -50,8 +50,9 @@ def test_every_stage_leaves_its_output(fast_run):
     assert summary["pictures"] and all(p.endswith(".png") for p in summary["pictures"])
     saved = json.loads((workdir / "summary.json").read_text())
     assert saved["scores"].keys() == summary["scores"].keys()
-    if prepare.usable_cores() >= 2:  # trained side by side, one process per model
-        assert {f"train {m}" for m in plan.models} <= set(summary["timings"]), summary["timings"]
+    if prepare.usable_cores() >= 2:  # trained side by side, one process per model, each scored once trained
+        assert {f"{job} {m}" for m in plan.models for job in ("train", "eval")} <= set(summary["timings"]), \
+            summary["timings"]
 
 
 def test_side_by_side_shares_the_cores():
@@ -74,6 +75,22 @@ def test_a_failing_side_by_side_run_raises_its_error(fast_run, tmp_path):
     with pytest.raises(RefbenchError, match="no-such-model"):
         quickstart._train_side_by_side(plan, workdir / "shards", tmp_path / "runs", threads=1, workers=0,
                                        console=Console(quiet=True))
+
+
+def test_side_by_side_runs_may_start_loader_workers(fast_run, tmp_path):
+    """With cores to spare a run gets DataLoader workers (`side_by_side`: 16 cores -> one each), so
+    its process must be allowed children (a multiprocessing.Pool's daemonic workers are not: every
+    machine with 6 cores or more failed); its scoring process starts them too."""
+    from rich.console import Console
+
+    workdir, _ = fast_run
+    plan = dataclasses.replace(quickstart.PLANS["fast"], models=("blind",), steps=2, eval_splits=("testB",), vis=0)
+    best, seconds, scored = quickstart._train_side_by_side(plan, workdir / "shards", tmp_path / "runs", threads=1,
+                                                           workers=1, console=Console(quiet=True),
+                                                           results=tmp_path / "results")
+    assert best["blind"].is_file() and {"blind", "eval blind"} <= set(seconds)
+    (record,) = scored["blind"]
+    assert record.split == "testB" and results.load_record(record.path).metrics["n"] > 0
 
 
 def test_rerun_reuses_finished_work(fast_run):
