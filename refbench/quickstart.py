@@ -102,7 +102,7 @@ def main(workdir: Path, fast: bool = False, plan: QuickstartPlan | None = None) 
         with stage(f"3/6 train side by side: tiny {', '.join(plan.models)} on {plan.dataset}, {plan.steps} steps each, "
                    f"one process each ({threads} thread{'s' if threads > 1 else ''}), each scored once trained"):
             checkpoints, seconds, scored = _train_side_by_side(plan, shards, runs, threads, workers, console,
-                                                               results=results)
+                                                               results=results, cores=prepare.usable_cores())
         timings.update({f"train {m}": seconds[m] for m in plan.models})
         timings.update({f"eval {m}": seconds[f"eval {m}"] for m in plan.models})
     else:
@@ -221,10 +221,12 @@ def _run_in_child(conn, fn, args) -> None:
 
 
 def _train_side_by_side(plan: QuickstartPlan, shards: Path, runs: Path, threads: int, workers: int, console,
-                        results: Path | None = None) -> tuple[dict[str, Path], dict[str, float], dict[str, list]]:
+                        results: Path | None = None, cores: int = 1
+                        ) -> tuple[dict[str, Path], dict[str, float], dict[str, list]]:
     """Train every model of the plan at once, one spawned process each (`_train_quietly`), with a
     progress bar per run read from its log; with `results`, each model is scored (`_score`) in a
-    process of its own as soon as it is trained, on the cores the runs still training leave free.
+    process of its own as soon as it is trained, with `threads` threads or, of the `cores`, all
+    those the processes still running leave (the last model to finish is scored on all of them).
     The first failure stops the others (their last.pt stays: a re-run resumes them) and is raised
     as it was raised. The processes are not daemons, so a run with loader workers can start them.
     Returns per model: best.pt, seconds (training, and "eval <model>" for the scoring) and records.
@@ -281,7 +283,8 @@ def _train_side_by_side(plan: QuickstartPlan, shards: Path, runs: Path, threads:
                         console.print(f"{m}: {reason}" + (": reused" if state == "done" else f"; trained in {took:.0f} s"))
                         if results is not None:
                             bars.update(tasks[m], completed=plan.steps, description=f"{m}: scoring")
-                            start("eval", m, _score_quietly, (path, m, plan, shards, results, threads, workers))
+                            free = max(threads, cores - threads * len(running))
+                            start("eval", m, _score_quietly, (path, m, plan, shards, results, free, workers))
                         else:
                             bars.update(tasks[m], completed=plan.steps)
                     else:
