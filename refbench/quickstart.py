@@ -19,13 +19,13 @@ with like. On two cores or more the models train side by side, one process each 
 share of the cores (`side_by_side`): a tiny step is hundreds of small kernels that a second
 thread barely speeds up, so three one-thread runs at once get through about 1.3x the steps of
 three two-thread runs one after another. A model is scored in a process of its own as soon as
-it is trained, on the cores the runs still training leave free. `full`: 600 steps each, about 5 epochs of the 3,795
-train refs, the time of the 500 that fitted one after another. Measured (seed 0, 2 idle CPU
-cores): testB mIoU EAVL 0.589, CRIS 0.630, blind 0.152, the whole run 486 s (another run of
-the same work took 535 s; training side by side 436 s, where 500 steps one after another took
-491 s). The language-blind control stays under 0.35; tiny EAVL misses the 0.60 bar by about a
-point (the bar was set when EAVL trained 1000 steps and the others less: 1000 steps give
-0.647). `check` (the default test suite's quality test) is the same data with fewer steps;
+it is trained, on the cores the runs still training leave free. `full`: 600 steps each, about
+5 epochs of the 3,795 train refs, the time of the 500 that fitted one after another. Measured
+(seed 0, 2 idle CPU cores): testB mIoU EAVL 0.589, CRIS 0.630, blind 0.152, the whole run 481 s
+(other runs of the same work 486 to 535 s). The language-blind control stays under 0.35; tiny
+EAVL misses the 0.60 bar: at 600 steps its testB mIoU over seeds 0-3 is 0.589 / 0.615 / 0.584 /
+0.550 (the bar was set when EAVL trained 1000 steps and the others less: 1000 steps give 0.647).
+`check` (the default test suite's quality test) is the same data with fewer steps;
 `fast` (`--fast`, also used by the tests) is a smaller dataset and a few steps, for checking
 that every stage connects, not for quality.
 """
