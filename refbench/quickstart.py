@@ -24,7 +24,9 @@ it is trained, on the cores the runs still training leave free. `full`: 600 step
 (seed 0, 2 idle CPU cores): testB mIoU EAVL 0.589, CRIS 0.630, blind 0.152, the whole run 481 s
 (other runs of the same work 486 to 535 s). The language-blind control stays under 0.35; tiny
 EAVL misses the 0.60 bar: at 600 steps its testB mIoU over seeds 0-3 is 0.589 / 0.615 / 0.584 /
-0.550 (the bar was set when EAVL trained 1000 steps and the others less: 1000 steps give 0.647).
+0.550, at 700 0.592-0.598, at 800 (seeds 0/1) 0.605 / 0.627, and 800 steps of all three models
+do not fit in ten minutes on 2 cores (the bar was set when EAVL trained 1000 steps and the
+others less: 1000 steps give 0.647).
 `check` (the default test suite's quality test) is the same data with fewer steps;
 `fast` (`--fast`, also used by the tests) is a smaller dataset and a few steps, for checking
 that every stage connects, not for quality.
