@@ -24,9 +24,9 @@ it shows in no other figure.
 
 A figure that does not exist for a model is left out: correlation and entropy need N_q >= 2,
 entropy needs weights that are a distribution (not the all-ones of an ablated estimator), the
-spread needs word attention and N_q >= 2, the [SOS] share word attention. `batch_means` / `batch_stats` give a batch's means (training logs them
-in log.jsonl); `DiversityMeter` accumulates a whole split (`refbench eval` prints it and keeps it
-in the result record's extras).
+spread needs word attention and N_q >= 2, the [SOS] share word attention. `batch_means` /
+`batch_stats` give a batch's means (training logs them in log.jsonl); `DiversityMeter`
+accumulates a whole split (`refbench eval` prints it and keeps it in the result record's extras).
 """
 
 from __future__ import annotations
