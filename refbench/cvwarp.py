@@ -117,6 +117,18 @@ def cris_train_mask(mask: np.ndarray, warp: CrisWarp, out: np.ndarray | None = N
     return out
 
 
+def input_square(probs: "torch.Tensor", size: int) -> np.ndarray:
+    """CRIS's first step back: probabilities [B, 1, h, w] upsampled to S x S (bicubic,
+    align_corners=True, on probs' device; skipped when already S x S, as CRIS skips it) ->
+    float32 [B, S, S] on the CPU."""
+    import torch.nn.functional as F
+
+    probs = probs.float()
+    if tuple(probs.shape[-2:]) != (size, size):
+        probs = F.interpolate(probs, size=(size, size), mode="bicubic", align_corners=True)  # [B,1,S,S]
+    return probs[:, 0].cpu().numpy()
+
+
 def cris_to_original(probs: "torch.Tensor", warps: Sequence[CrisWarp]) -> list[np.ndarray]:
     """CRIS's way back: probabilities [B, 1, h, w] over the input -> B float32 [H_b, W_b] maps.
 
@@ -125,17 +137,12 @@ def cris_to_original(probs: "torch.Tensor", warps: Sequence[CrisWarp]) -> list[n
     cv2.warpAffine(M^-1, INTER_CUBIC, border 0). Binarise with `> threshold` (0.35).
     """
     import cv2
-    import torch.nn.functional as F
 
     if probs.dim() != 4 or probs.shape[1] != 1 or probs.shape[0] != len(warps):
         raise ValueError(f"cris_to_original wants probs [B,1,h,w] with B = {len(warps)} warps, got {tuple(probs.shape)}")
     if not warps:
         return []
-    size = warps[0].size
-    probs = probs.float()
-    if tuple(probs.shape[-2:]) != (size, size):
-        probs = F.interpolate(probs, size=(size, size), mode="bicubic", align_corners=True)  # [B,1,S,S]
-    maps = probs[:, 0].cpu().numpy()  # float32 [B, S, S]
+    maps = input_square(probs, warps[0].size)  # float32 [B, S, S]
     return [
         cv2.warpAffine(m, w.mat_inv, (w.orig_w, w.orig_h), flags=cv2.INTER_CUBIC, borderValue=0.0)
         for m, w in zip(maps, warps)

@@ -318,17 +318,12 @@ def _cris_mask_bands(input_prob: Any, warp: Any, size: tuple[int, int], threshol
     the output rows shifted (its source coordinates are those of the whole warp's rows), so no
     float map ever exists at the photo's full size."""
     import cv2
-    import torch
-    import torch.nn.functional as F
 
     from refbench import cvwarp
 
     width, height = size
     full = cvwarp.CrisWarp.fit(width, height, warp.size)
-    prob = input_prob.float()[None, None]
-    if tuple(prob.shape[-2:]) != (warp.size, warp.size):
-        prob = F.interpolate(prob, size=(warp.size, warp.size), mode="bicubic", align_corners=True)
-    square = prob[0, 0].cpu().numpy()  # float32 [S, S]
+    square = cvwarp.input_square(input_prob[None, None], warp.size)[0]  # float32 [S, S]
     to_input = cv2.invertAffineTransform(full.mat_inv)  # original pixel -> input pixel, as warpAffine inverts M^-1
     for y in range(0, height, band):
         rows = min(band, height - y)
@@ -336,7 +331,7 @@ def _cris_mask_bands(input_prob: Any, warp: Any, size: tuple[int, int], threshol
         shifted[:, 2] += to_input[:, 1] * y  # the band's row 0 is the image's row y
         warped = cv2.warpAffine(square, shifted, (width, rows), flags=cv2.INTER_CUBIC | cv2.WARP_INVERSE_MAP,
                                 borderValue=0.0)
-        yield (torch.from_numpy(warped) > threshold).numpy().view(np.uint8) * np.uint8(255)  # [rows, W]
+        yield (warped > threshold).view(np.uint8) * np.uint8(255)  # [rows, W]
 
 
 def _letterbox_mask_bands(input_prob: Any, box: Any, size: tuple[int, int], threshold: float, band: int = 256):
