@@ -332,16 +332,14 @@ def train(cfg: TrainConfig) -> Path:
                 step_in_epoch += 1
                 ran_here += 1
                 health.add(terms["loss"], step)
+                shown_rate = window.samples_per_s(d.world)  # read before a log resets the window: never its empty 0.0
                 if log_now:
                     health.check(step)
                     terms = {k: float(v) for k, v in terms.items()}  # the one host sync of a logging window
                     shown_loss = terms["loss"]
-                    shown_rate = window.samples_per_s(d.world)
                     log.write({"step": step, "epoch": epoch, "lr": lr, **terms,
                                "samples_per_s": shown_rate, "data_wait": window.data_wait_share()})
-                    window.reset()  # the bar keeps the rate just logged, not the empty window's 0.0
-                else:
-                    shown_rate = window.samples_per_s(d.world)
+                    window.reset()
                 if ran_here == 1 and math.isnan(shown_loss):
                     shown_loss = float(terms["loss"])  # one sync, so the bar never starts at "nan"
                 progress.update(step, epoch=epoch, loss=shown_loss, lr=lr, samples_per_s=shown_rate)
