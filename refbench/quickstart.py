@@ -180,16 +180,11 @@ def side_by_side(models: int, cpus: int, workers: int) -> tuple[int, int, int]:
     return models, threads, workers if threads > 1 else 0
 
 
-def _train_quietly(cfg: TrainConfig, threads: int) -> tuple[str, str, str, float]:
-    """One side-by-side run in its own process: (state before, reason, best.pt, seconds)."""
-    import torch
-
-    torch.set_num_threads(threads)
+def _train_quietly(cfg: TrainConfig) -> tuple[str, str, str]:
+    """One side-by-side run, its messages kept: (state before, reason, best.pt)."""
     said: list[str] = []
-    t0 = time.perf_counter()
     state, best = ensure_trained(cfg, say=said.append)
-    reason = "; ".join([*said, state.reason])
-    return state.state, reason, str(best), time.perf_counter() - t0
+    return state.state, "; ".join([*said, state.reason]), str(best)
 
 
 def _score(ckpt: Path, model: str, plan: QuickstartPlan, shards: Path, results: Path, workers: int) -> list:
@@ -199,20 +194,15 @@ def _score(ckpt: Path, model: str, plan: QuickstartPlan, shards: Path, results: 
                                         workers=workers, vis=plan.vis if model == "eavl" else 0)
 
 
-def _score_quietly(ckpt: str, model: str, plan: QuickstartPlan, shards: Path, results: Path, threads: int,
-                   workers: int) -> tuple[list, float]:
-    """`_score` in a side-by-side process: (records, seconds)."""
+def _run_in_child(conn, fn, args, threads: int) -> None:
+    """A side-by-side process: fn(*args) on `threads` torch threads, and (its result, seconds) or
+    its exception sent back through `conn`."""
     import torch
 
     torch.set_num_threads(threads)
     t0 = time.perf_counter()
-    return _score(Path(ckpt), model, plan, shards, results, workers), time.perf_counter() - t0
-
-
-def _run_in_child(conn, fn, args) -> None:
-    """A side-by-side process: fn(*args), and its result or its exception sent back through `conn`."""
     try:
-        outcome = ("ok", fn(*args))
+        outcome = ("ok", (fn(*args), time.perf_counter() - t0))
     except BaseException as e:  # the parent raises it
         outcome = ("error", e)
     try:
@@ -248,9 +238,9 @@ def _train_side_by_side(plan: QuickstartPlan, shards: Path, runs: Path, threads:
     ctx = multiprocessing.get_context("spawn")
     running: dict[tuple[str, str], tuple] = {}  # (job, model) -> (process, receiving end)
 
-    def start(job: str, m: str, fn, args: tuple) -> None:
+    def start(job: str, m: str, fn, args: tuple, n_threads: int) -> None:
         recv, send = ctx.Pipe(duplex=False)
-        proc = ctx.Process(target=_run_in_child, args=(send, fn, args), name=f"quickstart-{job}-{m}")
+        proc = ctx.Process(target=_run_in_child, args=(send, fn, args, n_threads), name=f"quickstart-{job}-{m}")
         proc.start()
         send.close()
         running[job, m] = (proc, recv)
@@ -262,7 +252,7 @@ def _train_side_by_side(plan: QuickstartPlan, shards: Path, runs: Path, threads:
         with bars:
             tasks = {m: bars.add_task(m, total=plan.steps) for m in cfgs}
             for m, cfg in cfgs.items():
-                start("train", m, _train_quietly, (cfg, threads))
+                start("train", m, _train_quietly, (cfg,), threads)
             while running:
                 for (job, m), (proc, recv) in list(running.items()):
                     if not recv.poll():
@@ -279,18 +269,19 @@ def _train_side_by_side(plan: QuickstartPlan, shards: Path, runs: Path, threads:
                     del running[job, m]
                     if status == "error":
                         raise value
+                    result, took = value
                     if job == "train":
-                        state, reason, path, took = value
+                        state, reason, path = result
                         best[m], seconds[m] = Path(path), round(took, 1)
                         console.print(f"{m}: {reason}" + (": reused" if state == "done" else f"; trained in {took:.0f} s"))
                         if results is not None:
                             bars.update(tasks[m], completed=plan.steps, description=f"{m}: scoring")
                             free = max(threads, cores - threads * len(running))
-                            start("eval", m, _score_quietly, (path, m, plan, shards, results, free, workers))
+                            start("eval", m, _score, (Path(path), m, plan, shards, results, workers), free)
                         else:
                             bars.update(tasks[m], completed=plan.steps)
                     else:
-                        scored[m], took = value
+                        scored[m] = result
                         seconds[f"eval {m}"] = round(took, 1)
                         bars.update(tasks[m], description=f"{m}: scored")
                 bars.refresh()
