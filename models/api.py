@@ -11,6 +11,9 @@ function. A built model is an `nn.Module` with:
     forward(image: float[B,3,H,W], tokens: int[B,L]) -> {"logits": float[B,1,h,w], ...extras}
         L is any length up to 77 (17 / 22 in practice); token id 0 is padding and the EOT token
         is the largest id in each row. forward is identical in training and evaluation.
+        An optional extra "kernel": float[B,P] is the kernel that scores the pixels (a generated
+        one, or a fixed head's learned one repeated); refbench.sensitivity reports how much it
+        changes with the sentence.
     loss(out: dict, mask: float[B,1,H,W]) -> {"loss": scalar, ...named terms}
 
 A model that needs to be rebuilt (checkpoint loading) is rebuilt with

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .api import ModelSpec
-from .blocks import FusionNeck, fixed_mask_head, mask_bce_loss
+from .blocks import FusionNeck, fixed_mask_head, head_kernel, mask_bce_loss
 from .clip_backbone import BackboneConfig, ClipBackbone, make_variants
 
 
@@ -25,7 +25,7 @@ class BlindConfig(BackboneConfig):
 
 
 class Blind(nn.Module):
-    """forward(image [B,3,H,W], tokens [B,L] (ignored)) -> {"logits": [B,1,H/4,W/4]}."""
+    """forward(image [B,3,H,W], tokens [B,L] (ignored)) -> {"logits": [B,1,H/4,W/4], "kernel": [B,9C/2+1]}."""
 
     threshold = 0.35  # on sigmoid(logits), as the CLIP models
 
@@ -39,7 +39,8 @@ class Blind(nn.Module):
 
     def forward(self, image: torch.Tensor, tokens: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         vis, _ = self.backbone(image)
-        return {"logits": self.head(self.neck(vis.v2, vis.v3, vis.v4))}
+        logits = self.head(self.neck(vis.v2, vis.v3, vis.v4))
+        return {"logits": logits, "kernel": head_kernel(self.head[-1], image.shape[0])}  # one learned kernel for all
 
     def loss(self, out: dict, mask: torch.Tensor) -> dict[str, torch.Tensor]:
         return mask_bce_loss(out["logits"], mask, self.loss_resolution)

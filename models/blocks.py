@@ -60,6 +60,15 @@ def coord_features(x: torch.Tensor) -> torch.Tensor:
     return torch.stack([grid_x, grid_y]).expand(b, 2, h, w)
 
 
+def linear_block(c_in: int, c_out: int, norm: str) -> nn.Sequential:
+    """A vector's projection sigma(F W): CRIS's linear_layer (Linear without bias, BatchNorm1d,
+    ReLU) for norm "batch"; Linear + ReLU for "group" (one vector per sample has no groups to
+    normalise)."""
+    if norm == "batch":
+        return nn.Sequential(nn.Linear(c_in, c_out, bias=False), nn.BatchNorm1d(c_out), nn.ReLU(inplace=True))
+    return nn.Sequential(nn.Linear(c_in, c_out), nn.ReLU(inplace=True))
+
+
 class CoordConv(nn.Module):
     """Conv([F, F_coord]): a 3x3 conv block over the features with coordinates appended."""
 
@@ -80,21 +89,17 @@ class FusionNeck(nn.Module):
     Each half of the concatenations of eq 3 has C/2 channels, so F_m4, F_m3, F_m2 all have C.
     """
 
-    def __init__(self, dim_v2: int, dim_v3: int, dim_v4: int, dim_text: int | None, dim: int):
+    def __init__(self, dim_v2: int, dim_v3: int, dim_v4: int, dim_text: int | None, dim: int, norm: str = "group"):
         super().__init__()
         half = dim // 2
-        self.w_v4 = conv_block(dim_v4, dim, 1)  # W_v4 (eq 2 / eq 6)
-        self.w_tg = (  # W_tg (eq 2); absent in the text-free branch (eq 6)
-            nn.Sequential(nn.Linear(dim_text, dim), nn.ReLU(inplace=True)) if dim_text else None
-        )
-        self.w_m4 = conv_block(dim, half, 1)  # W_m4 (eq 3)
-        self.w_v3 = conv_block(dim_v3, half, 1)  # W_v3 (eq 3)
-        self.w_m3 = conv_block(dim, half, 1)  # W_m3 (eq 3)
-        self.w_v2 = conv_block(dim_v2, half, 1)  # W_v2 (eq 3)
-        self.aggregate = nn.Sequential(  # eq 4: 1x1 conv over [F_m2, F_m3, F_m4]
-            nn.Conv2d(3 * dim, dim, 1, bias=False), nn.GroupNorm(norm_groups(dim), dim), nn.ReLU(inplace=True)
-        )
-        self.coord = CoordConv(dim, dim)  # eq 5: Conv([F_m, F_coord])
+        self.w_v4 = conv_block(dim_v4, dim, 1, norm)  # W_v4 (eq 2 / eq 6)
+        self.w_tg = linear_block(dim_text, dim, norm) if dim_text else None  # W_tg (eq 2); absent in the text-free branch (eq 6)
+        self.w_m4 = conv_block(dim, half, 1, norm)  # W_m4 (eq 3)
+        self.w_v3 = conv_block(dim_v3, half, 1, norm)  # W_v3 (eq 3)
+        self.w_m3 = conv_block(dim, half, 1, norm)  # W_m3 (eq 3)
+        self.w_v2 = conv_block(dim_v2, half, 1, norm)  # W_v2 (eq 3)
+        self.aggregate = conv_block(3 * dim, dim, 1, norm)  # eq 4: 1x1 conv over [F_m2, F_m3, F_m4]
+        self.coord = CoordConv(dim, dim, norm)  # eq 5: Conv([F_m, F_coord])
 
     def forward(self, v2, v3, v4, sentence: torch.Tensor | None = None) -> torch.Tensor:
         # eq 2: F_m4 = Up(sigma(F_v4 W_v4) . sigma(F_tg W_tg))   -> [B,C,H3,W3]
@@ -254,11 +259,19 @@ def mask_bce_loss(logits: torch.Tensor, mask: torch.Tensor, resolution: str = "p
     return {"loss": bce, "bce": bce.detach()}
 
 
-def fixed_mask_head(dim: int) -> nn.Sequential:
+def fixed_mask_head(dim: int, norm: str = "group") -> nn.Sequential:
     """A fixed-kernel mask head: F_p as EAVL eq 11 ("UCU", C -> C/2), then one learned 3x3
     conv to a single mask. EAVL's Table 3 "Fixed" aligner and the blind control use it.
     [B,C,H,W] -> [B,1,4H,4W]."""
-    return nn.Sequential(pixel_upsampler(dim, dim // 2, "UCU"), nn.Conv2d(dim // 2, 1, 3, padding=1))
+    return nn.Sequential(pixel_upsampler(dim, dim // 2, "UCU", norm), nn.Conv2d(dim // 2, 1, 3, padding=1))
+
+
+def head_kernel(conv: nn.Conv2d, batch: int) -> torch.Tensor:
+    """A fixed head's learned kernel in `dynamic_conv`'s layout (weights [C,k,k] flattened, then
+    the bias), the same for each of `batch` samples: [batch, k*k*C+1]. Models return it as
+    their `kernel` (refbench.sensitivity), so a fixed head reads as one kernel for every input."""
+    flat = torch.cat([conv.weight.reshape(-1), conv.bias.reshape(-1)])
+    return flat.expand(batch, -1)
 
 
 def mask_correlation(masks: torch.Tensor, absolute: bool = False) -> torch.Tensor:

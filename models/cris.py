@@ -47,6 +47,7 @@ from .blocks import (
     VisionLanguageDecoder,
     conv_block,
     dynamic_conv,
+    linear_block,
     mask_bce_loss,
     norm_2d,
     pixel_upsampler,
@@ -76,14 +77,6 @@ RESNET_CHANNELS = {
     "rn50": dict(dim_v2=512, dim_v3=1024, dim_v4=1024),
     "rn101": dict(dim_v2=512, dim_v3=1024, dim_v4=512),
 }
-
-
-def linear_block(c_in: int, c_out: int, norm: str) -> nn.Sequential:
-    """The sentence projection: CRIS's linear_layer (Linear without bias, BatchNorm1d, ReLU) for
-    norm "batch"; Linear + ReLU for "group" (one vector per sample has no groups to normalise)."""
-    if norm == "batch":
-        return nn.Sequential(nn.Linear(c_in, c_out, bias=False), nn.BatchNorm1d(c_out), nn.ReLU(inplace=True))
-    return nn.Sequential(nn.Linear(c_in, c_out), nn.ReLU(inplace=True))
 
 
 def cris_attention_pool(pool: nn.Module, connect: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -171,7 +164,8 @@ class CRISNeck(nn.Module):
 
 
 class CRIS(nn.Module):
-    """CRIS on a CLIP backbone: forward(image [B,3,H,W], tokens [B,L]) -> {"logits": [B,1,H/4,W/4]}."""
+    """CRIS on a CLIP backbone: forward(image [B,3,H,W], tokens [B,L]) -> {"logits": [B,1,H/4,W/4],
+    "kernel": [B,9Cp+1] (the sentence kernel)}."""
 
     threshold = 0.35  # on sigmoid(logits), as CRIS
 
@@ -195,8 +189,8 @@ class CRIS(nn.Module):
         words = self.word_proj(text.words)  # [B,L,C]
         pos = sine_pos_1d(words.shape[-1], words.shape[1], words.device).to(words.dtype)  # [L,C]
         fq = self.decoder(fq, words, pos, text.pad)  # [B,C,H/16,W/16]
-        kernel = self.sentence_kernel(text.sentence)[:, None, :]  # [B,1,9Cp+1]
-        return {"logits": dynamic_conv(self.pixel(fq), kernel)}  # [B,1,H/4,W/4]
+        kernel = self.sentence_kernel(text.sentence)  # [B,9Cp+1]
+        return {"logits": dynamic_conv(self.pixel(fq), kernel[:, None, :]), "kernel": kernel}  # [B,1,H/4,W/4]
 
     def loss(self, out: dict, mask: torch.Tensor) -> dict[str, torch.Tensor]:
         return mask_bce_loss(out["logits"], mask, self.loss_resolution)

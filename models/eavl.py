@@ -90,9 +90,11 @@ per-query mask logits):
   and alike in sign; with scaled kernels S_q is not uniform (entropy 0.68-0.87 over 18 runs of
   400-650 steps in the sweep above). Nothing here forces S_q apart.
 
-forward returns logits [B,1,H/4,W/4] and, for visualisation, query_masks [B,Nq,H/4,W/4]
-(per-query logits), query_weights [B,Nq] (S_q) and word_attention [B,Nq,L] (A of eq 9);
-the fixed aligner has no per-query masks, so it returns logits and word_attention only.
+forward returns logits [B,1,H/4,W/4], kernel [B,9C_p+1] (the kernel y is the convolution of F_p
+with: sum_n S_qn W_qn, scale applied; refbench.sensitivity compares it across sentences) and,
+for visualisation, query_masks [B,Nq,H/4,W/4] (per-query logits), query_weights [B,Nq] (S_q)
+and word_attention [B,Nq,L] (A of eq 9); the fixed aligner has no per-query masks, so it
+returns logits, its fixed kernel and word_attention only.
 """
 
 from __future__ import annotations
@@ -104,11 +106,13 @@ from torch import nn
 
 from .api import ModelError, ModelSpec
 from .blocks import (
+    NORMS,
     FusionNeck,
     VisionLanguageDecoder,
     conv_block,
     dynamic_conv,
     fixed_mask_head,
+    head_kernel,
     mask_bce_loss,
     mask_correlation,
     pixel_upsampler,
@@ -123,10 +127,13 @@ class EAVLConfig(BackboneConfig):
     ffn: int = 256  # decoder feed-forward width (paper: 2048)
     layers: int = 3  # decoder layers (CRIS's 3; the paper gives no number)
     dropout: float = 0.0  # decoder dropout (full variants: CRIS's 0.1)
+    norm: str = "group"  # normalisation of the head's conv blocks and of eq 2's sentence projection: "group" (GroupNorm; the sentence projection then has none) or "batch" (BatchNorm, as CRIS's code EAVL is built on)
     num_queries: int = 24  # N_q, queries and masks (Table 2: 24 is best)
     aligner: str = "dynamic"  # "dynamic": the Vision-Language Aligner; "fixed": Table 3's fixed-kernel conv
     global_vision: bool = True  # use F_vg in eq 8 (Table 4); False: F_tv from F_t alone
     estimator: bool = True  # Multi-Query Estimator, eq 13 (Table 4); False: masks summed
+    scaled_attention: bool = False  # eq 9's product divided by sqrt(C), as attention divides q.k by sqrt(d) (the paper gives no scale)
+    attend_sos: bool = True  # CLIP's [SOS] is one of eq 9's words; False: it is left out of the softmax, as padding is
     query_norm: str = "after"  # where each sigma(F W) of eqs 8-10 is normalised: "after" (Linear, ReLU, LayerNorm), "before" (Linear, LayerNorm, ReLU), "none" (no norm: the queries are one query at init)
     scaled_kernels: bool = True  # eq 12: each generated kernel divided by sqrt(9 C_p), as attention divides q.k by sqrt(d) (the paper gives no scale); False = CRIS's unscaled kernels
     decorrelation: float = 0.1  # weight of the query-mask decorrelation term (0 = the paper's loss alone; see the module docstring)
@@ -156,9 +163,9 @@ class MultiQueryGenerator(nn.Module):
         super().__init__()
         c, nq = cfg.dim, cfg.num_queries
         grid = (cfg.image_size // 16) ** 2  # H3 * W3
-        self.dense_neck = FusionNeck(cfg.dim_v2, cfg.dim_v3, cfg.dim_v4, None, c)  # eq 6 + eqs 3-5
+        self.dense_neck = FusionNeck(cfg.dim_v2, cfg.dim_v3, cfg.dim_v4, None, c, cfg.norm)  # eq 6 + eqs 3-5
         self.to_maps = nn.Sequential(  # eq 7: three convs, C -> N_q maps
-            conv_block(c, c // 2, 3), conv_block(c // 2, c // 4, 3), nn.Conv2d(c // 4, nq, 1)
+            conv_block(c, c // 2, 3, cfg.norm), conv_block(c // 2, c // 4, 3, cfg.norm), nn.Conv2d(c // 4, nq, 1)
         )
         norm = cfg.query_norm
         self.w_t = relu_projection(dim_words, c, norm)  # sigma(F_t W_t) (eq 8)
@@ -166,6 +173,8 @@ class MultiQueryGenerator(nn.Module):
         self.w_vd = relu_projection(grid, c, norm)  # sigma(f_vdn W_vd) (eq 9), on a flattened H3*W3 map
         self.w_a = relu_projection(c, c, norm)  # sigma(f_tvi W_a) (eq 9)
         self.w_tv = relu_projection(c, c, norm)  # sigma(F_tv W_tv) (eq 10)
+        self.attention_scale = c ** -0.5 if cfg.scaled_attention else 1.0  # eq 9's scale
+        self.attend_sos = cfg.attend_sos
 
     def forward(self, vis: ImageFeatures, text: TextFeatures) -> tuple[torch.Tensor, torch.Tensor]:
         # eqs 6, 3-5: dense vision features without text -> F'_inte [B,C,H3,W3]
@@ -177,8 +186,9 @@ class MultiQueryGenerator(nn.Module):
         if self.w_vg is not None:
             f_tv = f_tv * self.w_vg(vis.vg)[:, None, :]
         # eq 9: a_ni = sigma(f_vdn W_vd) sigma(f_tvi W_a)^T, softmax over the words, padding excluded
-        a = torch.einsum("bnc,blc->bnl", self.w_vd(f_vd), self.w_a(f_tv))  # [B,Nq,L]
-        attention = a.masked_fill(text.pad[:, None, :], float("-inf")).softmax(dim=-1)  # A [B,Nq,L]
+        a = torch.einsum("bnc,blc->bnl", self.w_vd(f_vd), self.w_a(f_tv)) * self.attention_scale  # [B,Nq,L]
+        ignored = text.pad if self.attend_sos else text.pad.index_fill(1, text.pad.new_zeros(1, dtype=torch.long), True)
+        attention = a.masked_fill(ignored[:, None, :], float("-inf")).softmax(dim=-1)  # A [B,Nq,L]
         # eq 10: F_qn = A_n sigma(F_tv W_tv) -> F_q [B,Nq,C]
         f_q = attention @ self.w_tv(f_tv)
         return f_q, attention
@@ -209,20 +219,26 @@ class VisionLanguageAligner(nn.Module):
     def __init__(self, cfg: EAVLConfig):
         super().__init__()
         c, cp = cfg.dim, cfg.dim // 2  # C_p = C/2
-        self.pixel = pixel_upsampler(c, cp, "UCU")  # eq 11: F_p = Up(Conv(Up(F_s)))
+        self.pixel = pixel_upsampler(c, cp, "UCU", cfg.norm)  # eq 11: F_p = Up(Conv(Up(F_s)))
         self.w_p = nn.Linear(c, 9 * cp + 1)  # eq 11: F_pn = W_p F_qn (3x3 x C_p kernel + bias)
         self.kernel_scale = (9 * cp) ** -0.5 if cfg.scaled_kernels else 1.0  # eq 12's kernel scale
+        layout = torch.full((9 * cp + 1,), self.kernel_scale)
+        layout[-1] = 1.0  # the bias is not scaled
+        self.register_buffer("kernel_layout", layout, persistent=False)  # F_pn -> the kernel dynamic_conv applies
         self.estimator = MultiQueryEstimator(c, cfg.heads) if cfg.estimator else None
 
     def forward(self, f_s: torch.Tensor, f_q: torch.Tensor) -> dict[str, torch.Tensor]:
         f_p = self.pixel(f_s)  # [B,Cp,4H3,4W3]
         # eq 12: mask_n = Psi_n(F_p, W_qn), all queries of all samples in one grouped conv
-        masks = dynamic_conv(f_p, self.w_p(f_q), scale=self.kernel_scale)  # [B,Nq,4H3,4W3]
+        params = self.w_p(f_q)  # [B,Nq,9Cp+1]
+        masks = dynamic_conv(f_p, params, scale=self.kernel_scale)  # [B,Nq,4H3,4W3]
         # eq 13 (or, ablated, all ones = a plain sum)
         weights = self.estimator(f_q) if self.estimator is not None else masks.new_ones(masks.shape[:2])  # [B,Nq]
         # eq 14: y = sum_n S_qn mask_n
         y = torch.einsum("bn,bnhw->bhw", weights, masks)[:, None]  # [B,1,4H3,4W3]
-        return {"logits": y, "query_masks": masks, "query_weights": weights}
+        # eq 14 sums linear convolutions: y is one convolution of F_p with sum_n S_qn W_qn
+        kernel = torch.einsum("bn,bnp->bp", weights, params) * self.kernel_layout  # [B,9Cp+1]
+        return {"logits": y, "query_masks": masks, "query_weights": weights, "kernel": kernel}
 
 
 class FixedAligner(nn.Module):
@@ -230,10 +246,10 @@ class FixedAligner(nn.Module):
 
     def __init__(self, cfg: EAVLConfig):
         super().__init__()
-        self.head = fixed_mask_head(cfg.dim)
+        self.head = fixed_mask_head(cfg.dim, cfg.norm)
 
     def forward(self, f_s: torch.Tensor, f_q: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {"logits": self.head(f_s)}  # [B,1,4H3,4W3]
+        return {"logits": self.head(f_s), "kernel": head_kernel(self.head[-1], f_s.shape[0])}  # [B,1,4H3,4W3]
 
 
 ALIGNERS = {"dynamic": VisionLanguageAligner, "fixed": FixedAligner}  # config `aligner` -> class
@@ -250,13 +266,15 @@ class EAVL(nn.Module):
             raise ModelError(f"EAVL aligner must be one of {', '.join(ALIGNERS)}, not {cfg.aligner!r}")
         if cfg.image_size % 32:
             raise ModelError(f"EAVL image_size must be a multiple of 32, not {cfg.image_size}")
+        if cfg.norm not in NORMS:
+            raise ModelError(f"EAVL norm must be one of {', '.join(NORMS)}, not {cfg.norm!r}")
         if cfg.query_norm not in QUERY_NORMS:
             raise ModelError(f"EAVL query_norm must be one of {', '.join(QUERY_NORMS)}, not {cfg.query_norm!r}")
         self.image_size = cfg.image_size
         self.decorrelation, self.decorrelation_margin = cfg.decorrelation, cfg.decorrelation_margin
         self.loss_resolution = cfg.loss_resolution
         self.backbone = ClipBackbone(cfg, global_vision=cfg.global_vision)  # F_vg only where eq 8 reads it
-        self.fusion_neck = FusionNeck(cfg.dim_v2, cfg.dim_v3, cfg.dim_v4, self.backbone.dim_sentence, cfg.dim)
+        self.fusion_neck = FusionNeck(cfg.dim_v2, cfg.dim_v3, cfg.dim_v4, self.backbone.dim_sentence, cfg.dim, cfg.norm)
         self.query_generator = MultiQueryGenerator(cfg, self.backbone.dim_words)
         self.decoder = VisionLanguageDecoder(cfg.layers, cfg.dim, cfg.heads, cfg.ffn, cfg.dropout)
         self.aligner = ALIGNERS[cfg.aligner](cfg)

@@ -18,7 +18,9 @@ eval_loader (every sentence of every ref of a split exactly once, fixed order):
     shard reads it whole and checks it)  ->  decode each image with a sentence in the run once,
     one item per sentence  ->  batches (custom collate)
     {"image": uint8[B,3,S,S] (float32 under CRIS's preprocessing), "content": int64[B,4],
-     "tokens": int64[B,L], "gt": uint8[B,max H,max W] (the GT masks, zero-padded)} + lists:
+     "tokens": int64[B,L], "swap_tokens": int64[B,L] and "has_swap": bool[B] (a sentence of
+     another ref of the same image, for refbench.sensitivity: `swap_tokens`),
+     "gt": uint8[B,max H,max W] (the GT masks, zero-padded)} + lists:
     sent_id, ref_id, image_id, category_id, sent, height, width, letterbox
     (transforms.Letterbox), warp (cvwarp.CrisWarp under CRIS's preprocessing, else None),
     gt_mask (uint8 [H,W], views of "gt")
@@ -838,15 +840,16 @@ def _piece_sentences(pieces: list[Piece], by_url: dict[str, dict], verify: bool,
                     continue
                 image, box, warp = make_input(url, key, sample["jpg"], meta, size)  # [3, S, S], shared by the image's sentences
                 i = first
-                for ref, count in zip(meta["refs"], counts):
+                for r, (ref, count) in enumerate(zip(meta["refs"], counts)):
                     if i + count <= lo or i >= hi:
                         i += count
                         continue
                     gt = torch.from_numpy(_decode_mask(url, key, ref, meta))  # uint8 [H, W]
-                    for s in ref["sentences"]:
+                    for j, s in enumerate(ref["sentences"]):
                         if lo <= i < hi:
                             yield {
-                                "image": image, "tokens": s["tokens"], "sent_id": s["sent_id"], "ref_id": ref["ref_id"],
+                                "image": image, "tokens": s["tokens"], "swap_tokens": swap_tokens(meta["refs"], r, j),
+                                "sent_id": s["sent_id"], "ref_id": ref["ref_id"],
                                 "image_id": meta["image_id"], "category_id": ref["category_id"], "sent": s["sent"],
                                 "height": meta["height"], "width": meta["width"], "letterbox": box, "warp": warp,
                                 "gt_mask": gt,
@@ -856,6 +859,18 @@ def _piece_sentences(pieces: list[Piece], by_url: dict[str, dict], verify: bool,
                 if n != total:
                     raise RefbenchError(f"shard {url} is corrupt: it holds {n} sentences, the manifest says {total}",
                                         hint=REPREPARE)
+
+
+def swap_tokens(refs: list[dict], r: int, j: int) -> list[int] | None:
+    """The tokens of the sentence that stands in for sentence j of ref r when sentence
+    sensitivity is measured (refbench.sensitivity): one of another ref of the same image (the
+    next ref, cyclically; its sentence j modulo its count), or None when the image has one ref
+    (or the other refs have no sentences)."""
+    for step in range(1, len(refs)):
+        other = refs[(r + step) % len(refs)]["sentences"]
+        if other:
+            return other[j % len(other)]["tokens"]
+    return None
 
 
 EVAL_LISTS = ("sent_id", "ref_id", "image_id", "category_id", "sent", "height", "width", "letterbox", "warp", "gt_mask")
@@ -873,6 +888,9 @@ def collate_eval(items: list[dict]) -> dict:
         "image": _stack([it["image"] for it in items]),  # uint8 [B, 3, S, S]
         "content": torch.tensor([transforms.content_box(it["letterbox"]) for it in items], dtype=torch.int64),  # [B, 4]
         "tokens": torch.tensor([it["tokens"] for it in items], dtype=torch.int64),
+        # a sentence of another ref of the same image (`swap_tokens`), own tokens where there is none
+        "swap_tokens": torch.tensor([it["swap_tokens"] or it["tokens"] for it in items], dtype=torch.int64),
+        "has_swap": torch.tensor([it["swap_tokens"] is not None for it in items], dtype=torch.bool),
     }
     for k in EVAL_LISTS:
         batch[k] = [it[k] for it in items]

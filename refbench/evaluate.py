@@ -3,6 +3,8 @@
     checkpoint.load -> build the model -> data.eval_loader (this rank's part of the split)
     -> forward -> sigmoid -> map back (protocol) -> binarise at the model's threshold
     -> I and U per sentence -> gather over ranks -> results.write_record -> rich table
+    (and, beside I and U, a second forward with each sentence swapped for one of another ref of
+    the same image: refbench.sensitivity's figures, kept in the record's extras)
 
 The same `score_split` serves training-time validation (`validate`), so the numbers a run
 selects its best checkpoint on are computed exactly as the published ones.
@@ -43,6 +45,7 @@ from rich.table import Table
 
 from refbench import checkpoint as ckpt_mod
 from refbench import cvwarp, data, diversity, metrics, remote, transforms
+from refbench import sensitivity as sensitivity_mod
 from refbench import results as results_mod
 from refbench.distributed import all_gather_object, exact_float32, setup_distributed
 from refbench.errors import RefbenchError
@@ -63,6 +66,7 @@ class SplitScores:
     seconds_total: float = 0.0  # wall time of the scoring loop on this rank
     seconds_metric: float = 0.0  # of which: mapping predictions back, binarising, counting I and U
     diversity: dict | None = None  # query diversity over the split (refbench.diversity; None: the model has no queries)
+    sensitivity: dict | None = None  # sentence sensitivity over the split (refbench.sensitivity; None: not measured)
 
     def __len__(self) -> int:
         return len(self.columns["sent_id"])
@@ -72,12 +76,17 @@ class SplitScores:
             self.columns[k].extend(v)
 
 
-def probabilities(net, image, tokens, meter=None):
-    """sigmoid(logits) of the model in float32 (autocast off, whatever the caller has on):
-    float32 [B,1,h,w] over the square input. `meter` (a refbench.diversity.DiversityMeter),
-    if given, takes the batch's query figures."""
+def forward_float32(net, image, tokens) -> dict:
+    """The model's forward output in float32 (autocast off, whatever the caller has on), no grad."""
     with torch.inference_mode(), torch.autocast(image.device.type, enabled=False), exact_float32():
-        out = net(image.float(), tokens)
+        return net(image.float(), tokens)
+
+
+def probabilities(net, image, tokens, meter=None):
+    """sigmoid(logits) of the model in float32 (`forward_float32`): float32 [B,1,h,w] over the
+    square input. `meter` (a refbench.diversity.DiversityMeter), if given, takes the batch's
+    query figures."""
+    out = forward_float32(net, image, tokens)
     if meter is not None:
         meter.update(out)
     return torch.sigmoid(out["logits"].float())
@@ -140,11 +149,13 @@ def split_loader(net, dataset_dir: Path, manifest: dict, split: str, d, *, batch
 
 def score_split(net, dataset_dir: Path, manifest: dict, split: str, d, *, batch_size: int = 16,
                 workers: int = 0, protocol: str = "original", max_batches: int | None = None,
-                loader: data.Loader | None = None) -> SplitScores:
+                loader: data.Loader | None = None, sensitivity: bool = False) -> SplitScores:
     """I/U of every sentence of `split` (this rank's part; gathered on every rank when distributed).
 
     `loader`: a `split_loader` of the same split, batch size, workers and protocol to read from
-    (training's persistent one), else one is made for this call."""
+    (training's persistent one), else one is made for this call. `sensitivity`: also run each
+    batch with every sentence swapped for one of another ref of its image and measure how much
+    the output moves (refbench.sensitivity; a second forward per batch, which I/U never reads)."""
     if loader is None:
         loader = split_loader(net, dataset_dir, manifest, split, d, batch_size=batch_size, workers=workers,
                               protocol=protocol)
@@ -152,6 +163,7 @@ def score_split(net, dataset_dir: Path, manifest: dict, split: str, d, *, batch_
     net.eval()
     scores = SplitScores()
     meter = diversity.DiversityMeter()
+    sens = sensitivity_mod.SensitivityMeter() if sensitivity else None
     start = time.perf_counter()
     error = None  # a bad shard seen by one rank: (message, hint), raised on every rank after the gather
     try:
@@ -159,7 +171,12 @@ def score_split(net, dataset_dir: Path, manifest: dict, split: str, d, *, batch_
             if max_batches is not None and b >= max_batches:
                 break
             on_device = data.to_device(batch, d.device)  # uint8 images normalised on the device
-            probs = probabilities(net, on_device["image"], on_device["tokens"], meter)
+            out = forward_float32(net, on_device["image"], on_device["tokens"])
+            meter.update(out)
+            if sens is not None:
+                swapped = forward_float32(net, on_device["image"], batch["swap_tokens"].to(d.device))
+                sens.update(out, swapped, net.threshold, keep=batch["has_swap"])
+            probs = torch.sigmoid(out["logits"].float())
             t0 = time.perf_counter()
             inter, union = count_iu(probs, batch, net.threshold, protocol)
             scores.seconds_metric += time.perf_counter() - t0
@@ -176,17 +193,21 @@ def score_split(net, dataset_dir: Path, manifest: dict, split: str, d, *, batch_
     scores.seconds_total = time.perf_counter() - start
     if d.world > 1:
         # every rank gathers, also one that failed: no rank is left waiting in the collective
-        gathered = all_gather_object(d, (scores.columns, meter.state(), error))
-        failed = [err for _, _, err in gathered if err is not None]
+        gathered = all_gather_object(d, (scores.columns, meter.state(), sens and sens.state(), error))
+        failed = [err for *_, err in gathered if err is not None]
         if failed:
             raise RefbenchError(*failed[0])
         merged = SplitScores(seconds_total=scores.seconds_total, seconds_metric=scores.seconds_metric)
         meter = diversity.DiversityMeter()
-        for cols, state, _ in gathered:
+        sens = sensitivity_mod.SensitivityMeter() if sensitivity else None
+        for cols, state, sens_state, _ in gathered:
             merged.extend(SplitScores(columns=cols))
             meter.merge(state)
+            if sens is not None:
+                sens.merge(sens_state)
         scores = merged
     scores.diversity = meter.result()
+    scores.sensitivity = sens.result() if sens is not None else None
     return scores
 
 
@@ -276,7 +297,7 @@ def evaluate_checkpoint(checkpoint: Path, *, dataset: str | None = None, splits:
     # every split is scored before any record is published, and a refusal of any split's record
     # withdraws those of this call already written: `--split all` publishes all splits or none
     scored = [(s, score_split(net, dataset_dir, manifest, s, d, batch_size=batch_size, workers=workers,
-                              protocol=protocol)) for s in splits]
+                              protocol=protocol, sensitivity=True)) for s in splits]
     if d.rank != 0:
         return []
     done: list[Evaluated] = []
@@ -287,7 +308,7 @@ def evaluate_checkpoint(checkpoint: Path, *, dataset: str | None = None, splits:
                 data=results_mod.DataInfo(manifest_sha256=manifest_sha, sentences_expected=manifest["splits"][s]["sentences"],
                                           synthetic=bool(manifest.get("synthetic", False))),
                 sentences=scores.columns,
-                extras={"query_diversity": scores.diversity} if scores.diversity is not None else None,
+                extras=record_extras(scores),
             )
             done.append(Evaluated(dataset=dataset, split=s, protocol=protocol, model=model_info, path=path, scores=scores))
     except BaseException:
@@ -300,6 +321,13 @@ def evaluate_checkpoint(checkpoint: Path, *, dataset: str | None = None, splits:
                                             results_dir_for(item.path), d.device,
                                             preprocess=metrics.get_protocol(protocol).preprocess)
     return done
+
+
+def record_extras(scores: SplitScores) -> dict | None:
+    """What a record keeps beside its metrics: the query diversity (models with queries) and the
+    sentence sensitivity (refbench.sensitivity), where measured."""
+    extras = {"query_diversity": scores.diversity, "sentence_sensitivity": scores.sensitivity}
+    return {k: v for k, v in extras.items() if v is not None} or None
 
 
 def results_dir_for(record_path: Path) -> Path:
@@ -333,6 +361,11 @@ def print_scores(done: list[Evaluated]) -> None:
             console.print(f"{e.split}: query diversity of {e.model.name}, mean over {e.scores.diversity['n']} sentences "
                           f"of {e.dataset}/{e.split}:")
             for line in diversity.describe(e.scores.diversity):
+                console.print(f"  {line}")
+        if e.scores.sensitivity is not None:
+            console.print(f"{e.split}: sentence sensitivity of {e.model.name}, mean over {e.scores.sensitivity['n']} "
+                          f"sentences of {e.dataset}/{e.split} (each against a sentence of another ref of its image):")
+            for line in sensitivity_mod.describe(e.scores.sensitivity):
                 console.print(f"  {line}")
         if e.pictures:
             console.print(f"{e.split}: {len(e.pictures)} pictures in {results_dir_for(e.path)}")

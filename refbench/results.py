@@ -33,7 +33,8 @@ Schema v2 (`"schema": "refbench-result", "schema_version": 2`), also in docs/res
     sentences      {file, format: "parquet", sha256, rows, columns}
                    columns: sent_id, ref_id, image_id, category_id, sent, I, U, IoU
     extras         optional {name: JSON object}: model-specific figures measured in the same pass,
-                   e.g. query_diversity (refbench.diversity) for models with queries; absent in
+                   e.g. query_diversity (refbench.diversity) for models with queries and
+                   sentence_sensitivity (refbench.sensitivity); absent in
                    records written before it existed, which read as {}
 
 v1 records (no `source`, no `submission`) still load, as measured records.
