@@ -47,6 +47,7 @@ from refbench import evaluate, leaderboard, prepare, results, synth
 from refbench.fsutil import atomic_write_json
 from refbench.recipes import get_recipe
 from refbench.refer import split_order
+from refbench.sidebyside import Job, run_jobs, side_by_side
 from refbench.train import TrainConfig, ensure_trained
 
 
@@ -151,11 +152,14 @@ def _synth(data: Path, plan: QuickstartPlan, console) -> None:
     synth.main(out=data, images=plan.images, seed=plan.seed)
 
 
-def train_config(model: str, steps: int, plan: QuickstartPlan, shards: Path, out: Path) -> TrainConfig:
-    """The training run of one quickstart model: tiny variant, `steps` steps, one validation at the end."""
+def train_config(model: str, steps: int, plan: QuickstartPlan, shards: Path, out: Path, seed: int | None = None,
+                 overrides: dict | None = None) -> TrainConfig:
+    """The training run of one quickstart model: tiny variant, `steps` steps, one validation at the
+    end; trained with the plan's seed unless `seed` says otherwise (`refbench bench seeds`), with
+    the model config `overrides` (`--set`)."""
     recipe = get_recipe("tiny", steps=steps, batch_size=plan.batch_size, workers=plan.workers, val_every=steps)
     return TrainConfig(model=model, variant="tiny", dataset=plan.dataset, shards=shards, recipe=recipe, out=out,
-                       seed=plan.seed)
+                       seed=plan.seed if seed is None else seed, model_overrides=dict(overrides or {}))
 
 
 def _train(model: str, steps: int, plan: QuickstartPlan, shards: Path, out: Path, console) -> Path:
@@ -166,153 +170,34 @@ def _train(model: str, steps: int, plan: QuickstartPlan, shards: Path, out: Path
     return best
 
 
-def side_by_side(models: int, cpus: int, workers: int) -> tuple[int, int, int]:
-    """How the quickstart trains `models` runs on `cpus` cores: (processes at once, torch threads
-    each, DataLoader workers each). One process per model whenever there are two cores or more:
-    a tiny step is hundreds of small kernels that a second thread barely speeds up, so the cores
-    are better spent on separate runs (2 cores, 60 steps of each tiny model: 62.7 s of training
-    one after another on two threads, 48.8 s side by side on one thread each). Each gets an equal
-    share of the cores; a run left with one thread loads its data in its own process (a worker
-    process would compete for the same cores)."""
-    if models < 2 or cpus < 2:
-        return 1, max(1, cpus), workers
-    threads = max(1, cpus // models)
-    return models, threads, workers if threads > 1 else 0
-
-
-def _train_quietly(cfg: TrainConfig) -> tuple[str, str, str]:
-    """One side-by-side run, its messages kept: (state before, reason, best.pt)."""
-    said: list[str] = []
-    state, best = ensure_trained(cfg, say=said.append)
-    return state.state, "; ".join([*said, state.reason]), str(best)
+def _score_args(model: str, plan: QuickstartPlan, shards: Path, results: Path, workers: int) -> dict:
+    """How a quickstart model is scored (evaluate.evaluate_checkpoint's keyword arguments): the
+    plan's eval splits, EAVL with its overlays."""
+    return dict(dataset=plan.dataset, splits=list(plan.eval_splits), shards=shards, results=results,
+                run_name=f"quickstart-{model}", batch_size=64, workers=workers, vis=plan.vis if model == "eavl" else 0)
 
 
 def _score(ckpt: Path, model: str, plan: QuickstartPlan, shards: Path, results: Path, workers: int) -> list:
     """Score one quickstart model on the plan's eval splits (EAVL with its overlays): its records."""
-    return evaluate.evaluate_checkpoint(ckpt, dataset=plan.dataset, splits=list(plan.eval_splits), shards=shards,
-                                        results=results, run_name=f"quickstart-{model}", batch_size=64,
-                                        workers=workers, vis=plan.vis if model == "eavl" else 0)
-
-
-def _run_in_child(conn, fn, args, threads: int) -> None:
-    """A side-by-side process: fn(*args) on `threads` torch threads, and (its result, seconds) or
-    its exception sent back through `conn`."""
-    import torch
-
-    torch.set_num_threads(threads)
-    t0 = time.perf_counter()
-    try:
-        outcome = ("ok", (fn(*args), time.perf_counter() - t0))
-    except BaseException as e:  # the parent raises it
-        outcome = ("error", e)
-    try:
-        conn.send(outcome)
-    except Exception as e:  # a result or an exception that does not pickle
-        conn.send(("error", RuntimeError(f"{outcome[1]!r} (could not be sent back: {e})")))
-    conn.close()
+    return evaluate.evaluate_checkpoint(ckpt, **_score_args(model, plan, shards, results, workers))
 
 
 def _train_side_by_side(plan: QuickstartPlan, shards: Path, runs: Path, threads: int, workers: int, console,
                         results: Path | None = None, cores: int = 1
                         ) -> tuple[dict[str, Path], dict[str, float], dict[str, list]]:
-    """Train every model of the plan at once, one spawned process each (`_train_quietly`), with a
-    progress bar per run read from its log; with `results`, each model is scored (`_score`) in a
-    process of its own as soon as it is trained, with `threads` threads or, of the `cores`, all
-    those the processes still running leave (the last model to finish is scored on all of them).
-    The first failure stops the others (their last.pt stays: a re-run resumes them) and is raised
-    as it was raised. The processes are not daemons, so a run with loader workers can start them.
-    Returns per model: best.pt, seconds (training, and "eval <model>" for the scoring) and records.
-    """
-    import multiprocessing
-
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    from refbench.errors import RefbenchError
-
-    cfgs = {}
+    """Train every model of the plan at once, one process each (refbench.sidebyside), with one
+    live progress line per run; with `results`, each model is scored as soon as it is trained.
+    Returns per model: best.pt, seconds (training, and "eval <model>" for the scoring) and records."""
+    jobs = []
     for m in plan.models:
         cfg = train_config(m, plan.steps, plan, shards, runs / m)
-        cfgs[m] = dataclasses.replace(cfg, quiet=True, recipe=dataclasses.replace(cfg.recipe, workers=workers))
-    bars = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    console=console, auto_refresh=False)  # redrawn once a poll: this process should not take the runs' cores
-    ctx = multiprocessing.get_context("spawn")
-    running: dict[tuple[str, str], tuple] = {}  # (job, model) -> (process, receiving end)
-
-    def start(job: str, m: str, fn, args: tuple, n_threads: int) -> None:
-        recv, send = ctx.Pipe(duplex=False)
-        proc = ctx.Process(target=_run_in_child, args=(send, fn, args, n_threads), name=f"quickstart-{job}-{m}")
-        proc.start()
-        send.close()
-        running[job, m] = (proc, recv)
-
-    best: dict[str, Path] = {}
-    seconds: dict[str, float] = {}
-    scored: dict[str, list] = {}
-    try:
-        with bars:
-            tasks = {m: bars.add_task(m, total=plan.steps) for m in cfgs}
-            for m, cfg in cfgs.items():
-                start("train", m, _train_quietly, (cfg,), threads)
-            while running:
-                for (job, m), (proc, recv) in list(running.items()):
-                    if not recv.poll():
-                        if job == "train":
-                            bars.update(tasks[m], completed=_logged_step(cfgs[m].out))
-                        continue
-                    try:
-                        status, value = recv.recv()
-                    except EOFError:  # it ended without a word: killed, or out of memory
-                        proc.join()
-                        raise RefbenchError(f"quickstart: the {job} process of {m} ended (exit code {proc.exitcode}) "
-                                            "without a result") from None
-                    proc.join()
-                    del running[job, m]
-                    if status == "error":
-                        raise value
-                    result, took = value
-                    if job == "train":
-                        state, reason, path = result
-                        best[m], seconds[m] = Path(path), round(took, 1)
-                        console.print(f"{m}: {reason}" + (": reused" if state == "done" else f"; trained in {took:.0f} s"))
-                        if results is not None:
-                            bars.update(tasks[m], completed=plan.steps, description=f"{m}: scoring")
-                            free = max(threads, cores - threads * len(running))
-                            start("eval", m, _score, (Path(path), m, plan, shards, results, workers), free)
-                        else:
-                            bars.update(tasks[m], completed=plan.steps)
-                    else:
-                        scored[m] = result
-                        seconds[f"eval {m}"] = round(took, 1)
-                        bars.update(tasks[m], description=f"{m}: scored")
-                bars.refresh()
-                time.sleep(1.0)
-    finally:
-        for proc, recv in running.values():  # after a failure, or an interrupt
-            proc.terminate()
-            proc.join()
-            recv.close()
-    return {m: best[m] for m in plan.models}, seconds, scored
-
-
-def _logged_step(run: Path) -> int:
-    """The last step a run's log.jsonl records (0 before its first log line)."""
-    import json
-
-    try:
-        with open(Path(run) / "log.jsonl", "rb") as f:
-            f.seek(0, 2)
-            f.seek(max(0, f.tell() - 4096))
-            lines = f.read().decode("utf-8", "replace").splitlines()
-    except OSError:
-        return 0
-    for line in reversed(lines):
-        try:
-            step = json.loads(line).get("step")
-        except ValueError:
-            continue  # a partial first line of the tail, or a line being written
-        if isinstance(step, int):
-            return step
-    return 0
+        cfg = dataclasses.replace(cfg, quiet=True, recipe=dataclasses.replace(cfg.recipe, workers=workers))
+        jobs.append(Job(m, cfg, _score_args(m, plan, shards, results, workers) if results is not None else None))
+    done = run_jobs(jobs, lanes=len(jobs), threads=threads, console=console, cores=cores)
+    seconds = {m: r.seconds for m, r in done.items()}
+    seconds.update({f"eval {m}": r.eval_seconds for m, r in done.items() if r.eval_seconds is not None})
+    scored = {m: r.records for m, r in done.items() if r.eval_seconds is not None}
+    return {m: r.best for m, r in done.items()}, seconds, scored
 
 
 def _collect_pictures(evaluated: list, folder: Path) -> list[Path]:
@@ -333,8 +218,9 @@ def _summary(plan, workdir, checkpoints, evaluated, exports, pictures, timings, 
         record = results.load_record(e.path)
         m = record.metrics
         scores.setdefault(e.model.name, {})[e.split] = {"mIoU": m["mIoU"], "oIoU": m["oIoU"], "n": m["n"]}
-        if "query_diversity" in record.extras:
-            scores[e.model.name][e.split]["query_diversity"] = record.extras["query_diversity"]
+        for extra in ("query_diversity", "sentence_sensitivity"):
+            if extra in record.extras:
+                scores[e.model.name][e.split][extra] = record.extras[extra]
     return {
         "workdir": str(workdir), "plan": dataclasses.asdict(plan), "seconds": round(seconds, 1),
         "timings": timings, "checkpoints": {k: str(v) for k, v in checkpoints.items()},
@@ -362,6 +248,13 @@ def _print_summary(console, s: dict) -> None:
                 console.print(f"query diversity of {model} on {sp} (mean over {qd['n']} sentences): mask correlation "
                               f"{qd['query_mask_corr']:.3f}, S_q entropy / log Nq {qd['query_weight_entropy']:.3f}, "
                               f"word attention spread {qd['word_attention_spread']:.3f}, on [SOS] {qd['sos_attention']:.3f}")
+    for model, per in s["scores"].items():
+        for sp in splits:
+            ss = per.get(sp, {}).get("sentence_sensitivity")
+            if ss:
+                kernel = f", kernel {ss['kernel_sensitivity']:.3f}" if "kernel_sensitivity" in ss else ""
+                console.print(f"sentence sensitivity of {model} on {sp} (mean over {ss['n']} sentences, each against "
+                              f"one of another ref of its image): mask {ss['mask_sensitivity']:.3f}{kernel}")
     console.print(f"time: {s['seconds']:.0f} s in all ({', '.join(f'{k} {v:.0f} s' for k, v in s['timings'].items())})")
     console.print(f"data:        {s['workdir']}/data (raw REFER format), {s['workdir']}/shards (webdataset)")
     for model, ckpt in s["checkpoints"].items():
