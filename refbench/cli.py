@@ -465,17 +465,59 @@ def ablate(workdir, steps) -> None:
     ablate_mod.main(workdir=workdir, steps=steps)
 
 
-@cli.command()
+class _DefaultCommandGroup(_Group):
+    """A group whose arguments go to its default command unless they start with one of its
+    other commands: `refbench bench step score` runs benchmarks, `refbench bench seeds eavl`
+    the seed table. Its help is the default command's, with the other commands listed."""
+
+    default = "run"
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if not args or (args[0] not in self.commands and args[0] not in ctx.help_option_names):
+            args = [self.default, *args]
+        return super().parse_args(ctx, args)
+
+    def format_help(self, ctx: click.Context, formatter) -> None:
+        run = self.commands[self.default]
+        run.format_help(click.Context(run, info_name=ctx.info_name, parent=ctx.parent), formatter)
+        self.format_commands(ctx, formatter)
+
+
+@cli.group(cls=_DefaultCommandGroup)
+def bench() -> None:
+    """Measure refbench against its baselines side by side and print ratios (default: all)."""
+
+
+@bench.command("run", hidden=True)
 @click.argument("which", nargs=-1, type=RegistryChoice(_benches))
 @click.option("--workdir", type=click.Path(path_type=Path), default=Path("bench"), show_default=True, help="Scratch folder for the benchmark data.")
 @click.option("--images", type=click.IntRange(min=20), default=2000, show_default=True, help="Synthetic images for the data benchmarks.")
 @click.option("--log", type=click.Path(path_type=Path), default=Path("bench/bench.jsonl"), show_default=True, help="JSON lines file the results are appended to.")
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Also write the rows to OUT/bench.json and OUT/bench.md.")
-def bench(which, workdir, images, log, out) -> None:
+def bench_run(which, workdir, images, log, out) -> None:
     """Measure refbench against its baselines side by side and print ratios (default: all)."""
     from refbench import bench as bench_mod
 
     bench_mod.main(which=which or ("all",), settings=bench_mod.BenchSettings(workdir=workdir, images=images, log=log), out=out)
+
+
+@bench.command("seeds")
+@click.argument("models", nargs=-1, required=True)
+@click.option("--seeds", "seed_list", default="0-3", show_default=True, help="Training seeds: a range (0-3), a list (0,2,5) or a count (4).")
+@click.option("--steps", type=click.IntRange(min=1), default=None, help="Training steps per run [default: the quickstart's].")
+@click.option("--set", "overrides", multiple=True, metavar="FIELD=VALUE", help="Set a model config field of every MODEL, e.g. --set attend_sos=False (repeatable).")
+@click.option("--isa", type=click.Choice(["native", "avx2"]), default="native", show_default=True, help="CPU kernels of the runs: native, or avx2 (torch and oneDNN held to AVX2: another CPU kind's numbers on this one).")
+@click.option("--split", "splits", multiple=True, help="Split to score (repeatable) [default: the quickstart's val, testA, testB].")
+@click.option("--lanes", type=click.IntRange(min=1), default=None, help="Runs at once, one thread each [default: one per core].")
+@click.option("--workdir", type=click.Path(path_type=Path), default=Path("bench/seeds"), show_default=True, help="Folder for data, runs, records and the table.")
+def bench_seeds(models, seed_list, steps, overrides, isa, splits, lanes, workdir) -> None:
+    """Train and score MODEL... with several seeds on the quickstart's plan: mean, sd and a bootstrap interval per model and split."""
+    from refbench.bench import seeds as seeds_mod
+
+    settings = seeds_mod.SeedSettings(models=tuple(models), seeds=seeds_mod.parse_seeds(seed_list), steps=steps,
+                                      overrides=tuple(overrides), isa=isa, workdir=workdir,
+                                      splits=tuple(splits) or None, lanes=lanes)
+    seeds_mod.main(settings)
 
 
 OPENMP_SPINCOUNT = "1000"  # spins an idle OpenMP thread waits actively before it sleeps (libgomp's default: 300,000)

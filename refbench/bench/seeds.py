@@ -1,0 +1,219 @@
+"""`refbench bench seeds MODEL...`: how much a quickstart number moves with the seed, and with the CPU.
+
+One tiny run is not a measurement: tiny training is chaotic, and a run's testB mIoU moves by
+points with the seed (and, for a model on the edge of two basins, with the CPU's float
+rounding). This trains each MODEL with each seed on the quickstart's data and plan (the full
+plan: 2,000 synthetic images, synthetic refcoco_unc, batch 32, the tiny recipe; `--steps`
+changes the length), scores each on the plan's splits (protocol original) and prints, per model
+and split:
+
+    mIoU     mean over seeds, sample standard deviation, a 95% percentile bootstrap interval of
+             the mean (10,000 resamples of the seeds, seed 0), and every seed's value
+    figures  means over seeds of the query diversity (models with queries: mask correlation,
+             [SOS] attention, with its largest seed value) and of the sentence sensitivity
+             (refbench.sensitivity: mask, kernel)
+
+The runs go side by side (refbench.sidebyside), one thread each, as many at once as there are
+cores. `--set FIELD=VALUE` changes a config field of every MODEL (a candidate reading of a
+paper, say); `--isa avx2` runs the children on AVX2 kernels (`sidebyside.ISA_ENV`), so one
+machine gives the other CPU kind's numbers, and the table says which capability each ran on.
+Runs live in WORKDIR/runs/<isa>/<model>[+<overrides>]/seed<k>, reused while they match (the
+run-state rule of every command); the table goes to WORKDIR/seeds.md and seeds.json
+(atomically, the previous table kept in seeds.jsonl).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+from refbench import prepare, results
+from refbench.errors import RefbenchError
+from refbench.fsutil import atomic_write_json, atomic_write_text
+from refbench.sidebyside import ISA_ENV, Job, run_jobs
+
+BOOTSTRAP_RESAMPLES = 10_000  # resamples of the seeds for the interval of the mean
+
+
+@dataclass(frozen=True)
+class SeedSettings:
+    models: tuple[str, ...]  # registry names, each trained with every seed
+    seeds: tuple[int, ...]  # training seeds (the data is the plan's, the same for all)
+    steps: int | None  # training steps per run; None = the quickstart's full plan
+    overrides: tuple[str, ...]  # FIELD=VALUE model config fields set for every model
+    isa: str  # a key of sidebyside.ISA_ENV
+    workdir: Path  # data, shards, runs, results and the table
+    splits: tuple[str, ...] | None  # splits scored; None = the plan's
+    lanes: int | None  # runs at once; None = one per usable core
+
+
+def parse_seeds(text: str) -> tuple[int, ...]:
+    """`0-3` -> (0, 1, 2, 3); `0,2,5` -> (0, 2, 5); `4` -> (0, 1, 2, 3) (a count)."""
+    parts = text.replace(" ", "")
+    try:
+        if "-" in parts:
+            lo, hi = parts.split("-")
+            seeds = tuple(range(int(lo), int(hi) + 1))
+        elif "," in parts:
+            seeds = tuple(int(s) for s in parts.split(","))
+        else:
+            seeds = tuple(range(int(parts)))
+    except ValueError:
+        seeds = ()
+    if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
+        raise RefbenchError(f"--seeds {text!r}: expected a range (0-3), a list (0,2,5) or a count (4) of distinct seeds >= 0")
+    return seeds
+
+
+def run_tag(model: str, overrides: dict) -> str:
+    """`eavl` or `eavl+attend_sos=False+scaled_attention=True`: a run family's name (folders, rows)."""
+    return "+".join([model.replace(":", "."), *(f"{k}={v}" for k, v in sorted(overrides.items()))])
+
+
+def bootstrap_mean_ci(values: list[float], resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0) -> tuple[float, float]:
+    """95% percentile bootstrap interval of the mean of `values` (resampled with replacement)."""
+    x = np.asarray(values, dtype=np.float64)
+    if len(x) < 2:
+        return float(x.mean()), float(x.mean())
+    idx = np.random.default_rng(seed).integers(0, len(x), size=(resamples, len(x)))
+    means = x[idx].mean(axis=1)
+    return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+
+
+def summarize(per_seed: dict[int, dict]) -> dict:
+    """One (model, split)'s seeds -> mean, sd, interval and the figures' means."""
+    seeds = sorted(per_seed)
+    miou = [per_seed[s]["mIoU"] for s in seeds]
+    row = {"seeds": seeds, "mIoU": dict(zip(map(str, seeds), miou)), "mean": statistics.fmean(miou),
+           "sd": statistics.stdev(miou) if len(miou) > 1 else 0.0, "ci95": bootstrap_mean_ci(miou)}
+    for key in ("sos_attention", "query_mask_corr", "mask_sensitivity", "kernel_sensitivity"):
+        vals = [per_seed[s][key] for s in seeds if per_seed[s].get(key) is not None]
+        if len(vals) == len(seeds):
+            row[key] = {"mean": statistics.fmean(vals), "min": min(vals), "max": max(vals),
+                        "values": dict(zip(map(str, seeds), vals))}
+    row["capability"] = sorted({per_seed[s]["capability"] for s in seeds})
+    return row
+
+
+def _figures(record_path: Path) -> dict:
+    record = results.load_record(record_path)
+    out = {"mIoU": record.metrics["mIoU"], "oIoU": record.metrics["oIoU"]}
+    out.update({k: v for k, v in (record.extras.get("query_diversity") or {}).items() if k != "n"})
+    out.update({k: v for k, v in (record.extras.get("sentence_sensitivity") or {}).items() if k != "n"})
+    return out
+
+
+def main(settings: SeedSettings, console: Console | None = None) -> dict:
+    """Train and score every (model, seed), print the table, write seeds.md / seeds.json; returns the table."""
+    from refbench import models, quickstart
+    from refbench.train import parse_overrides
+
+    console = console or Console(width=None if sys.stdout.isatty() else 160)  # the table's columns, also in a log file
+    if settings.isa not in ISA_ENV:
+        raise RefbenchError(f"--isa {settings.isa!r}: one of {', '.join(ISA_ENV)}")
+    overrides = parse_overrides(settings.overrides)
+    for m in settings.models:
+        models.make_config(m, "tiny", **overrides)  # an unknown model or field, a bad value: one line, before any work
+    plan = quickstart.PLANS["full"]
+    if settings.steps:
+        plan = dataclasses.replace(plan, steps=settings.steps)
+    splits = tuple(settings.splits or plan.eval_splits)
+    plan = dataclasses.replace(plan, eval_splits=splits, vis=0)
+    workdir = Path(settings.workdir)
+    data, shards, res = workdir / "data", workdir / "shards", workdir / "results"
+    t0 = time.perf_counter()
+    quickstart._synth(data, plan, console)
+    prepare.main(dataset="refcoco", split_by="unc", data=data, out=shards, shard_size=plan.shard_size)
+    cores = prepare.usable_cores()
+    jobs = []
+    for m in settings.models:
+        tag = run_tag(m, overrides)
+        for seed in settings.seeds:
+            out = workdir / "runs" / settings.isa / tag / f"seed{seed}"
+            cfg = quickstart.train_config(m, plan.steps, plan, shards, out, seed=seed, overrides=overrides)
+            cfg = dataclasses.replace(cfg, quiet=True, recipe=dataclasses.replace(cfg.recipe, workers=0))
+            score = dict(dataset=plan.dataset, splits=list(splits), shards=shards, results=res,
+                         run_name=f"seeds-{tag}-{settings.isa}-seed{seed}", batch_size=64, workers=0)
+            jobs.append(Job(f"{tag} seed {seed}", cfg, score))
+    lanes = settings.lanes or max(1, cores)
+    done = run_jobs(jobs, lanes=lanes, threads=1, console=console, cores=cores, env=ISA_ENV[settings.isa])
+    table: dict = {"plan": {"steps": plan.steps, "batch_size": plan.batch_size, "dataset": plan.dataset,
+                            "images": plan.images, "data_seed": plan.seed, "protocol": "original", "synthetic": True},
+                   "isa": settings.isa, "overrides": overrides, "rows": []}
+    for m in settings.models:
+        tag = run_tag(m, overrides)
+        for split in splits:
+            per_seed = {}
+            for seed in settings.seeds:
+                result = done[f"{tag} seed {seed}"]
+                (record,) = [e for e in result.records if e.split == split]
+                per_seed[seed] = {**_figures(record.path), "capability": result.capability}
+            table["rows"].append({"model": tag, "split": split, **summarize(per_seed)})
+    table["seconds"] = round(time.perf_counter() - t0, 1)
+    print_table(table, console)
+    write_table(table, workdir)
+    return table
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.2f}"
+
+
+def table_lines(table: dict) -> list[str]:
+    """The table as markdown lines (seeds.md)."""
+    plan = table["plan"]
+    lines = [f"tiny models, {plan['steps']} steps, synthetic {plan['dataset']} (protocol {plan['protocol']}), "
+             f"ISA {table['isa']}; mIoU in % over seeds: mean, sample sd, 95% bootstrap interval of the mean", "",
+             "| model | split | seeds | mIoU mean | sd | 95% CI | per seed | on [SOS] (max) | mask corr (max) | "
+             "mask sens. | kernel sens. (min) | CPU |",
+             "|---|---|---|---:|---:|---|---|---:|---:|---:|---:|---|"]
+    for r in table["rows"]:
+        def fig(key: str, extreme: str | None = None) -> str:
+            f = r.get(key)
+            if f is None:
+                return "-"
+            return f"{f['mean']:.3f}" + (f" ({f[extreme]:.3f})" if extreme else "")
+        per_seed = " / ".join(_pct(v) for v in r["mIoU"].values())
+        lines.append(f"| {r['model']} | {r['split']} | {','.join(map(str, r['seeds']))} | {_pct(r['mean'])} | "
+                     f"{100 * r['sd']:.2f} | [{_pct(r['ci95'][0])}, {_pct(r['ci95'][1])}] | {per_seed} | "
+                     f"{fig('sos_attention', 'max')} | {fig('query_mask_corr', 'max')} | {fig('mask_sensitivity')} | "
+                     f"{fig('kernel_sensitivity', 'min')} | {','.join(r['capability'])} |")
+    return lines
+
+
+def print_table(table: dict, console: Console) -> None:
+    plan = table["plan"]
+    t = Table(title=f"refbench bench seeds: tiny models, {plan['steps']} steps, synthetic {plan['dataset']}, "
+                    f"protocol {plan['protocol']}, ISA {table['isa']} (mIoU %, over seeds)", title_justify="left")
+    for col in ("model", "split", "seeds", "mIoU mean", "sd", "95% CI of mean", "per seed", "on [SOS] mean (max)",
+                "kernel sens. mean (min)", "mask sens.", "CPU"):
+        t.add_column(col, justify="left" if col in ("model", "split", "seeds", "per seed", "CPU") else "right")
+    for r in table["rows"]:
+        sos, ks, ms = r.get("sos_attention"), r.get("kernel_sensitivity"), r.get("mask_sensitivity")
+        t.add_row(r["model"], r["split"], str(len(r["seeds"])), _pct(r["mean"]), f"{100 * r['sd']:.2f}",
+                  f"[{_pct(r['ci95'][0])}, {_pct(r['ci95'][1])}]", " / ".join(_pct(v) for v in r["mIoU"].values()),
+                  f"{sos['mean']:.3f} ({sos['max']:.3f})" if sos else "-",
+                  f"{ks['mean']:.3f} ({ks['min']:.3f})" if ks else "-", f"{ms['mean']:.3f}" if ms else "-",
+                  ",".join(r["capability"]))
+    console.print(t)
+    console.print(f"time: {table['seconds']:.0f} s")
+
+
+def write_table(table: dict, workdir: Path) -> None:
+    """seeds.json and seeds.md (atomic), and one more line in seeds.jsonl (every table so far)."""
+    workdir = Path(workdir)
+    atomic_write_json(workdir / "seeds.json", table)
+    atomic_write_text(workdir / "seeds.md", "\n".join(table_lines(table)) + "\n")
+    history = workdir / "seeds.jsonl"
+    old = history.read_text() if history.exists() else ""
+    atomic_write_text(history, old + json.dumps(table) + "\n")
+
