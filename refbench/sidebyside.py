@@ -6,10 +6,11 @@ a few cores separate one-thread runs get through more steps than runs one after 
 all the cores (2 cores, 60 steps of each tiny model: 62.7 s one after another on two threads,
 48.8 s side by side on one thread each).
 
-    run_jobs(jobs, lanes, threads)   up to `lanes` training processes at once (`threads` torch
-                                     threads each), in job order; each finished run is scored
+    run_jobs(jobs, lanes, threads)   up to `lanes` processes at once, trainings (`threads` torch
+                                     threads each) in job order; each finished run is scored
                                      (refbench.evaluate.evaluate_checkpoint) in a process of its
-                                     own, on the cores the runs still training leave free
+                                     own before the next training starts, on the cores the runs
+                                     still training leave free
     progress                         one live line per run while it trains (step, samples/s,
                                      ETA, from its log.jsonl): rich bars on a terminal, a plain
                                      line per run every `every` seconds otherwise (a log file, CI)
@@ -212,9 +213,10 @@ class _Progress:
 
 def run_jobs(jobs: list[Job], *, lanes: int, threads: int, console, cores: int = 1, env: dict[str, str] | None = None,
              every: float = 30.0) -> dict[str, JobResult]:
-    """Train every job, at most `lanes` at a time on `threads` threads each, and score each one
-    (`Job.score`) as soon as it is trained, on `threads` threads or, of the `cores`, all that the
-    runs still training leave. `env`: environment variables of the child processes. Returns
+    """Train every job and score each one (`Job.score`) once it is trained: at most `lanes`
+    processes at a time, a trained run's scoring before the next training, each training on
+    `threads` threads, each scoring on `threads` or, of the `cores`, all that the runs still
+    training leave. `env`: environment variables of the child processes. Returns
     {job name: JobResult} in job order; the first failure stops the others and is raised."""
     import multiprocessing
 
@@ -225,6 +227,7 @@ def run_jobs(jobs: list[Job], *, lanes: int, threads: int, console, cores: int =
     if len(by_name) != len(jobs):
         raise ValueError("side-by-side job names must be distinct")
     running: dict[tuple[str, str], tuple] = {}  # (kind, job name) -> (process, receiving end)
+    scoring: list[tuple[str, str]] = []  # trained runs waiting for a lane to be scored: (job name, best.pt)
     done: dict[str, JobResult] = {}
 
     def start(kind: str, name: str, fn, args: tuple, n_threads: int) -> None:
@@ -240,11 +243,16 @@ def run_jobs(jobs: list[Job], *, lanes: int, threads: int, console, cores: int =
 
     try:
         with _Progress(console, jobs, every) as progress:
-            while pending or running:
-                while pending and training() < lanes:
-                    job = pending.pop(0)
-                    progress.started(job.name)
-                    start("train", job.name, _train_quietly, (job.train,), threads)
+            while pending or scoring or running:
+                while len(running) < lanes and (scoring or pending):  # a trained run's scoring first
+                    if scoring:
+                        name, path = scoring.pop(0)
+                        progress.status(name, "scoring")
+                        start("eval", name, _score, (path, by_name[name].score), max(threads, cores - threads * training()))
+                    else:
+                        job = pending.pop(0)
+                        progress.started(job.name)
+                        start("train", job.name, _train_quietly, (job.train,), threads)
                 for (kind, name), (proc, recv) in list(running.items()):
                     if not recv.poll():
                         if kind == "train":
@@ -268,9 +276,8 @@ def run_jobs(jobs: list[Job], *, lanes: int, threads: int, console, cores: int =
                                                capability=capability)
                         console.print(f"{name}: {reason}" + (": reused" if state == "done" else f"; trained in {took:.0f} s"))
                         if job.score is not None:
-                            progress.status(name, "scoring")
-                            free = max(threads, cores - threads * training())
-                            start("eval", name, _score, (path, job.score), free)
+                            scoring.append((name, path))
+                            progress.status(name, "trained, to be scored")
                         else:
                             progress.status(name, "trained")
                     else:
