@@ -15,34 +15,52 @@ Choices the paper leaves open, and where we read it, documented once here:
 - Decoder: 8 heads, width 512, FFN 2048 (4.1); 3 layers as CRIS (the paper gives no count).
 - Each sigma(F W) of eqs 8-10 (W_t, W_vg, W_vd, W_a, W_tv) is Linear -> ReLU -> LayerNorm
   (`query_norm="after"`): where normalisation sits is the paper's open choice, and this is the
-  one that keeps the queries apart (below). Eq 9's product is not scaled (as written). W_vd acts
-  on a flattened H3*W3 map, so EAVL takes exactly `image_size` square inputs.
-- Eq 9's softmax runs over every token but padding, CLIP's [SOS] included (the paper's words
-  i = 1..L are F_t's, which it builds with [SOS] prepended). [SOS] has one feature whatever the
-  sentence (the text encoder is causal), so a query on it is language-free: on the quickstart's
-  data 3 of 4 seeds put 0.81-0.98 of the queries' attention there (refbench.diversity's
+  one that keeps the queries apart (below). W_vd acts on a flattened H3*W3 map, so EAVL takes
+  exactly `image_size` square inputs.
+- Eq 9's softmax runs over every token but padding, CLIP's [SOS] included (`attend_sos`; the
+  paper's words i = 1..L are F_t's, which it builds with [SOS] prepended), and its product is
+  not scaled (`scaled_attention=False`, as written). [SOS] has one feature whatever the sentence
+  (the text encoder is causal), so a query on it is language-free (refbench.diversity's
   `sos_attention`). It is not so at initialisation (0.10-0.30 over seeds 0-7, the softmax
   already nearly one-hot: normalised entropy 0.13-0.23) but settles within the first 30 steps
-  of the warm-up and then holds (seed 0: 0.34, 0.88, 0.99 at steps 10, 20, 30; seed 1 at 128 px:
-  0.07, 0.07, 0.01). Leaving [SOS] out of the softmax was tried (600 steps, seeds 0/1: testB
-  mIoU 56.6/57.8% against 58.9/61.5% with it) and is not done.
+  of the warm-up (seed 0: 0.34, 0.88, 0.99 at steps 10, 20, 30).
+- Normalisation (`norm`): the paper names none. EAVL is built on CRIS's code, so its conv
+  blocks (both necks, eq 7's convs, the pixel path) are CRIS's conv + BatchNorm + ReLU and eq
+  2's sigma(F_tg W_tg) is CRIS's `txt_proj` (Linear without bias, BatchNorm1d, ReLU);
+  `norm="group"` (GroupNorm, no norm on the sentence projection) was the default before.
+- Which readings were measured, and why these (docs/eavl-readings.md has the whole seed table;
+  `refbench bench seeds eavl --set FIELD=VALUE`; 600 steps on the quickstart's data, seeds 0-3,
+  synthetic testB mIoU): the paper as written with GroupNorm 58.46 +- 2.69; eq 9 / sqrt(C)
+  58.09 +- 2.99; [SOS] out of the softmax 55.54 +- 2.87, with the scale 53.58 +- 4.14, with the
+  norm before the ReLU 53.42 +- 2.45, without the decorrelation term 53.80 +- 3.93 (the masks
+  collapse); BatchNorm (`norm="batch"`) 60.32 +- 1.89, with [SOS] out 58.03 +- 2.75, with the
+  scale 55.49 +- 2.55; CRIS 63.04 +- 0.19 (51.11 +- 2.49 with GroupNorm: CRIS's own
+  normalisation is the largest effect measured). BatchNorm is the default: the best mean, the
+  smallest spread, and the same seed within 1.0 point on AVX-512 and AVX2 kernels (0.22 and
+  1.00 at seeds 0/1, where the GroupNorm head moved 6.53 and 3.38). No reading makes the queries
+  read the sentence reliably: with [SOS] in the softmax 2-4 of 4 seeds put over 0.3 of the
+  attention on it, under every reading; with it out the queries read the words and [EOS] but
+  their kernels change less with the sentence than CRIS's (relative change 0.01-0.40 against
+  0.45-0.55) and the runs score lower. The sentence reaches the mask through eq 2 and the
+  decoder either way (mask sensitivity 0.83-0.90 for every reading), so a language-free kernel
+  is a solution the loss does not penalise; nothing outside the paper is added to forbid it.
 - Eq 13's MHSA is a transformer self-attention layer: attention, residual, LayerNorm.
 - Eq 11 writes F_pn = sigma(W_p F_qn), but the text says "a linear layer", and with sigma a
   ReLU every kernel weight and bias would be >= 0 on a non-negative F_p: every logit >= 0,
   every pixel foreground. F_pn is linear here (as CRIS's text-to-pixel projector).
 - Eq 12 writes the convolution over F_s, but the kernel has C_p = C/2 channels and the masks
   are 4H3 x 4W3: the dynamic kernel is applied to F_p, not F_s.
-- Eq 12 gives the convolution no scale. Each generated kernel is divided by sqrt(9 C_p)
-  (`scaled_kernels`, the bias not), as attention divides q.k by sqrt(d): a generated kernel
-  is a dot product with a 9 C_p patch. Unscaled (CRIS's choice, `scaled_kernels=False`), W_p
-  sits behind two fan-ins: the initial logits have std ~5, and Adam, which moves each weight by
-  about lr per step whatever its gradient, shifts whole masks at once. On the quickstart's data
-  the loss then spikes (BCE 0.3 -> 1-5 in one step, gradient norms 40-160 against a clip of 1,
-  the logits' mean swinging between -5 and +5) and runs fall into the language-blind basin:
-  testB mIoU 11-28% in 6 of 7 runs at lr 1e-3 to 3e-3 (500 steps, GPU sweep, fp32). Scaled,
-  8 runs of the same sweep give 12-51% and the probe shows no spike; at the tiny recipe's lr
-  (6e-4, 500 steps) 53.5/55.0/57.6% over seeds 0-2 against 54.0% unscaled (seed 0). It is
-  also what lets the estimator choose (below).
+- Eq 12 gives the convolution no scale (figures of this item: the GroupNorm head). Each
+  generated kernel is divided by sqrt(9 C_p) (`scaled_kernels`, the bias not), as attention
+  divides q.k by sqrt(d): a generated kernel is a dot product with a 9 C_p patch. Unscaled
+  (CRIS's choice, `scaled_kernels=False`), W_p sits behind two fan-ins: the initial logits have
+  std ~5, and Adam, which moves each weight by about lr per step whatever its gradient, shifts
+  whole masks at once. On the quickstart's data the loss then spikes (BCE 0.3 -> 1-5 in one
+  step, gradient norms 40-160 against a clip of 1, the logits' mean swinging between -5 and +5)
+  and runs fall into the language-blind basin: testB mIoU 11-28% in 6 of 7 runs at lr 1e-3 to
+  3e-3 (500 steps, GPU sweep, fp32). Scaled, 8 runs of the same sweep give 12-51% and the probe
+  shows no spike; at the tiny recipe's lr (6e-4, 500 steps) 53.5/55.0/57.6% over seeds 0-2
+  against 54.0% unscaled (seed 0). It is also what lets the estimator choose (below).
 - Loss: the paper says cross-entropy; for one foreground class that is binary cross-entropy
   on the final mask y. Where is a config field (`loss_resolution`): "prediction", against the
   ground truth resized (nearest) to y's resolution H/4 x W/4, as CRIS does (the paper variants);
@@ -54,8 +72,8 @@ Choices the paper leaves open, and where we read it, documented once here:
   masks (query_weights are then all ones).
 
 The N_q queries, and why they are kept apart (refbench.diversity's figures on a quickstart
-testB batch of 16, tiny variant; mask correlation = mean pairwise Pearson correlation of the
-per-query mask logits):
+testB batch of 16, tiny variant, measured with the GroupNorm head, `norm="group"`, the default
+then; mask correlation = mean pairwise Pearson correlation of the per-query mask logits):
 - At initialisation, with plain Linear -> ReLU projections (`query_norm="none"`), eq 8's
   product of two ReLU outputs of default-initialised layers is ~0.006, so every later
   sigma(F W) outputs about its bias: all words give one value vector, eq 9's logits vary by
@@ -127,7 +145,7 @@ class EAVLConfig(BackboneConfig):
     ffn: int = 256  # decoder feed-forward width (paper: 2048)
     layers: int = 3  # decoder layers (CRIS's 3; the paper gives no number)
     dropout: float = 0.0  # decoder dropout (full variants: CRIS's 0.1)
-    norm: str = "group"  # normalisation of the head's conv blocks and of eq 2's sentence projection: "group" (GroupNorm; the sentence projection then has none) or "batch" (BatchNorm, as CRIS's code EAVL is built on)
+    norm: str = "batch"  # normalisation of the head's conv blocks and of eq 2's sentence projection: "batch" (BatchNorm, as CRIS's code EAVL is built on) or "group" (GroupNorm; the sentence projection then has none)
     num_queries: int = 24  # N_q, queries and masks (Table 2: 24 is best)
     aligner: str = "dynamic"  # "dynamic": the Vision-Language Aligner; "fixed": Table 3's fixed-kernel conv
     global_vision: bool = True  # use F_vg in eq 8 (Table 4); False: F_tv from F_t alone
@@ -311,5 +329,5 @@ SPEC = ModelSpec(
     variants=make_variants(SMALL_HEAD, FULL_HEAD),
     build=EAVL,
     description="EAVL (Yan et al. 2023): Nq queries -> dynamic kernels -> weighted mask sum",
-    absent_means={"scaled_kernels": False},  # checkpoints written before the field had unscaled kernels
+    absent_means={"scaled_kernels": False, "norm": "group"},  # what checkpoints written before these fields had
 )

@@ -15,12 +15,11 @@ padding; position 0 is CLIP's [SOS] token). Four figures, each averaged over sam
                          estimator is ablated): CLIP's text encoder is causal, so [SOS] has the
                          same feature whatever the sentence; 1.0 = the queries read nothing of it
 
-Why the last one: in the quickstart's 600-step tiny EAVL runs (testB), seeds 0, 2 and 3 put
-0.98, 0.81 and 0.88 of the queries' attention on [SOS] (their kernels are language-free; the
-sentence reaches the mask only through the Fusion Neck's F_tg), seed 1 puts 0.00 there and
-0.18 on [EOS]. Which way a run goes follows its initialisation (over the learning rates,
-batches, clipping and step counts tried, seeds 0 and 2 always locked on, seed 1 never), and
-it shows in no other figure.
+Why the last one: in the quickstart's 600-step tiny EAVL runs (testB, the GroupNorm head of
+the time), seeds 0, 2 and 3 put 0.98, 0.81 and 0.88 of the queries' attention on [SOS] (their
+kernels are language-free: refbench.sensitivity's kernel figure reads 0.005-0.019 there against
+CRIS's 0.45), seed 1 puts 0.00 there and 0.18 on [EOS]. It shows in no other figure of these
+four; docs/eavl-readings.md has it for every reading measured.
 
 A figure that does not exist for a model is left out: correlation and entropy need N_q >= 2,
 entropy needs weights that are a distribution (not the all-ones of an ablated estimator), the

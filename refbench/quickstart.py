@@ -19,14 +19,13 @@ with like. On two cores or more the models train side by side, one process each 
 share of the cores (`side_by_side`): a tiny step is hundreds of small kernels that a second
 thread barely speeds up, so three one-thread runs at once get through about 1.3x the steps of
 three two-thread runs one after another. A model is scored in a process of its own as soon as
-it is trained, on the cores the runs still training leave free. `full`: 600 steps each, about
-5 epochs of the 3,795 train refs, the time of the 500 that fitted one after another. Measured
-(seed 0, 2 idle CPU cores): testB mIoU EAVL 0.589, CRIS 0.630, blind 0.152, the whole run 481 s
-(other runs of the same work 486 to 535 s). The language-blind control stays under 0.35; tiny
-EAVL misses the 0.60 bar: at 600 steps its testB mIoU over seeds 0-3 is 0.589 / 0.615 / 0.584 /
-0.550, at 700 0.592-0.598, at 800 (seeds 0/1) 0.605 / 0.627, and 800 steps of all three models
-do not fit in ten minutes on 2 cores (the bar was set when EAVL trained 1000 steps and the
-others less: 1000 steps give 0.647).
+it is trained, on the cores the runs still training leave free; while they train,
+`refbench.sidebyside` prints one progress line per run (step, samples/s, ETA). `full`: 600
+steps each, about 5 epochs of the 3,795 train refs. Measured (seed 0, 2 idle AVX-512 CPU cores,
+`refbench quickstart`): testB mIoU EAVL 0.609, CRIS 0.630, blind 0.152, the whole run 437 s
+(813 CPU-s). Over seeds 0-3 (`refbench bench seeds eavl cris blind`, docs/eavl-readings.md):
+EAVL 0.603 +- 0.019, CRIS 0.630 +- 0.002, blind 0.168 +- 0.015. The language-blind control
+stays under 0.35.
 `check` (the default test suite's quality test) is the same data with fewer steps;
 `fast` (`--fast`, also used by the tests) is a smaller dataset and a few steps, for checking
 that every stage connects, not for quality.
