@@ -62,31 +62,31 @@ def _cris_variants() -> list[str]:
 
 
 def _recipes() -> list[str]:
-    from refbench.recipes import RECIPES
+    from refbench.train.recipes import RECIPES
 
     return list(RECIPES)
 
 
 def _amp_modes() -> list[str]:
-    from refbench.recipes import AMP_MODES
+    from refbench.train.recipes import AMP_MODES
 
     return list(AMP_MODES)
 
 
 def _protocols() -> list[str]:
-    from refbench.metrics import PROTOCOLS
+    from refbench.eval.metrics import PROTOCOLS
 
     return list(PROTOCOLS)
 
 
 def _datasets() -> list[str]:
-    from refbench.datasets import DATASETS
+    from refbench.data.datasets import DATASETS
 
     return list(DATASETS)
 
 
 def _split_bys() -> list[str]:
-    from refbench.datasets import SPLIT_BYS
+    from refbench.data.datasets import SPLIT_BYS
 
     return list(SPLIT_BYS)
 
@@ -201,7 +201,7 @@ def synth(out: Path, images: int | None, seed: int, parquet: bool) -> None:
     --parquet also OUT/<dataset>/README.md and data/<split>-00000-of-00001.parquet (prepare them
     with `refbench prepare --source hf`).
     """
-    from refbench import synth as synth_mod
+    from refbench.data.synth import generate as synth_mod
 
     synth_mod.main(out=out, images=images, seed=seed, parquet=parquet)
 
@@ -228,7 +228,7 @@ def prepare(dataset, split_by, all_, data, images, out, workers, skip_bad, shard
 
     Output: OUT/<dataset>_<splitby>/<split>/<split>-NNNNNN.tar and OUT/<dataset>_<splitby>/manifest.json.
     """
-    from refbench import prepare as prepare_mod
+    from refbench.data import prepare as prepare_mod
 
     prepare_mod.main(
         dataset=dataset, split_by=split_by, all_=all_, data=data, images=images, out=out,
@@ -242,7 +242,7 @@ def prepare(dataset, split_by, all_, data, images, out, workers, skip_bad, shard
 @cli.command("models")
 def models_cmd() -> None:
     """List the registered models, their variants and config fields."""
-    from refbench import report
+    from refbench.report import console as report
 
     report.print_models()
 
@@ -273,7 +273,7 @@ def train(model, variant, dataset, shards, recipe, epochs, steps, batch_size, lr
 
     Multi-GPU / multi-node: torchrun --nproc_per_node 8 -m refbench train eavl ...
     """
-    from refbench import train as train_mod
+    from refbench.train import loop as train_mod
 
     train_mod.main(
         model=model, variant=variant, dataset=dataset, shards=shards, recipe=recipe, epochs=epochs,
@@ -299,7 +299,7 @@ def convert() -> None:
 @click.option("--context-length", type=click.IntRange(min=2, max=77), default=17, show_default=True, help="CRIS's word_len (17 RefCOCO/RefCOCO+, 22 G-Ref), used by predict.")
 def convert_cris_cmd(ckpt, out, variant, image_size, dataset, context_length) -> None:
     """A CRIS.pytorch checkpoint (its state-dict keys, "module." prefixed) -> refbench checkpoint."""
-    from refbench import convert as convert_mod
+    from refbench.train import convert as convert_mod
 
     path = convert_mod.convert_cris(ckpt, out, variant=variant, image_size=image_size, dataset=dataset,
                                     context_length=context_length)
@@ -323,7 +323,7 @@ def convert_cris_cmd(ckpt, out, variant, image_size, dataset, context_length) ->
 @click.option("--run-name", default=None, help="Name of the run in the record [default: the checkpoint's run folder].")
 def eval_cmd(checkpoint, dataset, split, shards, protocol, batch_size, workers, vis, results, run_name) -> None:
     """Score a checkpoint on a split: every sentence of every ref, mIoU, oIoU, Pr@0.5..0.9."""
-    from refbench import evaluate
+    from refbench.eval import evaluate
 
     evaluate.main(
         checkpoint=checkpoint, dataset=dataset, split=split, shards=shards, protocol=protocol,
@@ -339,7 +339,7 @@ def eval_cmd(checkpoint, dataset, split, shards, protocol, batch_size, workers, 
 @click.option("--reported", type=click.Path(path_type=Path), default=None, help="Folder of reported (paper) rows [default: the rows shipped with refbench].")
 def leaderboard(dataset, fmt, out, results, reported) -> None:
     """Gather measured records and reported paper rows into one leaderboard table."""
-    from refbench import leaderboard as lb
+    from refbench.report import leaderboard as lb
 
     given = click.get_current_context().get_parameter_source("results") != click.core.ParameterSource.DEFAULT
     lb.main(dataset=dataset, fmt=fmt, out=out, results=results, reported=reported, results_required=given)
@@ -352,7 +352,7 @@ def leaderboard(dataset, fmt, out, results, reported) -> None:
 @click.option("--seed", type=int, default=0, show_default=True, help="Bootstrap seed.")
 def compare(result_a, result_b, samples, seed) -> None:
     """Paired bootstrap of two result records on the same split: B - A with its 95% interval."""
-    from refbench import results as results_mod
+    from refbench.eval import results as results_mod
 
     results_mod.main_compare(result_a, result_b, samples=samples, seed=seed)
 
@@ -373,7 +373,7 @@ def sentences(dataset, split, shards, out) -> None:
     file_name (the COCO image file), height, width, category_id, sentence (raw text).
     Run your model over it and score the masks with `refbench score`.
     """
-    from refbench import score as score_mod
+    from refbench.eval import score as score_mod
 
     score_mod.main_sentences(dataset=dataset, split=split, shards=shards, out=out)
 
@@ -392,7 +392,7 @@ def predictions(checkpoint, split, dataset, shards, out, protocol, batch_size, w
 
     Scoring the file under the same --protocol gives exactly the per-sentence I and U of `refbench eval`.
     """
-    from refbench import predictions as predictions_mod
+    from refbench.eval import predictions as predictions_mod
 
     predictions_mod.main(checkpoint=checkpoint, split=split, dataset=dataset, shards=shards, out=out,
                          protocol=protocol, batch_size=batch_size, workers=workers)
@@ -424,7 +424,7 @@ def score_cmd(predictions_path, dataset, split, method, variant, shards, protoco
     Every sentence of the split exactly once (see `refbench sentences`); a bad submission
     is refused with one line and nothing is written.
     """
-    from refbench import score as score_mod
+    from refbench.eval import score as score_mod
 
     score_mod.main(predictions=predictions_path, dataset=dataset, split=split, method=method, variant=variant,
                    shards=shards, protocol=protocol, results=results, note=note)
@@ -437,7 +437,7 @@ def score_cmd(predictions_path, dataset, split, method, variant, shards, protoco
 @click.option("--out", type=click.Path(path_type=Path), default=Path("mask.png"), show_default=True, help="Mask PNG; the overlay goes beside it as <out>-overlay.png.")
 def predict(checkpoint, image, text, out) -> None:
     """Segment what TEXT refers to in one IMAGE: writes the mask PNG and an overlay."""
-    from refbench import visualize
+    from refbench.eval import visualize
 
     visualize.main_predict(checkpoint=checkpoint, image=image, text=text, out=out)
 
@@ -460,7 +460,7 @@ def quickstart(workdir, fast) -> None:
 @click.option("--steps", type=click.IntRange(min=1), default=None, help="Training steps per ablation run.")
 def ablate(workdir, steps) -> None:
     """Reproduce the shape of the EAVL paper's ablations (Tables 2-4) on synthetic RefCOCO+."""
-    from refbench import ablate as ablate_mod
+    from refbench.ablate import run as ablate_mod
 
     ablate_mod.main(workdir=workdir, steps=steps)
 

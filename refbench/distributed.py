@@ -1,6 +1,6 @@
 """One home for the process group: rank/world discovery, setup, barriers, precision.
 
-Training (`refbench.train`), evaluation (`refbench.evaluate`) and the loaders
+Training (`refbench.train`), evaluation (`refbench.eval.evaluate`) and the loaders
 (`refbench.data`) all need to know which rank they are, how many ranks there are, which
 device to use and which autocast dtype an `--amp` setting means. They ask this module, so
 none of them imports another for it.
@@ -25,7 +25,7 @@ from typing import Any
 import torch
 import torch.distributed as torch_dist
 
-from refbench.recipes import AMP_MODES
+AMP_MODES = ("auto", "bf16", "fp16", "off")  # the values of a recipe's amp (autocast_dtype); refbench.train.recipes re-exports them
 
 
 @dataclass(frozen=True)

@@ -42,12 +42,16 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from refbench import evaluate, leaderboard, prepare, results, synth
+from refbench.eval import evaluate
+from refbench.report import leaderboard
+from refbench.data import prepare
+from refbench.eval import results
+from refbench.data.synth import generate as synth
 from refbench.fsutil import atomic_write_json
-from refbench.recipes import get_recipe
-from refbench.refer import split_order
-from refbench.sidebyside import Job, run_jobs, side_by_side
-from refbench.train import TrainConfig, ensure_trained
+from refbench.train.recipes import get_recipe
+from refbench.data.sources.refer import split_order
+from refbench.train.sidebyside import Job, run_jobs, side_by_side
+from refbench.train.loop import TrainConfig, ensure_trained
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ DATASET = "refcoco_unc"  # the prepared dataset the tests train and score on
 
 def tiny_recipe(steps: int, batch_size: int = 4, workers: int = 0, **changes):
     """The `tiny` recipe cut down for tests: `steps` optimiser steps, a short warm-up, every step logged."""
-    from refbench.recipes import get_recipe
+    from refbench.train.recipes import get_recipe
 
     rec = get_recipe("tiny", steps=steps, batch_size=batch_size, workers=workers)
     return dataclasses.replace(rec, warmup_steps=2, log_every=1, **changes)
@@ -33,7 +33,7 @@ def tiny_recipe(steps: int, batch_size: int = 4, workers: int = 0, **changes):
 def train_config(shards: Path, out: Path, model: str = "eavl", **kw):
     """A TrainConfig on `shards`/refcoco_unc, tiny variant, quiet; `kw` goes to tiny_recipe, except
     TrainConfig's own fields (resume, stop_after, seed, model_overrides)."""
-    from refbench.train import TrainConfig
+    from refbench.train.loop import TrainConfig
 
     own = {k: kw.pop(k) for k in ("resume", "stop_after", "seed", "model_overrides") if k in kw}
     shards = shards if "://" in str(shards) else Path(shards)  # a URL stays a string

@@ -28,7 +28,7 @@ def synth_root(tmp_path_factory):
 
     Read-only for tests: copy it (shutil.copytree) before corrupting anything.
     """
-    from refbench import synth
+    from refbench.data.synth import generate as synth
 
     root = tmp_path_factory.mktemp("synth") / "data"
     synth.generate(root, SYNTH_IMAGES, seed=0, workers=1)
@@ -38,7 +38,7 @@ def synth_root(tmp_path_factory):
 @pytest.fixture(scope="session")
 def shards_root(tmp_path_factory, synth_root):
     """`synth_root` prepared with all four dataset/partitions: <root>/<dataset>_<splitby>/..., read-only."""
-    from refbench import prepare
+    from refbench.data import prepare
 
     out = tmp_path_factory.mktemp("shards")
     prepare.main(all_=True, data=synth_root, out=out, workers=2, shard_size=SYNTH_SHARD_SIZE)
@@ -52,7 +52,7 @@ SMALL_SHARD_SIZE = 2  # images per shard in `small_shards_root`: every split has
 def small_shards_root(tmp_path_factory, synth_root):
     """`synth_root`'s refcoco prepared with 2 images per shard (<root>/refcoco_unc), read-only:
     enough shards in every split for 2-rank training and evaluation."""
-    from refbench import prepare
+    from refbench.data import prepare
 
     out = tmp_path_factory.mktemp("small_shards")
     prepare.main(dataset="refcoco", data=synth_root, out=out, workers=1, shard_size=SMALL_SHARD_SIZE)
@@ -68,7 +68,7 @@ def tiny_run(tmp_path_factory, shards_root):
     seed 0, loss logged every step): the run folder with last.pt, best.pt and log.jsonl. Read-only."""
     from _harness import torch_threads, train_config
 
-    from refbench.train import train
+    from refbench.train.loop import train
 
     out = tmp_path_factory.mktemp("runs") / "tiny-eavl"
     with torch_threads(1):
@@ -82,7 +82,7 @@ def init_run(tmp_path_factory, shards_root):
     nothing yet, it predicts non-empty masks, so I, U and the metrics of an eval are all informative."""
     from _harness import torch_threads, train_config
 
-    from refbench.train import train
+    from refbench.train.loop import train
 
     out = tmp_path_factory.mktemp("runs") / "tiny-eavl-init"
     with torch_threads(1):

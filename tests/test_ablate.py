@@ -14,10 +14,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from refbench import ablate, metrics
-from refbench.ablate import AblationConfig, Report, Row, Setting
+from refbench.ablate import run as ablate
+from refbench.eval import metrics
+from refbench.ablate.run import AblationConfig, Report, Row, Setting
 from refbench.errors import RefbenchError
-from refbench.leaderboard import load_ablations
+from refbench.report.leaderboard import load_ablations
 
 FULL = Setting(24, "dynamic", True, True)
 
@@ -207,7 +208,9 @@ def test_plot_is_a_png_with_both_panels(tmp_path):
 
 
 def test_smoke_run_then_rerun_reuses_everything_and_resumes_a_partial_run(tmp_path, shards_root):
-    from refbench import checkpoint, results, train
+    from refbench import checkpoint
+    from refbench.eval import results
+    from refbench.train import loop as train
 
     def state(run):
         return train.run_state(ablate.train_config(cfg, run, shards_root)).state

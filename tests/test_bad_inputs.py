@@ -24,7 +24,7 @@ from typing import Callable
 import pytest
 
 from _harness import DATASET, assert_one_line_error, cli
-from refbench import refer
+from refbench.data.sources import refer
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -291,7 +291,7 @@ def test_bad_input(case: Case, tmp_path, synth_root, request):
 
 def test_skip_bad_lists_every_door_defect_in_the_manifest(tmp_path, synth_root, request):
     """With --skip-bad each defect is skipped, listed in the manifest, and the rest is prepared."""
-    from refbench import prepare
+    from refbench.data import prepare
 
     ctx = Ctx(tmp_path / "work", synth_root, request)
     ctx.tmp.mkdir()
@@ -331,7 +331,7 @@ def test_skip_bad_lists_every_door_defect_in_the_manifest(tmp_path, synth_root, 
 
 def test_an_unexpected_exception_is_one_line_naming_a_bug_and_its_log(tmp_path, monkeypatch):
     """A refbench bug reaches the user as one line (exit 1) and the traceback goes to a log file."""
-    from refbench import prepare
+    from refbench.data import prepare
 
     def broken(**kwargs):
         return {}["a key that is not there"]
@@ -352,7 +352,7 @@ def test_an_unexpected_exception_is_one_line_naming_a_bug_and_its_log(tmp_path, 
 def test_disk_full_is_one_line_naming_the_file(tmp_path, monkeypatch):
     import errno
 
-    from refbench import prepare
+    from refbench.data import prepare
 
     def full(**kwargs):
         raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "shards" / "x.tar"))
@@ -367,7 +367,7 @@ def test_disk_full_is_one_line_naming_the_file(tmp_path, monkeypatch):
 def test_resume_of_a_finished_run_says_so_and_changes_nothing(init_run, shards_root, tmp_path, capsys):
     from _harness import train_config
 
-    from refbench.train import train
+    from refbench.train.loop import train
 
     run = shutil.copytree(init_run, tmp_path / "run")
     before = _snapshot([run])
@@ -377,7 +377,8 @@ def test_resume_of_a_finished_run_says_so_and_changes_nothing(init_run, shards_r
 
 
 def test_eval_split_all_publishes_all_splits_or_none(init_run, shards_root, tmp_path, monkeypatch):
-    from refbench import evaluate, results
+    from refbench.eval import evaluate
+    from refbench.eval import results
 
     write = results.write_record
     calls = []
@@ -405,7 +406,7 @@ def test_leaderboard_of_an_empty_results_folder_says_so(tmp_path):
 
 
 def test_workers_beyond_the_cores_are_capped_with_a_note(capsys):
-    from refbench.prepare import cap_workers, usable_cores
+    from refbench.data.prepare import cap_workers, usable_cores
 
     assert cap_workers(1000) == usable_cores()
     assert "--workers 1000 capped at" in capsys.readouterr().err
@@ -415,7 +416,7 @@ def test_workers_beyond_the_cores_are_capped_with_a_note(capsys):
 def test_amp_on_cpu_is_noted(capsys):
     import torch
 
-    from refbench.train import _note_slow_amp
+    from refbench.train.loop import _note_slow_amp
 
     _note_slow_amp("fp16")
     err = capsys.readouterr().err
@@ -437,7 +438,7 @@ def test_predict_applies_exif_orientation(tmp_path):
     import numpy as np
     from PIL import Image
 
-    from refbench.visualize import load_photo
+    from refbench.eval.visualize import load_photo
 
     stored = np.zeros((40, 60, 3), np.uint8)
     stored[:, :30] = (255, 0, 0)  # stored: red left half; upright (rotated clockwise): red top half
@@ -454,7 +455,7 @@ def test_predict_converts_16_bit_palette_and_alpha_images(tmp_path, mode):
     import numpy as np
     from PIL import Image
 
-    from refbench.visualize import load_photo
+    from refbench.eval.visualize import load_photo
 
     grey = np.tile(np.linspace(0, 1, 64), (32, 1))  # a ramp, dark to light, left to right
     if mode == "I;16":
@@ -508,8 +509,9 @@ def test_mask_png_is_the_protocols_map_at_full_size(tmp_path, protocol):
     import torch
     from PIL import Image
 
-    from refbench import cvwarp, transforms
-    from refbench.visualize import _mask_bands, write_mask_png
+    from refbench.data import cvwarp
+    from refbench.data import transforms
+    from refbench.eval.visualize import _mask_bands, write_mask_png
 
     torch.manual_seed(0)
     probs = torch.rand(1, 1, 24, 24)

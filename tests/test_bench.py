@@ -18,7 +18,11 @@ import pytest
 import torch
 from PIL import Image
 
-from refbench import bench, data, metrics, refer, transforms
+from refbench import bench
+from refbench.data import shards as data
+from refbench.eval import metrics
+from refbench.data.sources import refer
+from refbench.data import transforms
 from refbench.bench import baselines, common, runs
 
 IMAGES = 20  # the smallest synthetic set; every split non-empty
@@ -146,7 +150,7 @@ def test_png_mask_round_trips():
 
 def test_time_spent_in_wraps_and_restores():
     original = metrics.summarize
-    with common.time_spent_in((("refbench.metrics", "summarize"), ("refbench.metrics", "as_counts"))) as spent:
+    with common.time_spent_in((("refbench.eval.metrics", "summarize"), ("refbench.eval.metrics", "as_counts"))) as spent:
         assert metrics.summarize is not original
         assert metrics.summarize([1, 2], [2, 2])["mIoU"] == pytest.approx(0.75)  # still the real function
         first = spent[0]

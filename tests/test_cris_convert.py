@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from _harness import assert_cli_ok, cli
-from refbench import checkpoint, evaluate, models
+from refbench import checkpoint, models
+from refbench.eval import evaluate
 from refbench.models import cris
 
 # ours -> CRIS.pytorch (the inverse of cris.CRIS_KEY_RULES), for making CRIS-format test files

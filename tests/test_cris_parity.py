@@ -25,7 +25,10 @@ import torch
 
 from _cris_weights import seeded_state_dict
 from _harness import assert_cli_ok, cli
-from refbench import checkpoint, convert, prepare, results
+from refbench import checkpoint
+from refbench.train import convert
+from refbench.data import prepare
+from refbench.eval import results
 
 FIXTURE = Path(__file__).parent / "fixtures" / "cris_parity"
 

@@ -14,7 +14,9 @@ import pytest
 import torch
 
 from _harness import DATASET, assert_cli_ok, cli
-from refbench import cvwarp, metrics, results
+from refbench.data import cvwarp
+from refbench.eval import metrics
+from refbench.eval import results
 
 
 def test_cris_letterbox_matrices_use_float_offsets():
@@ -77,7 +79,7 @@ def test_eval_protocol_cris_writes_a_readable_strict_record(init_run, shards_roo
 
 
 def test_train_loader_with_cris_preprocessing(shards_root):
-    from refbench import data
+    from refbench.data import shards as data
 
     (batch,) = list(data.train_loader(shards_root / DATASET, batch_size=4, image_size=64, num_batches=1,
                                       preprocess="cris"))

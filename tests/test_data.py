@@ -15,7 +15,8 @@ import torch
 from pycocotools import mask as mask_utils
 
 from _tiny_shards import write_tiny_dataset
-from refbench import data, transforms
+from refbench.data import shards as data
+from refbench.data import transforms
 from refbench.errors import RefbenchError
 from refbench.fsutil import sha256_file
 
@@ -563,7 +564,7 @@ def test_verify_shards_passes_on_good_shards(tiny):
 def test_pipelines_on_prepared_synthetic_data(shards_root, synth_root):
     """On `refbench synth` + `refbench prepare` output: eval yields exactly the sentences of the
     raw refs pickle, split by split; train batches are well formed."""
-    from refbench import refer
+    from refbench.data.sources import refer
 
     root, raw = Path(shards_root), Path(synth_root)
     names = sorted(p.name for p in root.iterdir() if (p / "manifest.json").is_file())

@@ -23,7 +23,7 @@ from _model_helpers import make_tokens
 def ddp_configs() -> list[tuple[str, str, dict]]:
     """(model, variant, config overrides): every registered model's tiny variants, and the tiny
     EAVL of every distinct ablation run (refbench ablate's Tables 2-4)."""
-    from refbench import ablate
+    from refbench.ablate import run as ablate
 
     configs = [(name, variant, {}) for name in models.names() for variant in models.get_spec(name).variants
                if variant.startswith("tiny")]
@@ -110,7 +110,8 @@ def test_every_model_and_ablation_trains_under_two_rank_gloo_ddp(tmp_path):
 def _decisions_worker(rank: int, world: int, port: int, run: str, out: str) -> None:
     import torch.distributed as dist
 
-    from refbench import checkpoint, train
+    from refbench import checkpoint
+    from refbench.train import loop as train
     from refbench.errors import RefbenchError
 
     torch.set_num_threads(1)
@@ -133,7 +134,7 @@ def _decisions_worker(rank: int, world: int, port: int, run: str, out: str) -> N
     # only rank 0 reads the run folder: on rank 1 checkpoint.load refuses (as on a node without --out)
     if rank == 1:
         checkpoint.load = lambda *a, **k: (_ for _ in ()).throw(AssertionError("rank 1 read the checkpoint"))
-    from refbench.recipes import get_recipe
+    from refbench.train.recipes import get_recipe
 
     cfg = train.TrainConfig(model="eavl", variant="tiny", dataset="refcoco_unc", shards=Path(run),
                             recipe=get_recipe("tiny"), out=Path(run), resume=True)
@@ -200,8 +201,8 @@ def test_rank0_decides_and_every_rank_follows(tmp_path):
     torch.manual_seed(0)
     net = models.build("blind", "tiny")
     # the model config and recipe a tiny eavl run records, so the resume check lets it continue
-    from refbench import train
-    from refbench.recipes import get_recipe
+    from refbench.train import loop as train
+    from refbench.train.recipes import get_recipe
 
     rec = get_recipe("tiny")
     like = train.TrainConfig(model="eavl", variant="tiny", dataset="refcoco_unc", shards=run, recipe=rec, out=run)
@@ -225,7 +226,8 @@ def test_rank0_decides_and_every_rank_follows(tmp_path):
 
 
 def test_rng_states_of_another_world_size_are_not_restored():
-    from refbench import checkpoint, train
+    from refbench import checkpoint
+    from refbench.train import loop as train
 
     d1 = train.Dist(rank=0, world=1, local_rank=0, device=torch.device("cpu"))
     d2 = train.Dist(rank=1, world=2, local_rank=1, device=torch.device("cpu"))
@@ -246,7 +248,8 @@ def test_syncbatchnorm_on_cuda_with_several_ranks_only():
     """The decision (the conversion runs on any device; SyncBatchNorm's forward needs CUDA)."""
     import dataclasses
 
-    from refbench import recipes, train
+    from refbench.train import recipes
+    from refbench.train import loop as train
 
     rec = recipes.get_recipe("paper")
     torch.manual_seed(0)
@@ -262,7 +265,7 @@ def test_syncbatchnorm_on_cuda_with_several_ranks_only():
 
 
 def test_fp16_resume_of_a_bf16_run_starts_the_scaler_afresh():
-    from refbench import train
+    from refbench.train import loop as train
 
     bf16_state = torch.amp.GradScaler("cpu", enabled=False).state_dict()  # what a bf16 run saves: {}
     scaler = torch.amp.GradScaler("cpu", enabled=True)
@@ -289,7 +292,7 @@ class _Probe(torch.nn.Module):
 
 
 def test_scoring_runs_in_float32_under_a_bf16_autocast():
-    from refbench import evaluate
+    from refbench.eval import evaluate
 
     probe = _Probe()
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -299,7 +302,7 @@ def test_scoring_runs_in_float32_under_a_bf16_autocast():
 
 
 def test_predict_uses_the_gpu_when_there_is_one(monkeypatch):
-    from refbench import visualize
+    from refbench.eval import visualize
 
     assert visualize.predict_device().type == ("cuda" if torch.cuda.is_available() else "cpu")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -329,7 +332,9 @@ class _Scorer(torch.nn.Module):
 def _eval_worker(rank: int, world: int, port: int, ds: str, bad: str, out: str) -> None:
     import torch.distributed as dist
 
-    from refbench import data, evaluate, train
+    from refbench.data import shards as data
+    from refbench.eval import evaluate
+    from refbench.train import loop as train
     from refbench.errors import RefbenchError
 
     import multiprocessing
@@ -368,7 +373,9 @@ def test_two_rank_eval_of_a_one_shard_split_is_the_single_process_eval(tmp_path)
     import torch.multiprocessing as mp
 
     from _tiny_shards import write_tiny_dataset
-    from refbench import data, evaluate, train
+    from refbench.data import shards as data
+    from refbench.eval import evaluate
+    from refbench.train import loop as train
 
     ds, truth = write_tiny_dataset(tmp_path / "good", images={"train": 2, "val": 6}, shard_size=6)
     assert data.load_manifest(ds)["splits"]["val"]["shards"] == 1

@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from refbench import data, diversity, models
+from refbench import models
+from refbench.data import shards as data
+from refbench.eval import diversity
 from refbench.models.blocks import mask_correlation
 
 DATASET = "refcoco_unc"

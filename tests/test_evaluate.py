@@ -17,7 +17,13 @@ import pytest
 from PIL import Image
 
 from _harness import DATASET, assert_cli_ok, assert_ok, cli, torchrun
-from refbench import data, diversity, evaluate, metrics, refer, results, visualize
+from refbench.data import shards as data
+from refbench.eval import diversity
+from refbench.eval import evaluate
+from refbench.eval import metrics
+from refbench.data.sources import refer
+from refbench.eval import results
+from refbench.eval import visualize
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -95,7 +101,8 @@ def test_pictures_redraw_the_scored_masks(init_run, shards_root, tmp_path, proto
 
     import torch
 
-    from refbench import checkpoint, cvwarp
+    from refbench import checkpoint
+    from refbench.data import cvwarp
 
     root = tmp_path / "results"
     assert_cli_ok(cli("eval", "--checkpoint", init_run / "best.pt", "--shards", shards_root, "--split", "testB",

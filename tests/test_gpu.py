@@ -21,7 +21,10 @@ import pytest
 import torch
 
 from _harness import DATASET, assert_cli_ok, cli, read_log, train_config
-from refbench import checkpoint, data, evaluate, train
+from refbench import checkpoint
+from refbench.data import shards as data
+from refbench.eval import evaluate
+from refbench.train import loop as train
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -73,7 +76,8 @@ def test_syncbatchnorm_trains_in_a_single_process_nccl_group():
 
     import torch.distributed as dist
 
-    from refbench import models, recipes
+    from refbench import models
+    from refbench.train import recipes
 
     dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1,
                             device_id=CUDA)
@@ -138,7 +142,7 @@ def test_gpu_evaluation_is_float32_and_gives_the_cpu_iu(init_run, shards_root):
     lies within ~1e-6 of the 0.35 threshold can flip: a few pixels in a split, never a sentence's
     worth. We allow 0.1% of the summed union in |dI| + |dU| and 1e-3 in mIoU; bf16 scoring (7
     mantissa bits, the old GPU default) flips far more."""
-    from refbench import metrics
+    from refbench.eval import metrics
 
     ckpt = checkpoint.load(init_run / "best.pt")
     manifest = data.load_manifest(shards_root / DATASET)
@@ -159,7 +163,7 @@ def test_gpu_evaluation_is_float32_and_gives_the_cpu_iu(init_run, shards_root):
 def test_predict_on_gpu_gives_the_cpu_mask(init_run, synth_root, tmp_path, monkeypatch):
     from PIL import Image
 
-    from refbench import visualize
+    from refbench.eval import visualize
 
     image = sorted((synth_root / "images" / "train2014").glob("*.jpg"))[0]
     masks = {}

@@ -11,8 +11,8 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from refbench import leaderboard as lb
-from refbench import results
+from refbench.report import leaderboard as lb
+from refbench.eval import results
 from refbench.errors import RefbenchError
 
 from test_results import make_sentences, write

@@ -21,8 +21,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from refbench import leaderboard as lb  # noqa: E402
-from refbench import results  # noqa: E402
+from refbench.report import leaderboard as lb
+from refbench.eval import results
 from test_results import make_sentences  # noqa: E402
 
 DATASET = "refcoco_unc"

@@ -7,7 +7,7 @@ import time
 import numpy as np
 import pytest
 
-from refbench import metrics
+from refbench.eval import metrics
 from refbench.errors import RefbenchError
 
 # --------------------------------------------------------------------------- I and U
@@ -173,7 +173,7 @@ def test_protocols_differ_on_a_letterboxed_case():
 
 def test_protocols_differ_through_refbench_transforms():
     """The same case through the real geometry: transforms.mask_to_input and to_original."""
-    transforms = pytest.importorskip("refbench.transforms")
+    transforms = pytest.importorskip("refbench.data.transforms")
     torch = pytest.importorskip("torch")
     box = transforms.Letterbox.fit(width=8, height=4, size=4)  # scale 1/2, content rows 1..2
     assert (box.new_w, box.new_h, box.pad_x, box.pad_y) == (4, 2, 0, 1)

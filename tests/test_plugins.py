@@ -12,7 +12,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from refbench import metrics, models, recipes
+from refbench import models
+from refbench.eval import metrics
+from refbench.train import recipes
 from refbench.cli import cli
 
 PLUGIN = '''

@@ -19,7 +19,9 @@ import numpy as np
 import pytest
 from pycocotools import mask as mask_utils
 
-from refbench import data, prepare, refer
+from refbench.data import shards as data
+from refbench.data import prepare
+from refbench.data.sources import refer
 from refbench.errors import RefbenchError
 from refbench.fsutil import sha256_file
 
@@ -298,7 +300,7 @@ def test_cli_prepare_error_is_one_line(data_copy, tmp_path):
 @pytest.mark.slow
 def test_sigkill_then_rerun(tmp_path):
     """A real `kill -9` in the middle of writing shards, then the same command: the clean output."""
-    from refbench import synth
+    from refbench.data.synth import generate as synth
 
     data = tmp_path / "data"
     synth.generate(data, 600, seed=7)

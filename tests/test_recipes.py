@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 
 from refbench.errors import RefbenchError
-from refbench.recipes import RECIPES, get_lr, get_recipe, recipe_lr
+from refbench.train.recipes import RECIPES, get_lr, get_recipe, recipe_lr
 
 
 def test_paper_recipe_matches_section_4_1():
@@ -30,7 +30,7 @@ def test_cris_recipe_is_cris_refcoco_config():
     assert r.lr_milestones == (0.7,) and r.lr_decay == 0.1 and r.weight_decay == 0.0
     assert r.backbone_lr_exempt == ("positional_embedding",) and r.grad_clip is None and r.amp == "fp16"
     assert r.warmup_steps == 0 and r.pretrained == "openai" and r.protocol == "cris"
-    from refbench import text
+    from refbench.data import text
 
     assert text.context_length("refcoco") == 17 and text.context_length("refcocog") == 22  # CRIS word_len
 

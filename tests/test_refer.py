@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from pycocotools import mask as mask_utils
 
-from refbench import refer
+from refbench.data.sources import refer
 from refbench.errors import RefbenchError
 
 # ------------------------------------------------------------------------------------ unpickler

@@ -11,7 +11,11 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from refbench import data, prepare, refer, refer_hf, synth
+from refbench.data import shards as data
+from refbench.data import prepare
+from refbench.data.sources import refer
+from refbench.data.sources import hf as refer_hf
+from refbench.data.synth import generate as synth
 from refbench.errors import RefbenchError
 from refbench.fsutil import sha256_file
 

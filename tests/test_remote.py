@@ -16,7 +16,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from refbench import data, evaluate, remote
+from refbench import remote
+from refbench.data import shards as data
+from refbench.eval import evaluate
 from refbench.errors import RefbenchError
 
 DATASET = "refcoco_unc"
@@ -93,7 +95,7 @@ def test_eval_from_the_url_gives_the_folders_per_sentence_iu(served, shards_root
 def test_training_reads_its_steps_from_the_url(served, shards_root, tmp_path):
     from _harness import read_log, torch_threads, train_config, train_losses
 
-    from refbench.train import train
+    from refbench.train.loop import train
 
     url, _ = served
     kw = dict(batch_size=4, image_size=32, num_batches=3, seed=3)
@@ -143,7 +145,7 @@ def test_missing_dataset_and_dead_server_are_one_clear_line(served):
 
 
 def test_sentences_and_score_read_the_ground_truth_from_the_url(served, shards_root):
-    from refbench import score
+    from refbench.eval import score
 
     url, _ = served
     local = score.ground_truth(shards_root / DATASET, split="val")

@@ -16,7 +16,8 @@ import polars as pl
 import pytest
 from click.testing import CliRunner
 
-from refbench import metrics, results
+from refbench.eval import metrics
+from refbench.eval import results
 from refbench.errors import RefbenchError
 
 REPO = Path(__file__).resolve().parents[1]

@@ -18,7 +18,12 @@ from pycocotools import mask as mask_utils
 
 from _harness import DATASET, assert_cli_ok, assert_ok, assert_one_line_error, cli, torchrun
 from _tiny_shards import write_tiny_dataset
-from refbench import data, evaluate, leaderboard, metrics, results, score
+from refbench.data import shards as data
+from refbench.eval import evaluate
+from refbench.report import leaderboard
+from refbench.eval import metrics
+from refbench.eval import results
+from refbench.eval import score
 from refbench.errors import RefbenchError
 
 SPLIT = "val"

@@ -11,7 +11,7 @@ import pytest
 from rich.console import Console
 
 from _harness import assert_cli_ok, cli
-from refbench import sidebyside
+from refbench.train import sidebyside
 from refbench.bench import seeds
 from refbench.errors import RefbenchError
 

@@ -7,7 +7,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from refbench import data, evaluate, models, sensitivity
+from refbench import models
+from refbench.data import shards as data
+from refbench.eval import evaluate
+from refbench.eval import sensitivity
 from refbench.distributed import setup_distributed
 from refbench.models.blocks import dynamic_conv
 from _model_helpers import make_tokens

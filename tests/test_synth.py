@@ -9,8 +9,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from refbench import refer, synth, text
-from refbench.datasets import PARTITIONS
+from refbench.data.sources import refer
+from refbench.data.synth import generate as synth
+from refbench.data import text
+from refbench.data.datasets import PARTITIONS
 from refbench.errors import RefbenchError
 
 REF_KEYS = {"ref_id", "ann_id", "image_id", "category_id", "split", "file_name", "sent_ids", "sentences"}

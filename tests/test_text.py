@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from refbench import refer, text
+from refbench.data.sources import refer
+from refbench.data import text
 from refbench.errors import RefbenchError
 
 AWKWARD = [

@@ -19,10 +19,12 @@ import torch
 from _harness import (DATASET, assert_cli_ok, assert_ok, assert_one_line_error, cli, read_log, torchrun,
                       train_config, train_losses)
 from conftest import TINY_RUN_STEPS
-from refbench import checkpoint, data, models, results
+from refbench import checkpoint, models
+from refbench.data import shards as data
+from refbench.eval import results
 from refbench.errors import RefbenchError
-from refbench.recipes import get_lr
-from refbench.train import train
+from refbench.train.recipes import get_lr
+from refbench.train.loop import train
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -256,7 +258,7 @@ def test_set_overrides_reach_the_model_config(shards_root, tmp_path):
 
 
 def test_run_state_new_resume_done_stale(tiny_run, shards_root, tmp_path, monkeypatch):
-    from refbench.train import run_state
+    from refbench.train.loop import run_state
 
     cfg = train_config(shards_root, tmp_path / "run", steps=TINY_RUN_STEPS)
     new = run_state(cfg)
@@ -304,7 +306,7 @@ def test_run_state_new_resume_done_stale(tiny_run, shards_root, tmp_path, monkey
 
 
 def test_ensure_trained_redoes_a_stale_run_and_reuses_a_done_one(shards_root, tmp_path):
-    from refbench.train import ensure_trained
+    from refbench.train.loop import ensure_trained
 
     cfg = train_config(shards_root, tmp_path / "run", steps=1)
     cfg.out.mkdir()

@@ -9,8 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from refbench import transforms as T
-from refbench.transforms import Letterbox
+from refbench.data import transforms as T
+from refbench.data.transforms import Letterbox
 
 
 def _jpeg(pixels: np.ndarray, quality: int = 95) -> bytes:
@@ -273,7 +273,7 @@ def test_to_original_keeps_float32_under_a_callers_bf16_autocast():
     matmuls to bf16 the same way, so this is the CUDA failure reproduced on CPU."""
     import torch
 
-    from refbench import transforms
+    from refbench.data import transforms
 
     box = transforms.Letterbox.fit(37, 53, 32)
     probs = torch.rand(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))

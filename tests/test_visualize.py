@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from refbench import visualize as vis
+from refbench.eval import visualize as vis
 from refbench.errors import RefbenchError
 
 H, W = 60, 90
@@ -113,7 +113,7 @@ def test_prediction_runs_in_exact_float32():
     mask then differs from the CPU's by float32 rounding only. The flags are restored after."""
     import torch
 
-    from refbench import visualize
+    from refbench.eval import visualize
 
     seen = []
 

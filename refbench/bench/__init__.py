@@ -52,7 +52,7 @@ from refbench.bench.score import bench_score
 from refbench.bench.step import bench_step
 from refbench.errors import RefbenchError
 from refbench.fsutil import atomic_write_text
-from refbench.results import git_commit
+from refbench.eval.results import git_commit
 
 BENCHES: dict[str, Callable[[BenchSettings], list[dict]]] = {  # name -> benchmark; `refbench bench NAME`
     "prepare": bench_prepare,

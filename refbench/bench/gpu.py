@@ -34,7 +34,8 @@ from typing import Any, Callable
 
 import torch
 
-from refbench import data, evaluate
+from refbench.data import shards as data
+from refbench.eval import evaluate
 from refbench import models as zoo
 from refbench.bench.common import BenchSettings, prepared_set
 from refbench.bench.common import row as _row

@@ -25,17 +25,20 @@ from typing import Callable, Iterator
 
 import torch
 
-from refbench import checkpoint, data, evaluate, models, prepare
+from refbench import checkpoint, models
+from refbench.data import shards as data
+from refbench.eval import evaluate
+from refbench.data import prepare
 from refbench.bench.baselines import ReferStyleDataset, raw_bytes, shard_plan, write_floor
 from refbench.bench.common import (EVAL_TARGET, LOADER_TARGET, MODEL_STEP_TARGET, PREPARE_TARGET, SHARDS_TARGET,
                                    BenchSettings, cores, cpu_seconds, interleaved, median_ratio, prepared_set, row,
                                    run_prepare, synth_set, time_spent_in)
 
 METRIC_CODE = (  # (module, function): the metric code of `refbench eval`, timed by wrapping
-    ("refbench.evaluate", "count_iu"),  # map back to the original size, binarise, I and U per sentence
-    ("refbench.metrics", "summarize"),  # mIoU, oIoU, Pr@X (record and its re-check on load)
-    ("refbench.metrics", "bootstrap_ci"),  # 95% intervals
-    ("refbench.metrics", "breakdowns"),  # by length, category, location words
+    ("refbench.eval.evaluate", "count_iu"),  # map back to the original size, binarise, I and U per sentence
+    ("refbench.eval.metrics", "summarize"),  # mIoU, oIoU, Pr@X (record and its re-check on load)
+    ("refbench.eval.metrics", "bootstrap_ci"),  # 95% intervals
+    ("refbench.eval.metrics", "breakdowns"),  # by length, category, location words
 )
 
 

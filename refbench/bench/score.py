@@ -26,7 +26,8 @@ from pathlib import Path
 import numpy as np
 from pycocotools import mask as mask_utils
 
-from refbench import results, score
+from refbench.eval import results
+from refbench.eval import score
 from refbench.bench.common import BenchSettings, interleaved, median_ratio, row
 
 SENTENCES = 5095  # RefCOCO testB

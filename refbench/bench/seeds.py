@@ -36,10 +36,11 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from refbench import prepare, results
+from refbench.data import prepare
+from refbench.eval import results
 from refbench.errors import RefbenchError
 from refbench.fsutil import atomic_write_json, atomic_write_text
-from refbench.sidebyside import ISA_ENV, Job, run_jobs
+from refbench.train.sidebyside import ISA_ENV, Job, run_jobs
 
 BOOTSTRAP_RESAMPLES = 10_000  # resamples of the seeds for the interval of the mean
 
@@ -115,7 +116,7 @@ def _figures(record_path: Path) -> dict:
 def main(settings: SeedSettings, console: Console | None = None) -> dict:
     """Train and score every (model, seed), print the table, write seeds.md / seeds.json; returns the table."""
     from refbench import models, quickstart
-    from refbench.train import parse_overrides
+    from refbench.train.loop import parse_overrides
 
     console = console or Console(width=None if sys.stdout.isatty() else 160)  # the table's columns, also in a log file
     if settings.isa not in ISA_ENV:

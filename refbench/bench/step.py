@@ -30,10 +30,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from refbench import data, models
+from refbench import models
+from refbench.data import shards as data
 from refbench.bench.common import BenchSettings, cores, prepared_set, row
-from refbench.metrics import get_protocol
-from refbench.recipes import get_recipe, recipe_lr
+from refbench.eval.metrics import get_protocol
+from refbench.train.recipes import get_recipe, recipe_lr
 
 PHASES = (  # (range name in train._optimizer_step, label)
     ("refbench.step.data_wait", "data wait (next batch from the loader)"),
@@ -128,7 +129,7 @@ class StepSetup:
 def setup(model: str, folder: Path, *, batch_size: int = 32, workers: int = 1, seed: int = 0,
           total_steps: int = 1000) -> StepSetup:
     """The tiny model, optimiser and train stream exactly as `refbench train MODEL --recipe tiny` builds them."""
-    from refbench import train
+    from refbench.train import loop as train
 
     rec = get_recipe("tiny", steps=total_steps, batch_size=batch_size, workers=workers)
     manifest = data.load_manifest(folder)
@@ -146,7 +147,7 @@ def setup(model: str, folder: Path, *, batch_size: int = 32, workers: int = 1, s
 def run_steps(s: StepSetup, n: int, dist, figures_every: int | None = None) -> float:
     """`n` training steps as the loop runs them (the query-diversity figures on every
     `figures_every`-th step; default the recipe's log cadence, as `train` does); returns the wall seconds."""
-    from refbench import train
+    from refbench.train import loop as train
 
     health = train._LossHealth(dist)
     t0 = time.perf_counter()

@@ -54,7 +54,7 @@ from pathlib import Path
 from typing import Any
 
 from refbench.errors import RefbenchError
-from refbench.refer import BadInput, Instances
+from refbench.data.sources.refer import BadInput, Instances
 
 
 @dataclass(frozen=True)
@@ -446,7 +446,7 @@ def _card(mirror: Mirror, dataset: str, counts: dict[str, int]) -> str:
 def convert_refer(data: str | Path, dataset: str, out: str | Path | None = None) -> list[Path]:
     """Write the refer files of `dataset` under `data` (refs pickle of the mirror's partition +
     instances.json) as a parquet snapshot in `out` (default: the dataset folder itself)."""
-    from refbench import refer
+    from refbench.data.sources import refer
 
     data = Path(data)
     mirror = MIRRORS[dataset]

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from refbench.recipes import Recipe, get_recipe
+from refbench.train.recipes import Recipe, get_recipe
 
 # Steps per run. Measured: `refbench ablate` with the defaults took 33.4 min on 2 idle cores
 # (12 runs, ~2.8 min each: 400 tiny EAVL steps, 4 validations and the testA scoring). At 400

@@ -29,7 +29,11 @@ def export(checkpoint: Path, *, split: str, out: Path, dataset: str | None = Non
     sentences each rank predicted)} on every rank; only rank 0 writes.
     """
     from refbench import checkpoint as ckpt_mod
-    from refbench import data, evaluate, metrics, remote, score
+    from refbench import remote
+    from refbench.data import shards as data
+    from refbench.eval import evaluate
+    from refbench.eval import metrics
+    from refbench.eval import score
     from refbench.distributed import all_gather_object, setup_distributed
 
     proto = score.check_protocol(protocol)

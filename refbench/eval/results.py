@@ -63,7 +63,8 @@ from typing import Any, Iterator, Mapping
 import numpy as np
 import polars as pl
 
-from refbench import fsutil, metrics
+from refbench import fsutil
+from refbench.eval import metrics
 from refbench.errors import RefbenchError
 
 SCHEMA = "refbench-result"

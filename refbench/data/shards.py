@@ -108,8 +108,9 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
-from refbench import remote, transforms
-from refbench.datasets import SCHEMA, SCHEMA_VERSION, prepare_command, prepared_names
+from refbench import remote
+from refbench.data import transforms
+from refbench.data.datasets import SCHEMA, SCHEMA_VERSION, prepare_command, prepared_names
 from refbench.distributed import dist_info
 from refbench.errors import RefbenchError
 
@@ -542,7 +543,7 @@ def _collate_train(refs: list[_TrainRef], size: int) -> dict:
     for b, r in enumerate(refs):
         mask = _decode_mask(r.image.url, r.image.key, r.ref, r.image.meta)  # uint8 [H, W] of 0/1
         if cris:  # CRIS's input and its soft target (INTER_LINEAR warp / 255)
-            from refbench import cvwarp
+            from refbench.data import cvwarp
 
             warped, warp = r.image.get()
             images[b] = cvwarp.normalize(warped)
@@ -774,7 +775,7 @@ def _letterbox_input(url: str, key: str, jpeg: bytes, meta: dict, size: int):
 def _cris_input(url: str, key: str, jpeg: bytes, meta: dict, size: int, normalise: bool = True):
     """CRIS's input (refbench.cvwarp): cv2 decode, cubic affine warp -> (float32 [3,S,S], Letterbox, CrisWarp);
     with normalise=False: (uint8 [S,S,3] warped, CrisWarp)."""
-    from refbench import cvwarp
+    from refbench.data import cvwarp
 
     try:
         rgb = cvwarp.decode_rgb(jpeg)

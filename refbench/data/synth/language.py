@@ -15,7 +15,7 @@ from typing import Callable
 
 import numpy as np
 
-from refbench.synth_scene import SceneObject, SynthConfig
+from refbench.data.synth.scene import SceneObject, SynthConfig
 
 SHAPE_WORDS = {  # category -> nouns (the first is used 75% of the time)
     "circle": ["circle", "disc"], "ring": ["ring", "donut"], "ellipse": ["ellipse", "oval"],

@@ -8,7 +8,7 @@ import io
 import numpy as np
 from PIL import Image, ImageChops, ImageDraw
 
-from refbench.synth_scene import COLOURS, SceneObject, SynthConfig
+from refbench.data.synth.scene import COLOURS, SceneObject, SynthConfig
 
 def noise_tile(seed: int, sigma: float, side: int = 512):
     """A side x side RGB noise image stored as 128 + noise (uint8), cropped per image."""

@@ -37,7 +37,8 @@ from typing import Any
 
 import polars as pl
 
-from refbench import fsutil, metrics
+from refbench import fsutil
+from refbench.eval import metrics
 from refbench.errors import RefbenchError
 
 KEY = ("source", "method", "variant", "run", "dataset", "protocol", "protocol_version")
@@ -185,7 +186,7 @@ def load_ablations(path: str | Path | None = None) -> pl.DataFrame:
 
 
 def _measured_long(results_root: Path) -> pl.DataFrame:
-    from refbench.results import iter_records
+    from refbench.eval.results import iter_records
 
     rows = []
     for rec in iter_records(results_root):

@@ -44,15 +44,20 @@ from rich.console import Console
 from rich.table import Table
 
 from refbench import checkpoint as ckpt_mod
-from refbench import cvwarp, data, diversity, metrics, remote, transforms
-from refbench import sensitivity as sensitivity_mod
-from refbench import results as results_mod
+from refbench import remote
+from refbench.data import cvwarp
+from refbench.data import shards as data
+from refbench.eval import diversity
+from refbench.eval import metrics
+from refbench.data import transforms
+from refbench.eval import sensitivity as sensitivity_mod
+from refbench.eval import results as results_mod
 from refbench.distributed import all_gather_object, exact_float32, setup_distributed
 from refbench.errors import RefbenchError
 from refbench.fsutil import check_output_folder, sha256_file
-from refbench.metrics import checkpoint_protocol
-from refbench.prepare import cap_workers
-from refbench.visualize import render_examples
+from refbench.eval.metrics import checkpoint_protocol
+from refbench.data.prepare import cap_workers
+from refbench.eval.visualize import render_examples
 
 COLUMNS = ("sent_id", "ref_id", "image_id", "category_id", "sent")  # per-sentence keys kept with I and U
 EVAL_PRECISION = "float32"  # the dtype every forward of scoring runs in (no autocast)

@@ -19,8 +19,11 @@ from matplotlib.figure import Figure
 from rich.console import Console
 from rich.table import Table
 
-from refbench import data, metrics, models, results
-from refbench.ablate_plan import AblationConfig, Row, Run, Setting, full_model, recipe
+from refbench import models
+from refbench.data import shards as data
+from refbench.eval import metrics
+from refbench.eval import results
+from refbench.ablate.plan import AblationConfig, Row, Run, Setting, full_model, recipe
 from refbench.fsutil import atomic_write_bytes
 
 REPORT_NAME = "report.md"

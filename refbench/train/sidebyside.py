@@ -80,7 +80,7 @@ def _train_quietly(cfg) -> tuple[str, str, str, str]:
     """One side-by-side run, its messages kept: (state before, reason, best.pt, CPU capability)."""
     import torch
 
-    from refbench.train import ensure_trained
+    from refbench.train.loop import ensure_trained
 
     said: list[str] = []
     state, best = ensure_trained(cfg, say=said.append)
@@ -88,7 +88,7 @@ def _train_quietly(cfg) -> tuple[str, str, str, str]:
 
 
 def _score(ckpt: str, kwargs: dict) -> list:
-    from refbench import evaluate
+    from refbench.eval import evaluate
 
     return evaluate.evaluate_checkpoint(Path(ckpt), **kwargs)
 

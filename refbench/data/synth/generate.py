@@ -72,14 +72,15 @@ from pycocotools import mask as mask_utils
 from rich.console import Console
 from rich.table import Table
 
-from refbench import __version__, refer_hf
-from refbench.datasets import DATASETS, PARTITIONS
+from refbench import __version__
+from refbench.data.sources import hf as refer_hf
+from refbench.data.datasets import DATASETS, PARTITIONS
 from refbench.errors import RefbenchError
 from refbench.fsutil import atomic_write_bytes, atomic_write_json, check_output_folder
-from refbench.refer import split_order
-from refbench.synth_language import LOCATION_WORDS, SHAPE_WORDS, SIZE_WORDS, STYLES, clean, descriptions, raw_expression
-from refbench.synth_render import noise_tile_cached, render
-from refbench.synth_scene import (CATEGORIES, CATEGORY_ID, COLOURS, GROUPS, SHAPES_OF, SynthConfig, compose, place,
+from refbench.data.sources.refer import split_order
+from refbench.data.synth.language import LOCATION_WORDS, SHAPE_WORDS, SIZE_WORDS, STYLES, clean, descriptions, raw_expression
+from refbench.data.synth.render import noise_tile_cached, render
+from refbench.data.synth.scene import (CATEGORIES, CATEGORY_ID, COLOURS, GROUPS, SHAPES_OF, SynthConfig, compose, place,
                                   polygons)
 
 __all__ = ["CATEGORIES", "COLOURS", "DEFAULT_IMAGES", "GROUPS", "LOCATION_WORDS", "PARTITIONS", "SHAPE_WORDS",

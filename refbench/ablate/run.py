@@ -42,15 +42,22 @@ from pathlib import Path
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from refbench import checkpoint, data, evaluate, leaderboard, metrics, prepare, results, synth
+from refbench import checkpoint
+from refbench.data import shards as data
+from refbench.eval import evaluate
+from refbench.report import leaderboard
+from refbench.eval import metrics
+from refbench.data import prepare
+from refbench.eval import results
+from refbench.data.synth import generate as synth
 from refbench import progress as progress_mod
-from refbench.ablate_plan import (DEFAULT_STEPS, AblationConfig, Row, Run, Setting, full_model, plan_runs, recipe,
+from refbench.ablate.plan import (DEFAULT_STEPS, AblationConfig, Row, Run, Setting, full_model, plan_runs, recipe,
                                   table_rows)
-from refbench.ablate_report import (PLOT_NAME, REPORT_NAME, Outcome, Report, build_report, paper_row, plot_nq,
+from refbench.ablate.report import (PLOT_NAME, REPORT_NAME, Outcome, Report, build_report, paper_row, plot_nq,
                                     print_summary, render_report)
 from refbench.errors import RefbenchError
 from refbench.fsutil import atomic_write_json, atomic_write_text, sha256_file
-from refbench.train import TrainConfig, ensure_trained
+from refbench.train.loop import TrainConfig, ensure_trained
 
 __all__ = ["DEFAULT_STEPS", "PLOT_NAME", "REPORT_NAME", "AblationConfig", "Outcome", "Report", "Row", "Run", "Setting",
            "build_report", "ensure_data", "execute_run", "find_record", "full_model", "main", "paper_row", "plan_runs",

@@ -37,7 +37,7 @@ import dataclasses
 from dataclasses import dataclass
 
 
-AMP_MODES = ("auto", "bf16", "fp16", "off")  # the values of Recipe.amp (refbench.distributed.autocast_dtype)
+from refbench.distributed import AMP_MODES  # the values of Recipe.amp (refbench.distributed.autocast_dtype)
 
 
 @dataclass(frozen=True)

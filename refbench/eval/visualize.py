@@ -266,7 +266,8 @@ def _predict_one(net: Any, image: Image.Image, tokens: Any, device: Any, query_s
     """
     import torch
 
-    from refbench import cvwarp, transforms
+    from refbench.data import cvwarp
+    from refbench.data import transforms
     from refbench.distributed import exact_float32
 
     if preprocess == "cris":
@@ -305,7 +306,7 @@ def _rebox(box: Any, width: int, height: int) -> Any:
 def _mask_bands(input_prob: Any, frame: Any, size: tuple[int, int], threshold: float, band: int = 256):
     """Bands of rows (uint8 [<=band, W], 0/255) of the binary mask at `size` (w, h) of a
     probability map over the input frame, mapped back as the frame's protocol does."""
-    from refbench import cvwarp
+    from refbench.data import cvwarp
 
     if isinstance(frame, cvwarp.CrisWarp):
         return _cris_mask_bands(input_prob, frame, size, threshold, band)
@@ -319,7 +320,7 @@ def _cris_mask_bands(input_prob: Any, warp: Any, size: tuple[int, int], threshol
     float map ever exists at the photo's full size."""
     import cv2
 
-    from refbench import cvwarp
+    from refbench.data import cvwarp
 
     width, height = size
     full = cvwarp.CrisWarp.fit(width, height, warp.size)
@@ -344,7 +345,7 @@ def _letterbox_mask_bands(input_prob: Any, box: Any, size: tuple[int, int], thre
     """
     import torch
 
-    from refbench import transforms
+    from refbench.data import transforms
 
     width, height = size
     full = _rebox(box, width, height)
@@ -403,7 +404,10 @@ def render_examples(net: Any, dataset_dir: Path, manifest: dict, split: str, sco
     """
     import json
 
-    from refbench import cvwarp, data, metrics, refer
+    from refbench.data import cvwarp
+    from refbench.data import shards as data
+    from refbench.eval import metrics
+    from refbench.data.sources import refer
 
     cols = scores.columns
     ious = metrics.iou(cols["I"], cols["U"])
@@ -530,8 +534,8 @@ def main_predict(checkpoint: Path, image: Path, text: str, out: Path) -> dict[st
     Memory follows the working size and the mask, not the photo's decoded size.
     """
     from refbench import checkpoint as ckpt_mod
-    from refbench import metrics
-    from refbench import text as text_mod
+    from refbench.eval import metrics
+    from refbench.data import text as text_mod
 
     out = Path(out)
     fsutil.check_output_file(out, "--out")  # before the model runs

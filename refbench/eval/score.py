@@ -48,7 +48,8 @@ from typing import Any, Iterable, Iterator
 
 import numpy as np
 
-from refbench import fsutil, metrics, remote
+from refbench import fsutil, remote
+from refbench.eval import metrics
 from refbench.errors import RefbenchError
 
 # The fields of one line of `refbench sentences`, in order.
@@ -92,7 +93,7 @@ def ground_truth(dataset_dir: str | Path, manifest: dict | None = None, *, split
     Shards are checked against the manifest (sha256, sample count) as they are read; the
     sentence count must equal the manifest's.
     """
-    from refbench import data
+    from refbench.data import shards as data
 
     dataset_dir = dataset_dir if remote.is_url(dataset_dir) else Path(dataset_dir)  # a folder or a URL
     manifest = data.load_manifest(dataset_dir) if manifest is None else manifest
@@ -488,8 +489,8 @@ def score_submission(
     command: str | None = None,
 ) -> Scored:
     """Validate a submission against the split's GT, count I/U and publish a result record."""
-    from refbench import data
-    from refbench import results as results_mod
+    from refbench.data import shards as data
+    from refbench.eval import results as results_mod
 
     check_protocol(protocol)
     if not method or not method.strip():
@@ -527,7 +528,7 @@ def main(predictions: Path, dataset: str, split: str, method: str, variant: str,
     from rich.console import Console
     from rich.table import Table
 
-    from refbench import results as results_mod
+    from refbench.eval import results as results_mod
 
     out = score_submission(predictions, dataset=dataset, split=split, method=method, variant=variant,
                            shards=shards, protocol=protocol, results=results, note=note)

@@ -60,7 +60,7 @@ import tempfile
 from pathlib import Path
 
 from refbench import __version__
-from refbench.datasets import DEFAULT_SPLIT_BY, PARTITIONS, SCHEMA, SCHEMA_VERSION, dataset_name, split_bys_of
+from refbench.data.datasets import DEFAULT_SPLIT_BY, PARTITIONS, SCHEMA, SCHEMA_VERSION, dataset_name, split_bys_of
 from refbench.errors import RefbenchError
 from refbench.fsutil import TMP_PREFIX, atomic_write_json, check_output_folder, remove_stale_temps, sha256_file
 
@@ -182,7 +182,7 @@ def jpeg_decode_problem(data: bytes, width: int, height: int) -> str | None:
 def _read_jpeg(path: Path, image: dict) -> bytes:
     """The JPEG bytes of an image, after checking it: a JPEG of the annotated size that decodes
     completely (`jpeg_decode_problem`)."""
-    from refbench.refer import BadInput
+    from refbench.data.sources.refer import BadInput
 
     iid = image["image_id"]
     try:
@@ -208,7 +208,7 @@ def _target_rle(ref: dict, image: dict, instances: str) -> dict:
     Raises `BadInput` naming instances.json and the ref: a target of zero area would score IoU 0
     for every model (or be skipped by none), silently pulling mIoU down.
     """
-    from refbench.refer import BadInput, mask_area, mask_rle
+    from refbench.data.sources.refer import BadInput, mask_area, mask_rle
 
     try:
         rle = mask_rle(ref["segmentation"], image["height"], image["width"])
@@ -231,7 +231,7 @@ def _init_worker(queue) -> None:
 
 def _write_shard(task: dict) -> dict:
     """Write one shard to a temporary file in its split folder; returns its record and skips."""
-    from refbench.refer import BadInput
+    from refbench.data.sources.refer import BadInput
 
     folder, images_dir, length = Path(task["folder"]), Path(task["images_dir"]), task["context_length"]
     report = task.get("report") or (lambda n: _progress_queue.put((task["progress_id"], n)))
@@ -297,7 +297,7 @@ SOURCES = ("refer", "hf")  # --source: the refer toolkit's files, or a Hugging F
 
 
 def _sources(data: Path, dataset: str, split_by: str) -> tuple[Path, Path]:
-    from refbench.refer import DATA_HINT
+    from refbench.data.sources.refer import DATA_HINT
 
     refs_path, inst_path = data / dataset / f"refs({split_by}).p", data / dataset / "instances.json"
     for p in (refs_path, inst_path):
@@ -313,8 +313,8 @@ def detect_source(data: Path, dataset: str, split_by: str, source: str | None = 
     refs(<split_by>).p + instances.json; a parquet mirror snapshot: data/*.parquet). Both found, or
     a partition the mirror does not hold, is an error that says what to do.
     """
-    from refbench import refer_hf
-    from refbench.refer import DATA_HINT
+    from refbench.data.sources import hf as refer_hf
+    from refbench.data.sources.refer import DATA_HINT
 
     folder = data / dataset
     has_refer = (folder / f"refs({split_by}).p").is_file()
@@ -345,7 +345,7 @@ def detect_source(data: Path, dataset: str, split_by: str, source: str | None = 
 
 def _read_refer(dataset, split_by, data: Path, images: Path, skip_bad: bool, cache: dict):
     """(splits, skipped, categories, sources entry) from the refer files."""
-    from refbench import refer
+    from refbench.data.sources import refer
 
     refs_path, inst_path = _sources(data, dataset, split_by)
     inst_sha = sha256_file(inst_path)
@@ -361,11 +361,12 @@ def _read_refer(dataset, split_by, data: Path, images: Path, skip_bad: bool, cac
 
 def _read_hf(dataset, split_by, data: Path, images: Path, skip_bad: bool):
     """(splits, skipped, categories, sources entry) from a parquet mirror snapshot (refbench.refer_hf)."""
-    from refbench import refer, refer_hf
+    from refbench.data.sources import refer
+    from refbench.data.sources import hf as refer_hf
 
     categories = None
     if (data / "SYNTH.json").is_file():  # refbench synth's shapes, not COCO's categories
-        from refbench.synth import CATEGORIES
+        from refbench.data.synth.generate import CATEGORIES
 
         categories = {cid: name for cid, name, _ in CATEGORIES}
     snap = refer_hf.load_snapshot(data / dataset, dataset, images=images, skip_bad=skip_bad, categories=categories)
@@ -378,7 +379,7 @@ def _read_hf(dataset, split_by, data: Path, images: Path, skip_bad: bool):
 def _plan(dataset: str, split_by: str, data: Path, images: Path, out: Path, skip_bad: bool, shard_size: int, cache: dict,
           source: str | None = None):
     """Read, validate, join and tokenize; returns (shard tasks, manifest skeleton, image count)."""
-    from refbench import text
+    from refbench.data import text
 
     if detect_source(data, dataset, split_by, source) == "hf":
         splits, skipped, categories, sources = _read_hf(dataset, split_by, data, images, skip_bad)
@@ -422,7 +423,7 @@ def _drop_empty_sentences(splits: dict, refs_path: Path, skip_bad: bool, skipped
     """Refuse (or, with `skip_bad`, drop and list) sentences with no token after the tokenizer's
     cleaning (empty, whitespace, markup only): scoring them would score the image, not a sentence.
     A ref left without sentences and an image left without refs are dropped with them."""
-    from refbench.refer import BadInput
+    from refbench.data.sources.refer import BadInput
 
     def keep(s: dict, ref: dict) -> bool:
         if s["n_tokens"] > 2:  # SOT + at least one BPE id + EOT
@@ -624,8 +625,8 @@ def cap_workers(workers: int | None, flag: str = "--workers") -> int | None:
 
 
 def _targets(dataset, split_by, all_, data: Path, source: str | None = None) -> list[tuple[str, str]]:
-    from refbench import refer_hf
-    from refbench.refer import DATA_HINT
+    from refbench.data.sources import hf as refer_hf
+    from refbench.data.sources.refer import DATA_HINT
 
     if all_ and (dataset or split_by):
         raise RefbenchError("give either --all or --dataset/--split-by, not both")

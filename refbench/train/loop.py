@@ -55,15 +55,18 @@ from typing import Any
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from refbench import __version__, checkpoint, data, diversity, evaluate, models, remote
+from refbench import __version__, checkpoint, models, remote
+from refbench.data import shards as data
+from refbench.eval import diversity
+from refbench.eval import evaluate
 from refbench.distributed import Dist, all_gather_object, autocast_dtype, barrier, setup_distributed
 from refbench.errors import RefbenchError
 from refbench.fsutil import atomic_write_json, atomic_write_text, check_output_folder
-from refbench.metrics import get_protocol
-from refbench.prepare import cap_workers
-from refbench.plots import plot_curves
+from refbench.eval.metrics import get_protocol
+from refbench.data.prepare import cap_workers
+from refbench.eval.plots import plot_curves
 from refbench.progress import TrainProgress
-from refbench.recipes import Recipe, get_recipe, recipe_lr
+from refbench.train.recipes import Recipe, get_recipe, recipe_lr
 
 
 @dataclass

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
-from refbench.transforms import CLIP_MEAN, CLIP_STD
+from refbench.data.transforms import CLIP_MEAN, CLIP_STD
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch

@@ -1,0 +1,1 @@
+"""The data stage: raw refer files -> prepared webdataset shards -> batches."""

@@ -1,0 +1,1 @@
+"""Raw sources of refer datasets."""

@@ -1,0 +1,1 @@
+"""`refbench synth`: the embedded synthetic dataset."""

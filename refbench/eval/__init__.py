@@ -1,0 +1,1 @@
+"""The eval stage: masks -> metrics -> result records."""

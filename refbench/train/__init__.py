@@ -1,0 +1,1 @@
+"""The train stage: recipes, the training loop, runs side by side."""
