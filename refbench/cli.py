@@ -101,9 +101,8 @@ class _Group(click.Group):
     """A click group that turns user errors into one clear line instead of a traceback."""
 
     def invoke(self, ctx: click.Context):
-        from refbench.models.api import ModelError
-
         from refbench.errors import RefbenchError
+        from refbench.models.api import ModelError
 
         try:
             return super().invoke(ctx)
@@ -255,7 +254,7 @@ def models_cmd() -> None:
 @click.option("--variant", type=RegistryChoice(_variants), default=None, help="Backbone variant [default: the recipe's].")
 @click.option("--dataset", default="refcoco_unc", show_default=True, help="Prepared dataset: <dataset>_<splitby> under --shards.")
 @click.option("--shards", default="shards", show_default=True, help="Shard root written by `refbench prepare`: a folder, or a URL (http(s)://, s3://, gs://, ... via fsspec) streamed.")
-@click.option("--recipe", type=RegistryChoice(_recipes), default="paper", show_default=True, help="Training recipe (refbench.recipes): paper (EAVL section 4.1), cris (CRIS's own RefCOCO config), tiny (CPU quickstart), ...")
+@click.option("--recipe", type=RegistryChoice(_recipes), default="paper", show_default=True, help="Training recipe (refbench.train.recipes): paper (EAVL section 4.1), cris (CRIS's own RefCOCO config), tiny (CPU quickstart), ...")
 @click.option("--epochs", type=click.IntRange(min=1), default=None, help="Epochs (one epoch = one pass over the train refs in expectation).")
 @click.option("--steps", type=click.IntRange(min=1), default=None, help="Total optimizer steps (instead of --epochs).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Global batch size across all ranks.")
@@ -273,9 +272,9 @@ def train(model, variant, dataset, shards, recipe, epochs, steps, batch_size, lr
 
     Multi-GPU / multi-node: torchrun --nproc_per_node 8 -m refbench train eavl ...
     """
-    from refbench.train import loop as train_mod
+    from refbench.train import runs
 
-    train_mod.main(
+    runs.main(
         model=model, variant=variant, dataset=dataset, shards=shards, recipe=recipe, epochs=epochs,
         steps=steps, batch_size=batch_size, lr=lr, backbone_lr_scale=backbone_lr_scale, pretrained=pretrained, out=out, resume=resume,
         amp=amp, workers=workers, seed=seed, overrides=overrides,
@@ -315,7 +314,7 @@ def convert_cris_cmd(ckpt, out, variant, image_size, dataset, context_length) ->
 @click.option("--dataset", default=None, help="Prepared dataset <dataset>_<splitby> [default: the one the checkpoint was trained on].")
 @click.option("--split", default="val", show_default=True, help="Split to score (val, testA, testB, test), or 'all' for every split but train.")
 @click.option("--shards", default="shards", show_default=True, help="Shard root written by `refbench prepare`: a folder, or a URL (http(s)://, s3://, gs://, ... via fsspec) streamed.")
-@click.option("--protocol", type=RegistryChoice(_protocols), default=None, help="Metric protocol (refbench.metrics.PROTOCOLS): original = I/U at the original image size (one bilinear map back); cris = CRIS's own chain with OpenCV, its preprocessing included (the CRIS/EAVL papers' numbers); input = at the network input (LAVT-style) [default: the checkpoint's recipe protocol: cris for the cris and paper recipes and converted CRIS weights, original otherwise].")
+@click.option("--protocol", type=RegistryChoice(_protocols), default=None, help="Metric protocol (refbench.eval.metrics.PROTOCOLS): original = I/U at the original image size (one bilinear map back); cris = CRIS's own chain with OpenCV, its preprocessing included (the CRIS/EAVL papers' numbers); input = at the network input (LAVT-style) [default: the checkpoint's recipe protocol: cris for the cris and paper recipes and converted CRIS weights, original otherwise].")
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True, help="Sentences per forward pass.")
 @click.option("--workers", type=click.IntRange(min=0), default=None, help="DataLoader workers.")
 @click.option("--vis", type=click.IntRange(min=0), default=0, show_default=True, help="Save N overlay PNGs per split (best, worst, random).")

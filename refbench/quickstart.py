@@ -20,7 +20,7 @@ share of the cores (`side_by_side`): a tiny step is hundreds of small kernels th
 thread barely speeds up, so three one-thread runs at once get through about 1.3x the steps of
 three two-thread runs one after another. A model is scored in a process of its own as soon as
 it is trained, on the cores the runs still training leave free; while they train,
-`refbench.sidebyside` prints one progress line per run (step, samples/s, ETA). `full`: 600
+`refbench.train.sidebyside` prints one progress line per run (step, samples/s, ETA). `full`: 600
 steps each, about 5 epochs of the 3,795 train refs. Measured (seed 0, 2 idle AVX-512 CPU cores,
 `refbench quickstart`): testB mIoU EAVL 0.609, CRIS 0.630, blind 0.152, the whole run 437 s
 (813 CPU-s). Over seeds 0-3 (`refbench bench seeds eavl cris blind`, docs/eavl-readings.md):
@@ -36,51 +36,19 @@ from __future__ import annotations
 import dataclasses
 import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
-from refbench.eval import evaluate
-from refbench.report import leaderboard
 from refbench.data import prepare
-from refbench.eval import results
-from refbench.data.synth import generate as synth
-from refbench.fsutil import atomic_write_json
-from refbench.train.recipes import get_recipe
 from refbench.data.sources.refer import split_order
+from refbench.eval import evaluate, results
+from refbench.fsutil import atomic_write_json
+from refbench.report import leaderboard
+from refbench.train.plans import PLANS, QuickstartPlan, synth_data, train_config
+from refbench.train.runs import ensure_trained
 from refbench.train.sidebyside import Job, run_jobs, side_by_side
-from refbench.train.loop import TrainConfig, ensure_trained
-
-
-@dataclass(frozen=True)
-class QuickstartPlan:
-    images: int  # synthetic images (all datasets share them)
-    seed: int  # synth and training seed
-    shard_size: int  # images per shard (several train shards, so DataLoader workers share the work)
-    dataset: str  # the prepared dataset the models train and are scored on
-    models: tuple[str, ...]  # the models trained, in training order
-    steps: int  # training steps of every model (the same for all: a like-for-like comparison)
-    batch_size: int  # global training batch
-    eval_splits: tuple[str, ...]  # splits scored for the leaderboard
-    vis: int  # overlay pictures of EAVL on the last eval split
-    workers: int  # DataLoader workers of a run (side by side, a run with one thread loads in-process: `side_by_side`)
-
-
-PLANS: dict[str, QuickstartPlan] = {
-    "full": QuickstartPlan(images=2000, seed=0, shard_size=200, dataset="refcoco_unc",
-                           models=("eavl", "cris", "blind"), steps=600, batch_size=32,
-                           eval_splits=("val", "testA", "testB"), vis=6, workers=1),
-    # `check`: the quality test's shorter run (same data, fewer steps, testB only): grounding is
-    # already clearly learned, and the language-blind control stays low
-    "check": QuickstartPlan(images=2000, seed=0, shard_size=200, dataset="refcoco_unc",
-                            models=("eavl", "blind"), steps=300, batch_size=32,
-                            eval_splits=("testB",), vis=0, workers=1),
-    "fast": QuickstartPlan(images=120, seed=0, shard_size=20, dataset="refcoco_unc",
-                           models=("eavl", "cris", "blind"), steps=6, batch_size=8,
-                           eval_splits=("val", "testB"), vis=3, workers=1),
-}
 
 
 def main(workdir: Path, fast: bool = False, plan: QuickstartPlan | None = None) -> dict:
@@ -99,7 +67,7 @@ def main(workdir: Path, fast: bool = False, plan: QuickstartPlan | None = None) 
     results, pictures = workdir / "results", workdir / "pictures"
 
     with stage("1/6 synth: the embedded synthetic dataset"):
-        _synth(data, plan, console)
+        synth_data(data, plan, console)
     with stage("2/6 prepare: raw REFER files -> webdataset shards (all four dataset/partitions)"):
         prepare.main(all_=True, data=data, out=shards, shard_size=plan.shard_size)
     lanes, threads, workers = side_by_side(len(plan.models), prepare.usable_cores(), plan.workers)
@@ -147,24 +115,6 @@ class _Timer:
         self.timings[self.name.split(":")[0]] = round(time.perf_counter() - self.t0, 1)
 
 
-def _synth(data: Path, plan: QuickstartPlan, console) -> None:
-    """Write the synthetic dataset unless this exact one (images, seed, generator config) is there."""
-    if synth.written_identity(data) == synth.identity(plan.images, plan.seed) and synth.is_complete(data):
-        console.print(f"{data}: synthetic dataset already written (images {plan.images}, seed {plan.seed})")
-        return
-    synth.main(out=data, images=plan.images, seed=plan.seed)
-
-
-def train_config(model: str, steps: int, plan: QuickstartPlan, shards: Path, out: Path, seed: int | None = None,
-                 overrides: dict | None = None) -> TrainConfig:
-    """The training run of one quickstart model: tiny variant, `steps` steps, one validation at the
-    end; trained with the plan's seed unless `seed` says otherwise (`refbench bench seeds`), with
-    the model config `overrides` (`--set`)."""
-    recipe = get_recipe("tiny", steps=steps, batch_size=plan.batch_size, workers=plan.workers, val_every=steps)
-    return TrainConfig(model=model, variant="tiny", dataset=plan.dataset, shards=shards, recipe=recipe, out=out,
-                       seed=plan.seed if seed is None else seed, model_overrides=dict(overrides or {}))
-
-
 def _train(model: str, steps: int, plan: QuickstartPlan, shards: Path, out: Path, console) -> Path:
     """Train one tiny model, or finish / reuse / redo an earlier quickstart's run (`train.ensure_trained`); returns best.pt."""
     state, best = ensure_trained(train_config(model, steps, plan, shards, out), say=console.print)
@@ -188,7 +138,7 @@ def _score(ckpt: Path, model: str, plan: QuickstartPlan, shards: Path, results: 
 def _train_side_by_side(plan: QuickstartPlan, shards: Path, runs: Path, threads: int, workers: int, console,
                         results: Path | None = None, cores: int = 1
                         ) -> tuple[dict[str, Path], dict[str, float], dict[str, list]]:
-    """Train every model of the plan at once, one process each (refbench.sidebyside), with one
+    """Train every model of the plan at once, one process each (refbench.train.sidebyside), with one
     live progress line per run; with `results`, each model is scored as soon as it is trained.
     Returns per model: best.pt, seconds (training, and "eval <model>" for the scoring) and records."""
     jobs = []

@@ -33,7 +33,7 @@ def tiny_recipe(steps: int, batch_size: int = 4, workers: int = 0, **changes):
 def train_config(shards: Path, out: Path, model: str = "eavl", **kw):
     """A TrainConfig on `shards`/refcoco_unc, tiny variant, quiet; `kw` goes to tiny_recipe, except
     TrainConfig's own fields (resume, stop_after, seed, model_overrides)."""
-    from refbench.train.loop import TrainConfig
+    from refbench.train.config import TrainConfig
 
     own = {k: kw.pop(k) for k in ("resume", "stop_after", "seed", "model_overrides") if k in kw}
     shards = shards if "://" in str(shards) else Path(shards)  # a URL stays a string

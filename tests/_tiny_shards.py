@@ -1,6 +1,6 @@
 """A tiny prepared dataset written by hand, following docs/shards.md (schema v1) exactly.
 
-Used by the loader tests (and the loader benchmark) independently of refbench.prepare: a few
+Used by the loader tests (and the loader benchmark) independently of refbench.data.prepare: a few
 JPEG images of odd, portrait and landscape sizes, each with 1-3 refs whose masks are known
 rectangles/ellipses (stored as COCO RLE via pycocotools), 1-3 sentences per ref tokenized with
 the open_clip CLIP tokenizer. `write_tiny_dataset` returns the dataset folder and, for the

@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Callable
 
 import pytest
-
 from _harness import DATASET, assert_one_line_error, cli
+
 from refbench.data.sources import refer
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -377,8 +377,7 @@ def test_resume_of_a_finished_run_says_so_and_changes_nothing(init_run, shards_r
 
 
 def test_eval_split_all_publishes_all_splits_or_none(init_run, shards_root, tmp_path, monkeypatch):
-    from refbench.eval import evaluate
-    from refbench.eval import results
+    from refbench.eval import evaluate, results
 
     write = results.write_record
     calls = []
@@ -416,7 +415,7 @@ def test_workers_beyond_the_cores_are_capped_with_a_note(capsys):
 def test_amp_on_cpu_is_noted(capsys):
     import torch
 
-    from refbench.train.loop import _note_slow_amp
+    from refbench.train.runs import _note_slow_amp
 
     _note_slow_amp("fp16")
     err = capsys.readouterr().err
@@ -489,7 +488,7 @@ def test_predict_decodes_a_large_jpeg_in_bounded_memory(tmp_path):
     small = Image.fromarray((np.random.default_rng(0).random((60, 90, 3)) * 255).astype(np.uint8))
     small.resize((6000, 4000), Image.Resampling.BILINEAR).save(tmp_path / "big.jpg", quality=80)
     code = (
-        "import resource, sys; from pathlib import Path; from refbench.visualize import load_photo\n"
+        "import resource, sys; from pathlib import Path; from refbench.eval.visualize import load_photo\n"
         "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
         "photo = load_photo(Path(sys.argv[1]))\n"
         "print(photo.size, photo.image.size, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)\n"
@@ -509,8 +508,7 @@ def test_mask_png_is_the_protocols_map_at_full_size(tmp_path, protocol):
     import torch
     from PIL import Image
 
-    from refbench.data import cvwarp
-    from refbench.data import transforms
+    from refbench.data import cvwarp, transforms
     from refbench.eval.visualize import _mask_bands, write_mask_png
 
     torch.manual_seed(0)

@@ -28,17 +28,26 @@ from pathlib import Path
 
 import pytest
 import torch
+from _harness import (
+    DATASET,
+    assert_cli_ok,
+    assert_ok,
+    assert_one_line_error,
+    cli,
+    env,
+    read_log,
+    refbench,
+    refbench_cmd,
+)
+from test_prepare import _tree
 
-from _harness import (DATASET, assert_cli_ok, assert_ok, assert_one_line_error, cli, env, read_log, refbench,
-                      refbench_cmd)
 from refbench import checkpoint
-from refbench.data import shards as data
 from refbench.data import prepare
+from refbench.data import shards as data
 from refbench.data.sources import refer
 from refbench.eval import results
 from refbench.fsutil import TMP_PREFIX, sha256_file
 from refbench.train.recipes import get_lr
-from test_prepare import _tree
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

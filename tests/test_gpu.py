@@ -13,16 +13,17 @@ CUDA, so they are no-ops on CPU-only CI). The whole set runs in about a minute o
 
 from __future__ import annotations
 
-import os
 import socket
 
 import numpy as np
 import pytest
 import torch
-
 from _harness import DATASET, assert_cli_ok, cli, read_log, train_config
+
 from refbench import checkpoint
+from refbench.data import eval_stream
 from refbench.data import shards as data
+from refbench.data import train_stream
 from refbench.eval import evaluate
 from refbench.train import loop as train
 
@@ -103,14 +104,14 @@ def test_syncbatchnorm_trains_in_a_single_process_nccl_group():
 
 
 def test_pinned_batches_and_non_blocking_copies(shards_root):
-    loader = data.train_loader(shards_root / DATASET, batch_size=4, image_size=96, workers=2, pin_memory=True,
+    loader = train_stream.train_loader(shards_root / DATASET, batch_size=4, image_size=96, workers=2, pin_memory=True,
                                num_batches=2)
     for batch in loader:
         assert batch["image"].is_pinned() and batch["mask"].is_pinned()
         on_gpu = batch["image"].to(CUDA, non_blocking=True)
         torch.cuda.synchronize()
         assert torch.equal(on_gpu.cpu(), batch["image"])
-    ev = data.eval_loader(shards_root / DATASET, split="val", image_size=96, batch_size=4, workers=1, pin_memory=True)
+    ev = eval_stream.eval_loader(shards_root / DATASET, split="val", image_size=96, batch_size=4, workers=1, pin_memory=True)
     assert next(iter(ev))["image"].is_pinned()
 
 
@@ -120,17 +121,17 @@ def test_persistent_pinned_workers_across_epochs_and_validations(shards_root):
     of a fresh loader; a persistent eval loader read twice, pinned, the same batches."""
     ds = shards_root / DATASET
     kw = dict(batch_size=4, image_size=96, workers=2, pin_memory=True, num_batches=3)
-    with data.TrainLoader(ds, **kw) as run:
+    with train_stream.TrainLoader(ds, **kw) as run:
         pids = []
         for epoch in (0, 1):
-            fresh = list(data.train_loader(ds, epoch=epoch, **kw))
+            fresh = list(train_stream.train_loader(ds, epoch=epoch, **kw))
             got = list(run.epoch(epoch))
             assert all(b["image"].is_pinned() for b in got)
             assert all(torch.equal(x["sent_id"], y["sent_id"]) and torch.equal(x["image"], y["image"])
                        for x, y in zip(got, fresh)) and len(got) == len(fresh) == 3
             pids.append([w.pid for w in run.dataloader._iterator._workers])
         assert pids[0] == pids[1]
-    ev = data.eval_loader(ds, split="val", image_size=96, batch_size=4, workers=2, pin_memory=True, persistent=True)
+    ev = eval_stream.eval_loader(ds, split="val", image_size=96, batch_size=4, workers=2, pin_memory=True, persistent=True)
     first, second = list(ev), list(ev)
     assert [b["sent_id"] for b in first] == [b["sent_id"] for b in second] and first[0]["image"].is_pinned()
     ev.close()

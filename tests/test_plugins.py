@@ -13,9 +13,9 @@ import pytest
 from click.testing import CliRunner
 
 from refbench import models
+from refbench.cli import cli
 from refbench.eval import metrics
 from refbench.train import recipes
-from refbench.cli import cli
 
 PLUGIN = '''
 """A plug-in model package: the language-blind control under another name and variant."""

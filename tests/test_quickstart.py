@@ -14,7 +14,7 @@ import pytest
 from refbench import models, quickstart
 from refbench.data import prepare
 from refbench.eval import results
-from refbench.train.loop import run_state
+from refbench.train.runs import run_state
 
 CHECK_EAVL_MIN = 0.38  # testB mIoU floor of the `check` plan; measured 0.550 (blind 0.150) on 2 AVX-512 cores side by side, seed 0 (0.497 with the former GroupNorm head)
 

@@ -17,9 +17,11 @@ import pytest
 import torch
 
 from refbench import remote
+from refbench.data import eval_stream
 from refbench.data import shards as data
-from refbench.eval import evaluate
+from refbench.data import train_stream
 from refbench.errors import RefbenchError
+from refbench.eval import evaluate
 
 DATASET = "refcoco_unc"
 
@@ -99,8 +101,8 @@ def test_training_reads_its_steps_from_the_url(served, shards_root, tmp_path):
 
     url, _ = served
     kw = dict(batch_size=4, image_size=32, num_batches=3, seed=3)
-    local = [b["sent_id"].tolist() for b in data.train_loader(shards_root / DATASET, **kw)]
-    over_http = [b["sent_id"].tolist() for b in data.train_loader(f"{url}/{DATASET}", **kw)]
+    local = [b["sent_id"].tolist() for b in train_stream.train_loader(shards_root / DATASET, **kw)]
+    over_http = [b["sent_id"].tolist() for b in train_stream.train_loader(f"{url}/{DATASET}", **kw)]
     assert over_http == local and len(local) == 3
     with torch_threads(1):
         run = train(train_config(url, tmp_path / "run", model="blind", steps=2))
@@ -130,7 +132,7 @@ def test_a_connection_that_keeps_breaking_names_the_shard_url(served, shards_roo
     server.break_after[f"/{DATASET}/{shard}"] = (3000, remote.RETRIES + 1)
     try:
         with pytest.raises(RefbenchError) as err:
-            list(data.eval_loader(f"{url}/{DATASET}", manifest, split="val", image_size=32, batch_size=4))
+            list(eval_stream.eval_loader(f"{url}/{DATASET}", manifest, split="val", image_size=32, batch_size=4))
     finally:
         server.break_after.clear()
     assert f"{url}/{DATASET}/{shard}" in err.value.message and "connection broke" in err.value.message

@@ -1,4 +1,5 @@
-"""The package's shape: no import cycles, the model zoo stands alone, `--help` stays light."""
+"""The package's shape: stages import downward only and never in a cycle, the model zoo stands alone,
+no module is long, `--help` stays light."""
 
 import ast
 import json
@@ -80,6 +81,74 @@ def test_no_import_cycle():
     assert "refbench.distributed" in graph["refbench.train.loop"] & graph["refbench.eval.evaluate"]
     cycle = find_cycle(graph)
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+# The stages, lowest first: a module may import its own stage and those below it, never one above.
+STAGES = (
+    ("models", ("refbench.models",)),
+    ("root", ("refbench", "refbench.errors", "refbench.fsutil", "refbench.progress", "refbench.distributed",
+              "refbench.remote", "refbench.checkpoint")),
+    ("data", ("refbench.data",)),
+    ("eval", ("refbench.eval",)),
+    ("train", ("refbench.train",)),
+    ("report", ("refbench.report",)),
+    ("ablate/bench", ("refbench.ablate", "refbench.bench")),
+    ("faces", ("refbench.cli", "refbench.quickstart", "refbench.__main__")),
+)
+MAX_LINES = 600  # no module longer than this
+
+
+def stage_of(module: str) -> tuple[int, str]:
+    """(rank, stage name) of a module: the stage whose longest prefix it has."""
+    best = None
+    for rank, (stage, prefixes) in enumerate(STAGES):
+        for prefix in prefixes:
+            if (module == prefix or module.startswith(prefix + ".")) and (best is None or len(prefix) > best[0]):
+                best = (len(prefix), rank, stage)
+    assert best is not None, f"{module} belongs to no stage of tests/test_structure.py's STAGES"
+    return best[1], best[2]
+
+
+def upward_imports(graph: dict[str, set[str]]) -> list[str]:
+    """Every import of a module from a higher stage, as "file (stage) imports file (stage)"."""
+    modules = _modules()
+    found = []
+    for name, targets in sorted(graph.items()):
+        rank, stage = stage_of(name)
+        for target in sorted(targets):
+            t_rank, t_stage = stage_of(target)
+            if t_rank > rank:
+                found.append(f"{modules[name].relative_to(REPO)} ({stage}) imports "
+                             f"{modules[target].relative_to(REPO)} ({t_stage}, above it)")
+    return found
+
+
+def test_upward_imports_are_found():
+    assert stage_of("refbench.eval.metrics") == (3, "eval") and stage_of("refbench.remote") == (1, "root")
+    fake = {"refbench.eval.metrics": {"refbench.train.loop", "refbench.data.shards"}, "refbench.train.loop": set(),
+            "refbench.data.shards": set()}
+    assert upward_imports(fake) == ["refbench/eval/metrics.py (eval) imports refbench/train/loop.py (train, above it)"]
+
+
+def test_stages_import_downward_only():
+    graph = import_graph()
+    assert {"refbench.data.shards", "refbench.eval.evaluate", "refbench.train.loop", "refbench.report.leaderboard",
+            "refbench.ablate.run", "refbench.bench.seeds", "refbench.cli"} <= set(graph)
+    assert "refbench.data.shards" in graph["refbench.eval.evaluate"]  # the graph sees imports through aliases
+    found = upward_imports(graph)
+    assert not found, "upward imports:\n" + "\n".join(found)
+
+
+def test_no_module_is_long():
+    long = {str(path.relative_to(REPO)): n for path in _modules().values()
+            if (n := len(path.read_text().splitlines())) > MAX_LINES}
+    assert not long, f"modules over {MAX_LINES} lines: {long}"
+
+
+def test_every_module_opens_with_a_docstring():
+    missing = [str(path.relative_to(REPO)) for path in _modules().values()
+               if path.read_text().strip() and ast.get_docstring(ast.parse(path.read_text())) is None]
+    assert not missing, f"modules without a docstring: {missing}"
 
 
 def test_model_zoo_never_imports_the_rest_of_refbench():

@@ -31,13 +31,13 @@ class AblationConfig:
     default_queries: int = 24  # the full model's Nq: Table 2's reference, Table 4's 2x2 runs at it
     model: str = "eavl"  # registry name of the ablated model
     variant: str = "tiny"  # backbone variant
-    recipe: str = "tiny"  # training recipe (refbench.recipes), --steps overrides its length
+    recipe: str = "tiny"  # training recipe (refbench.train.recipes), --steps overrides its length
     dataset: str = "refcoco+_unc"  # prepared dataset trained and scored on
     split: str = "testA"  # scored split (the paper's: RefCOCO+ testA)
-    protocol: str = "original"  # metric protocol of the records (refbench.metrics.PROTOCOLS)
+    protocol: str = "original"  # metric protocol of the records (refbench.eval.metrics.PROTOCOLS)
     seed: int = 0  # training seed (model init and data stream), the same for every run
     data_seed: int = 0  # `refbench synth` seed
-    synth_images: int | None = None  # synthetic images; None = refbench.synth.DEFAULT_IMAGES
+    synth_images: int | None = None  # synthetic images; None = refbench.data.synth.DEFAULT_IMAGES
     shards: Path | None = None  # an already prepared shard root to use instead of WORKDIR/shards
     workers: int | None = None  # DataLoader workers (train and eval); None = the recipe's
     eval_batch_size: int = 32  # sentences per forward pass when scoring

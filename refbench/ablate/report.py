@@ -20,10 +20,9 @@ from rich.console import Console
 from rich.table import Table
 
 from refbench import models
-from refbench.data import shards as data
-from refbench.eval import metrics
-from refbench.eval import results
 from refbench.ablate.plan import AblationConfig, Row, Run, Setting, full_model, recipe
+from refbench.data import shards as data
+from refbench.eval import metrics, results
 from refbench.fsutil import atomic_write_bytes
 
 REPORT_NAME = "report.md"
@@ -36,7 +35,7 @@ class Outcome:
     """What one run produced (or what an earlier invocation had produced)."""
 
     run: Run
-    record: Any  # refbench.results.Record of best.pt on the scored split
+    record: Any  # refbench.eval.results.Record of best.pt on the scored split
     checkpoint_step: int | None  # the step best.pt was saved at
     val_mIoU: float | None  # best.pt's validation mIoU (fraction), as training selected it
     trained_now: bool  # trained (fully or partly) in this invocation

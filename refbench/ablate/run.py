@@ -14,7 +14,7 @@ every table's full model, so the default plan is 12 runs, not 16). The steps, in
 
     data      refbench synth + refbench prepare (refcoco+ unc) into WORKDIR, unless there
     train     refbench.train.train per run, tiny recipe, --steps steps, into WORKDIR/runs/<run>/
-    eval      refbench.evaluate.evaluate_checkpoint on best.pt (chosen on val mIoU), split testA,
+    eval      refbench.eval.evaluate.evaluate_checkpoint on best.pt (chosen on val mIoU), split testA,
               protocol original: a normal result record under WORKDIR/results/
     compare   paired bootstrap of each row against its table's reference row (results.compare_records)
     report    WORKDIR/report.md (atomic) and WORKDIR/ablation-nq.png (atomic)
@@ -26,11 +26,11 @@ existing record of the run's current best.pt (same checkpoint sha256 and shard m
 reused instead of scoring again. Run folders are named with their step budget
 (`nq24-dynamic-s400`), so a different --steps starts new runs beside the old ones.
 
-The module is the run; the plan (settings, table rows, runs) is refbench.ablate_plan and the
-report (prose, tables, plot) refbench.ablate_report.
+The module is the run; the plan (settings, table rows, runs) is refbench.ablate.plan and the
+report (prose, tables, plot) refbench.ablate.report.
 
 The rows and their comparisons are data (`table_rows`); the paper's numbers come from
-leaderboard/reported/ablations/eavl.csv (refbench.leaderboard.load_ablations), joined on
+leaderboard/reported/ablations/eavl.csv (refbench.report.leaderboard.load_ablations), joined on
 (table, num_queries, aligner, global_feature, mqe).
 """
 
@@ -43,21 +43,38 @@ from pathlib import Path
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from refbench import checkpoint
-from refbench.data import shards as data
-from refbench.eval import evaluate
-from refbench.report import leaderboard
-from refbench.eval import metrics
-from refbench.data import prepare
-from refbench.eval import results
-from refbench.data.synth import generate as synth
 from refbench import progress as progress_mod
-from refbench.ablate.plan import (DEFAULT_STEPS, AblationConfig, Row, Run, Setting, full_model, plan_runs, recipe,
-                                  table_rows)
-from refbench.ablate.report import (PLOT_NAME, REPORT_NAME, Outcome, Report, build_report, paper_row, plot_nq,
-                                    print_summary, render_report)
+from refbench.ablate.plan import (
+    DEFAULT_STEPS,
+    AblationConfig,
+    Row,
+    Run,
+    Setting,
+    full_model,
+    plan_runs,
+    recipe,
+    table_rows,
+)
+from refbench.ablate.report import (
+    PLOT_NAME,
+    REPORT_NAME,
+    Outcome,
+    Report,
+    build_report,
+    paper_row,
+    plot_nq,
+    print_summary,
+    render_report,
+)
+from refbench.data import prepare
+from refbench.data import shards as data
+from refbench.data.synth import generate as synth
 from refbench.errors import RefbenchError
+from refbench.eval import evaluate, metrics, results
 from refbench.fsutil import atomic_write_json, atomic_write_text, sha256_file
-from refbench.train.loop import TrainConfig, ensure_trained
+from refbench.report import leaderboard
+from refbench.train.config import TrainConfig
+from refbench.train.runs import ensure_trained
 
 __all__ = ["DEFAULT_STEPS", "PLOT_NAME", "REPORT_NAME", "AblationConfig", "Outcome", "Report", "Row", "Run", "Setting",
            "build_report", "ensure_data", "execute_run", "find_record", "full_model", "main", "paper_row", "plan_runs",

@@ -5,7 +5,7 @@
 The package keeps the measuring apart from the product code:
 
     common.py     BenchSettings (every knob, defaults = the command's), result rows, paired
-                  interleaved timing, the synthetic data sets (written by `refbench.synth` into
+                  interleaved timing, the synthetic data sets (written by `refbench.data.synth` into
                   the workdir and reused while their SYNTH.json matches)
     baselines.py  what the baselines do: the read-and-tar floor of prepare, the refer-style
                   loader, the PNG-mask byte count; nothing in refbench's data path imports it
@@ -51,8 +51,8 @@ from refbench.bench.runs import bench_eval, bench_loader, bench_model, bench_pre
 from refbench.bench.score import bench_score
 from refbench.bench.step import bench_step
 from refbench.errors import RefbenchError
-from refbench.fsutil import atomic_write_text
 from refbench.eval.results import git_commit
+from refbench.fsutil import atomic_write_text
 
 BENCHES: dict[str, Callable[[BenchSettings], list[dict]]] = {  # name -> benchmark; `refbench bench NAME`
     "prepare": bench_prepare,

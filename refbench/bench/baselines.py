@@ -23,9 +23,8 @@ import torchvision.transforms.functional as TF
 from PIL import Image
 from pycocotools import mask as mask_utils
 
+from refbench.data import text, transforms
 from refbench.data.sources import refer
-from refbench.data import text
-from refbench.data import transforms
 
 
 def shard_plan(raw: Path, dataset: str, split_by: str, shard_size: int) -> list[tuple[str, list[tuple[str, Path]]]]:

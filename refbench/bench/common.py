@@ -25,13 +25,12 @@ from typing import Callable, Iterator
 
 from rich.console import Console
 
+from refbench.data import datasets, prepare
 from refbench.data import shards as data
-from refbench.data import datasets
-from refbench.data import prepare
 from refbench.data.synth import generate as synth
+from refbench.data.synth.generate import SynthConfig
 from refbench.errors import RefbenchError
 from refbench.fsutil import sha256_file
-from refbench.data.synth.generate import SynthConfig
 
 MODEL_STEP_TARGET = 1.15  # EAVL fwd+bwd step time <= 1.15 x CRIS's
 PREPARE_TARGET = 1.5  # prepare wall time <= 1.5 x the read-and-tar floor

@@ -34,11 +34,12 @@ from typing import Any, Callable
 
 import torch
 
-from refbench.data import shards as data
-from refbench.eval import evaluate
 from refbench import models as zoo
 from refbench.bench.common import BenchSettings, prepared_set
 from refbench.bench.common import row as _row
+from refbench.data import shards as data
+from refbench.data import train_stream
+from refbench.eval import evaluate
 
 GPU_VARIANT = "rn101"  # backbone of the GPU rows (the paper's main one)
 GPU_MODELS = ("eavl", "cris")  # models measured
@@ -201,7 +202,7 @@ def data_wait_rows(device: Any, s: BenchSettings, workers: tuple[int, ...] = LOA
     step = make_step(net, device, amp, device.type == "cuda")
     try:
         for n in workers:
-            loader = data.train_loader(folder, batch_size=batch, image_size=size, num_batches=10**9, seed=0, workers=n,
+            loader = train_stream.train_loader(folder, batch_size=batch, image_size=size, num_batches=10**9, seed=0, workers=n,
                                        pin_memory=device.type == "cuda")
             it = iter(loader)
             for _ in range(GPU_WARMUP + n):  # fill every worker's pipeline

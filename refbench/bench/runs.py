@@ -5,7 +5,7 @@
   the same JPEG files read and written into tars of the same images per shard on the same disk,
   fsynced like prepare's, by one Python process with `tarfile` (wall time; CPU time of all
   processes as information).
-- loader: samples per CPU-second of `data.train_loader` vs `baselines.ReferStyleDataset`, what
+- loader: samples per CPU-second of `train_stream.train_loader` vs `baselines.ReferStyleDataset`, what
   CRIS/LAVT style datasets do per sample, both in the main process (no DataLoader workers), one
   torch thread.
 - shards: bytes of the measured partition's shards vs the raw JPEGs plus one 8-bit PNG mask per ref.
@@ -26,13 +26,28 @@ from typing import Callable, Iterator
 import torch
 
 from refbench import checkpoint, models
-from refbench.data import shards as data
-from refbench.eval import evaluate
-from refbench.data import prepare
 from refbench.bench.baselines import ReferStyleDataset, raw_bytes, shard_plan, write_floor
-from refbench.bench.common import (EVAL_TARGET, LOADER_TARGET, MODEL_STEP_TARGET, PREPARE_TARGET, SHARDS_TARGET,
-                                   BenchSettings, cores, cpu_seconds, interleaved, median_ratio, prepared_set, row,
-                                   run_prepare, synth_set, time_spent_in)
+from refbench.bench.common import (
+    EVAL_TARGET,
+    LOADER_TARGET,
+    MODEL_STEP_TARGET,
+    PREPARE_TARGET,
+    SHARDS_TARGET,
+    BenchSettings,
+    cores,
+    cpu_seconds,
+    interleaved,
+    median_ratio,
+    prepared_set,
+    row,
+    run_prepare,
+    synth_set,
+    time_spent_in,
+)
+from refbench.data import prepare
+from refbench.data import shards as data
+from refbench.data import train_stream
+from refbench.eval import evaluate
 
 METRIC_CODE = (  # (module, function): the metric code of `refbench eval`, timed by wrapping
     ("refbench.eval.evaluate", "count_iu"),  # map back to the original size, binarise, I and U per sentence
@@ -102,7 +117,7 @@ def bench_loader(s: BenchSettings) -> list[dict]:
             base = ReferStyleDataset(raw, s.dataset, s.split_by, "train", size)
             g = torch.Generator().manual_seed(s.seed)
             theirs = _cycle(lambda: torch.utils.data.DataLoader(base, batch_size=batch, shuffle=True, generator=g, num_workers=0))
-            ours = iter(data.train_loader(folder, batch_size=batch, image_size=size, num_batches=10**9, seed=s.seed, workers=0))
+            ours = iter(train_stream.train_loader(folder, batch_size=batch, image_size=size, num_batches=10**9, seed=s.seed, workers=0))
             for it in (ours, theirs):
                 _samples_per_cpu_second(it, s.loader_warmup)
             rates = interleaved({"ours": lambda: _samples_per_cpu_second(ours, per_rep),

@@ -26,9 +26,8 @@ from pathlib import Path
 import numpy as np
 from pycocotools import mask as mask_utils
 
-from refbench.eval import results
-from refbench.eval import score
 from refbench.bench.common import BenchSettings, interleaved, median_ratio, row
+from refbench.eval import results, score
 
 SENTENCES = 5095  # RefCOCO testB
 SENTENCES_PER_REF = 2  # testB: 5,095 sentences of 1,810 refs (2.8); 2 keeps more distinct masks

@@ -11,9 +11,9 @@ and split:
              the mean (10,000 resamples of the seeds, seed 0), and every seed's value
     figures  means over seeds of the query diversity (models with queries: mask correlation,
              [SOS] attention, with its largest seed value) and of the sentence sensitivity
-             (refbench.sensitivity: mask, kernel)
+             (refbench.eval.sensitivity: mask, kernel)
 
-The runs go side by side (refbench.sidebyside), one thread each, as many at once as there are
+The runs go side by side (refbench.train.sidebyside), one thread each, as many at once as there are
 cores. `--set FIELD=VALUE` changes a config field of every MODEL (a candidate reading of a
 paper, say); `--isa avx2` runs the children on AVX2 kernels (`sidebyside.ISA_ENV`), so one
 machine gives the other CPU kind's numbers, and the table says which capability each ran on.
@@ -37,8 +37,8 @@ from rich.console import Console
 from rich.table import Table
 
 from refbench.data import prepare
-from refbench.eval import results
 from refbench.errors import RefbenchError
+from refbench.eval import results
 from refbench.fsutil import atomic_write_json, atomic_write_text
 from refbench.train.sidebyside import ISA_ENV, Job, run_jobs
 
@@ -115,8 +115,9 @@ def _figures(record_path: Path) -> dict:
 
 def main(settings: SeedSettings, console: Console | None = None) -> dict:
     """Train and score every (model, seed), print the table, write seeds.md / seeds.json; returns the table."""
-    from refbench import models, quickstart
-    from refbench.train.loop import parse_overrides
+    from refbench import models
+    from refbench.train import plans
+    from refbench.train.config import parse_overrides
 
     console = console or Console(width=None if sys.stdout.isatty() else 160)  # the table's columns, also in a log file
     if settings.isa not in ISA_ENV:
@@ -124,7 +125,7 @@ def main(settings: SeedSettings, console: Console | None = None) -> dict:
     overrides = parse_overrides(settings.overrides)
     for m in settings.models:
         models.make_config(m, "tiny", **overrides)  # an unknown model or field, a bad value: one line, before any work
-    plan = quickstart.PLANS["full"]
+    plan = plans.PLANS["full"]
     if settings.steps:
         plan = dataclasses.replace(plan, steps=settings.steps)
     splits = tuple(settings.splits or plan.eval_splits)
@@ -132,7 +133,7 @@ def main(settings: SeedSettings, console: Console | None = None) -> dict:
     workdir = Path(settings.workdir)
     data, shards, res = workdir / "data", workdir / "shards", workdir / "results"
     t0 = time.perf_counter()
-    quickstart._synth(data, plan, console)
+    plans.synth_data(data, plan, console)
     prepare.main(dataset="refcoco", split_by="unc", data=data, out=shards, shard_size=plan.shard_size)
     cores = prepare.usable_cores()
     jobs = []
@@ -140,7 +141,7 @@ def main(settings: SeedSettings, console: Console | None = None) -> dict:
         tag = run_tag(m, overrides)
         for seed in settings.seeds:
             out = workdir / "runs" / settings.isa / tag / f"seed{seed}"
-            cfg = quickstart.train_config(m, plan.steps, plan, shards, out, seed=seed, overrides=overrides)
+            cfg = plans.train_config(m, plan.steps, plan, shards, out, seed=seed, overrides=overrides)
             cfg = dataclasses.replace(cfg, quiet=True, recipe=dataclasses.replace(cfg.recipe, workers=0))
             score = dict(dataset=plan.dataset, splits=list(splits), shards=shards, results=res,
                          run_name=f"seeds-{tag}-{settings.isa}-seed{seed}", batch_size=64, workers=0)

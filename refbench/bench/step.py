@@ -31,8 +31,9 @@ import torch
 from torch import nn
 
 from refbench import models
-from refbench.data import shards as data
 from refbench.bench.common import BenchSettings, cores, prepared_set, row
+from refbench.data import shards as data
+from refbench.data import train_stream
 from refbench.eval.metrics import get_protocol
 from refbench.train.recipes import get_recipe, recipe_lr
 
@@ -139,7 +140,7 @@ def setup(model: str, folder: Path, *, batch_size: int = 32, workers: int = 1, s
         net = net.to(memory_format=torch.channels_last)
     optimizer = train._optimizer(net, rec)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    loader = data.train_loader(folder, manifest, batch_size=batch_size, image_size=net.image_size, seed=seed,
+    loader = train_stream.train_loader(folder, manifest, batch_size=batch_size, image_size=net.image_size, seed=seed,
                                num_batches=10**9, workers=workers, preprocess=get_protocol(rec.protocol).preprocess)
     return StepSetup(net, optimizer, scaler, iter(loader), rec)
 

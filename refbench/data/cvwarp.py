@@ -15,7 +15,7 @@ kernels:
 M is CRIS's `getTransformMat`: the aspect-preserving scale min(S/H, S/W) with FLOAT offsets
 ((S - new)/2, not rounded), from `cv2.getAffineTransform` on float32 corner points, and M^-1 the
 same call with the points swapped (not a numerical inverse). The cubic warp downscales without
-antialiasing, unlike refbench's own letterbox (refbench.transforms): the two give different
+antialiasing, unlike refbench's own letterbox (refbench.data.transforms): the two give different
 inputs, so a model should be scored with the preprocessing it was trained on (`--recipe cris`
 trains on this chain; `cris_train_mask` is CRIS's training target: the 0/255 mask warped with
 INTER_LINEAR and divided by 255, soft at the edges).

@@ -9,7 +9,7 @@ Why not call open_clip here: `import open_clip.tokenizer` imports torch (2.5-3 s
 which is several times the whole `refbench prepare` of a 2,000-image set. So this module runs the
 same algorithm on open_clip's own vocabulary file (`open_clip/bpe_simple_vocab_16e6.txt.gz`,
 located without importing open_clip) with the same text cleaning (ftfy + html unescape +
-whitespace + lower case) and the same regex. tests/test_text.py checks that the ids equal
+whitespace + lower case) and the same regex. tests/data/test_text.py checks that the ids equal
 open_clip's on every synthetic sentence, the check vectors of refcoco-facts.md and awkward text
 (unicode, HTML entities, punctuation, contractions, truncation).
 """

@@ -21,7 +21,7 @@ where M/8 does not land on the letterbox exactly, PIL's bilinear resizes the rem
 most a few pixels, its `box` keeping the exact geometry). Other images, and JPEGs libjpeg-turbo
 cannot turn into RGB (CMYK), take the PIL path: full decode and torch's uint8 antialiased
 bilinear resize (PIL's bilinear to +-1 grey level, faster). The two paths differ by the
-resampling filter only, never by geometry (tests/test_transforms.py): the IDCT's downscaling
+resampling filter only, never by geometry (tests/data/test_transforms.py): the IDCT's downscaling
 keeps more high frequencies than an antialiased bilinear. Measured on the COCO-like synthetic
 set (640 x 427..480 JPEGs, strong pixel noise, so a worst case): mean |difference| 6.8 grey
 levels (99th percentile 24) at 480 px, 0.9 (99th percentile 4) at 96 px. Training and

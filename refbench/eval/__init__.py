@@ -1,1 +1,51 @@
-"""The eval stage: masks -> metrics -> result records."""
+"""The eval stage: a model's masks (or anyone's submitted masks) -> metrics -> result records.
+
+    metrics         the metric protocols (PROTOCOLS), I/U, mIoU/oIoU/Pr@X, bootstrap intervals, breakdowns
+    evaluate        `refbench eval`: score a checkpoint on a split, every sentence (evaluate_checkpoint)
+    score           `refbench score` / `refbench sentences`: submitted masks against the ground truth
+    predictions     `refbench predictions`: a checkpoint's masks in the submission format
+    results         result records (schema v2) and their per-sentence parquet sidecars
+    diversity       query diversity figures of models with queries (EAVL)
+    sensitivity     sentence sensitivity: how much mask and kernel move when the sentence is swapped
+    visualize       overlays, per-query grids, `refbench predict`
+    plots           training curves
+
+Imports refbench.data, the root modules and refbench.models; nothing above.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {  # public name -> the module of this package that defines it
+    "PROTOCOLS": "metrics",
+    "DEFAULT_PROTOCOL": "metrics",
+    "Protocol": "metrics",
+    "get_protocol": "metrics",
+    "summarize": "metrics",
+    "bootstrap_ci": "metrics",
+    "paired_bootstrap": "metrics",
+    "evaluate_checkpoint": "evaluate",
+    "score_split": "evaluate",
+    "SplitScores": "evaluate",
+    "Evaluated": "evaluate",
+    "score_submission": "score",
+    "read_submission": "score",
+    "ground_truth": "score",
+    "Record": "results",
+    "write_record": "results",
+    "load_record": "results",
+    "iter_records": "results",
+    "compare_records": "results",
+}
+
+
+def __getattr__(name: str):
+    """The names above, imported from their module on first use (so `import refbench.eval` stays light)."""
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})

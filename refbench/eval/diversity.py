@@ -17,7 +17,7 @@ padding; position 0 is CLIP's [SOS] token). Four figures, each averaged over sam
 
 Why the last one: in the quickstart's 600-step tiny EAVL runs (testB, the GroupNorm head of
 the time), seeds 0, 2 and 3 put 0.98, 0.81 and 0.88 of the queries' attention on [SOS] (their
-kernels are language-free: refbench.sensitivity's kernel figure reads 0.005-0.019 there against
+kernels are language-free: refbench.eval.sensitivity's kernel figure reads 0.005-0.019 there against
 CRIS's 0.45), seed 1 puts 0.00 there and 0.18 on [EOS]. It shows in no other figure of these
 four; docs/eavl-readings.md has it for every reading measured.
 

@@ -1,26 +1,26 @@
 """`refbench eval`: score a checkpoint on a split, every sentence of every ref exactly once.
 
-    checkpoint.load -> build the model -> data.eval_loader (this rank's part of the split)
+    checkpoint.load -> build the model -> eval_stream.eval_loader (this rank's part of the split)
     -> forward -> sigmoid -> map back (protocol) -> binarise at the model's threshold
     -> I and U per sentence -> gather over ranks -> results.write_record -> rich table
     (and, beside I and U, a second forward with each sentence swapped for one of another ref of
-    the same image: refbench.sensitivity's figures, kept in the record's extras)
+    the same image: refbench.eval.sensitivity's figures, kept in the record's extras)
 
 The same `score_split` serves training-time validation (`validate`), so the numbers a run
 selects its best checkpoint on are computed exactly as the published ones.
 
-Protocols (refbench.metrics.PROTOCOLS); without --protocol a checkpoint is scored under the one
+Protocols (refbench.eval.metrics.PROTOCOLS); without --protocol a checkpoint is scored under the one
 it was trained for (`checkpoint_protocol`: its recipe's, `cris` for converted CRIS weights):
 - `original` (default; CRIS/EAVL): the probability map over the letterboxed input is mapped
   back to the original image (crop the letterbox, bilinear resize) and compared with the
   original-size GT (the union of the annotation's polygons).
 - `input` (LAVT-style): the probability map is resized to the network input (S x S) and
   compared with the GT moved into the same letterboxed frame (nearest).
-- `cris`: CRIS's own chain (refbench.cvwarp), its preprocessing included: the loader makes the
+- `cris`: CRIS's own chain (refbench.data.cvwarp), its preprocessing included: the loader makes the
   input with OpenCV's cubic affine letterbox, and the map goes back by bicubic upsampling
   (align_corners) and OpenCV's cubic inverse warp; then > threshold at the original size.
 
-Under torchrun every rank scores its own part of the split's sentences (data.eval_plan: cut
+Under torchrun every rank scores its own part of the split's sentences (eval_stream.eval_plan: cut
 below shard granularity, so every rank works even on a split of fewer shards than ranks) and
 the per-sentence I/U are gathered, so the metrics are exact at any world size. A record missing any sentence is never published.
 
@@ -45,19 +45,18 @@ from rich.table import Table
 
 from refbench import checkpoint as ckpt_mod
 from refbench import remote
-from refbench.data import cvwarp
+from refbench.data import cvwarp, eval_stream
 from refbench.data import shards as data
-from refbench.eval import diversity
-from refbench.eval import metrics
 from refbench.data import transforms
-from refbench.eval import sensitivity as sensitivity_mod
-from refbench.eval import results as results_mod
+from refbench.data.prepare import cap_workers
 from refbench.distributed import all_gather_object, exact_float32, setup_distributed
 from refbench.errors import RefbenchError
-from refbench.fsutil import check_output_folder, sha256_file
+from refbench.eval import diversity, metrics
+from refbench.eval import results as results_mod
+from refbench.eval import sensitivity as sensitivity_mod
 from refbench.eval.metrics import checkpoint_protocol
-from refbench.data.prepare import cap_workers
 from refbench.eval.visualize import render_examples
+from refbench.fsutil import check_output_folder, sha256_file
 
 COLUMNS = ("sent_id", "ref_id", "image_id", "category_id", "sent")  # per-sentence keys kept with I and U
 EVAL_PRECISION = "float32"  # the dtype every forward of scoring runs in (no autocast)
@@ -70,8 +69,8 @@ class SplitScores:
     columns: dict[str, list] = field(default_factory=lambda: {k: [] for k in (*COLUMNS, "I", "U")})
     seconds_total: float = 0.0  # wall time of the scoring loop on this rank
     seconds_metric: float = 0.0  # of which: mapping predictions back, binarising, counting I and U
-    diversity: dict | None = None  # query diversity over the split (refbench.diversity; None: the model has no queries)
-    sensitivity: dict | None = None  # sentence sensitivity over the split (refbench.sensitivity; None: not measured)
+    diversity: dict | None = None  # query diversity over the split (refbench.eval.diversity; None: the model has no queries)
+    sensitivity: dict | None = None  # sentence sensitivity over the split (refbench.eval.sensitivity; None: not measured)
 
     def __len__(self) -> int:
         return len(self.columns["sent_id"])
@@ -89,7 +88,7 @@ def forward_float32(net, image, tokens) -> dict:
 
 def probabilities(net, image, tokens, meter=None):
     """sigmoid(logits) of the model in float32 (`forward_float32`): float32 [B,1,h,w] over the
-    square input. `meter` (a refbench.diversity.DiversityMeter), if given, takes the batch's
+    square input. `meter` (a refbench.eval.diversity.DiversityMeter), if given, takes the batch's
     query figures."""
     out = forward_float32(net, image, tokens)
     if meter is not None:
@@ -107,7 +106,7 @@ def count_iu(probs, batch: dict, threshold: float, protocol: str) -> tuple[np.nd
         # the whole batch at once, on probs' device: one padded stack of maps (the same values
         # `binary_masks` thresholds, so eval and `refbench predictions` agree), one of GT masks
         warped = transforms.to_original_batch(probs, boxes)  # float [B, max H, max W]
-        gt = batch["gt"] if "gt" in batch else data.pad_stack(batch["gt_mask"])  # uint8 [B, max H, max W]
+        gt = batch["gt"] if "gt" in batch else eval_stream.pad_stack(batch["gt_mask"])  # uint8 [B, max H, max W]
         gt = gt.to(probs.device, non_blocking=True)
         pred = warped > threshold  # [B, max H, max W]; beyond each image the map reads 0
         if threshold < 0:  # then 0 passes: keep each prediction inside its image
@@ -143,10 +142,10 @@ def binary_masks(probs, batch: dict, threshold: float, protocol: str) -> list[np
 
 def split_loader(net, dataset_dir: Path, manifest: dict, split: str, d, *, batch_size: int = 16, workers: int = 0,
                  protocol: str = "original", persistent: bool = False) -> data.Loader:
-    """The eval loader `score_split` reads: this rank's part of `split` (data.eval_plan), at the
+    """The eval loader `score_split` reads: this rank's part of `split` (eval_stream.eval_plan), at the
     model's input size, in the protocol's preprocessing. `persistent`: its workers live across
     iterations (training makes one for all its validations; close it at the end)."""
-    return data.eval_loader(dataset_dir, manifest, split=split, image_size=net.image_size, batch_size=batch_size,
+    return eval_stream.eval_loader(dataset_dir, manifest, split=split, image_size=net.image_size, batch_size=batch_size,
                             workers=workers, rank=d.rank, world=d.world,
                             preprocess=metrics.get_protocol(protocol).preprocess,
                             pin_memory=d.device.type == "cuda", persistent=persistent)
@@ -160,7 +159,7 @@ def score_split(net, dataset_dir: Path, manifest: dict, split: str, d, *, batch_
     `loader`: a `split_loader` of the same split, batch size, workers and protocol to read from
     (training's persistent one), else one is made for this call. `sensitivity`: also run each
     batch with every sentence swapped for one of another ref of its image and measure how much
-    the output moves (refbench.sensitivity; a second forward per batch, which I/U never reads)."""
+    the output moves (refbench.eval.sensitivity; a second forward per batch, which I/U never reads)."""
     if loader is None:
         loader = split_loader(net, dataset_dir, manifest, split, d, batch_size=batch_size, workers=workers,
                               protocol=protocol)
@@ -330,7 +329,7 @@ def evaluate_checkpoint(checkpoint: Path, *, dataset: str | None = None, splits:
 
 def record_extras(scores: SplitScores) -> dict | None:
     """What a record keeps beside its metrics: the query diversity (models with queries) and the
-    sentence sensitivity (refbench.sensitivity), where measured."""
+    sentence sensitivity (refbench.eval.sensitivity), where measured."""
     extras = {"query_diversity": scores.diversity, "sentence_sensitivity": scores.sensitivity}
     return {k: v for k, v in extras.items() if v is not None} or None
 

@@ -50,7 +50,7 @@ class Protocol:
     version: int  # bumped whenever the computation changes; records of different versions never share a column
     resolution: str  # where I and U are counted: "original" image pixels or the network "input" pixels
     description: str  # one line, printed beside the numbers
-    preprocess: str = "letterbox"  # how the network input is made: "letterbox" (refbench.transforms) or "cris" (refbench.cvwarp, OpenCV)
+    preprocess: str = "letterbox"  # how the network input is made: "letterbox" (refbench.data.transforms) or "cris" (refbench.data.cvwarp, OpenCV)
     pr_strict: bool = False  # Pr@X counts IoU > X (CRIS's code) instead of IoU >= X
 
 

@@ -1,16 +1,16 @@
 """`refbench predictions`: a refbench checkpoint's binarised masks, written as a submission.
 
-    checkpoint -> model -> data.eval_loader (the protocol's preprocessing) -> sigmoid
+    checkpoint -> model -> eval_stream.eval_loader (the protocol's preprocessing) -> sigmoid
     -> back to the original image and > threshold (evaluate.binary_masks: the protocol's own code)
     -> COCO RLE per sentence -> JSONL (gzip with .gz) in the order of `refbench sentences`
 
-The file is exactly what `refbench score` reads (refbench.score), so scoring it under the same
+The file is exactly what `refbench score` reads (refbench.eval.score), so scoring it under the same
 protocol gives the same per-sentence I and U as `refbench eval --protocol P` of the same
 checkpoint: the masks come from the same function, and the scorer counts I and U exactly.
 Protocols that compare at the network input (`input`) have no original-size masks and are
 refused.
 
-Under torchrun every rank predicts its own part of the split's sentences (data.eval_plan) and
+Under torchrun every rank predicts its own part of the split's sentences (eval_stream.eval_plan) and
 rank 0 gathers the lines and writes the file (atomically).
 """
 
@@ -30,11 +30,10 @@ def export(checkpoint: Path, *, split: str, out: Path, dataset: str | None = Non
     """
     from refbench import checkpoint as ckpt_mod
     from refbench import remote
+    from refbench.data import eval_stream
     from refbench.data import shards as data
-    from refbench.eval import evaluate
-    from refbench.eval import metrics
-    from refbench.eval import score
     from refbench.distributed import all_gather_object, setup_distributed
+    from refbench.eval import evaluate, metrics, score
 
     proto = score.check_protocol(protocol)
     d = setup_distributed()
@@ -43,7 +42,7 @@ def export(checkpoint: Path, *, split: str, out: Path, dataset: str | None = Non
     if split not in manifest["splits"]:
         raise RefbenchError(f"split {split!r} is not in {remote.join(dataset_dir, 'manifest.json')}; splits: {', '.join(manifest['splits'])}")
     workers = 2 if workers is None else workers
-    loader = data.eval_loader(dataset_dir, manifest, split=split, image_size=net.image_size, batch_size=batch_size,
+    loader = eval_stream.eval_loader(dataset_dir, manifest, split=split, image_size=net.image_size, batch_size=batch_size,
                               workers=workers, rank=d.rank, world=d.world, preprocess=proto.preprocess)
     net.eval()
     lines: dict[int, str] = {}

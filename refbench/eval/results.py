@@ -16,11 +16,11 @@ Schema v2 (`"schema": "refbench-result", "schema_version": 2`), also in docs/res
     source         "measured" (refbench ran the model: `refbench eval`) or "submitted"
                    (binary masks scored by `refbench score`)
     submission     null, or for a submitted record {file, format, sha256, entries, note}:
-                   the predictions as given, their layout (refbench.score.FORMATS), the
+                   the predictions as given, their layout (refbench.eval.score.FORMATS), the
                    sha256 of their bytes, how many masks they held, the submitter's note
     dataset        "refcoco_unc" (<dataset>_<splitby>, as the shard folder)
     split          "testB"
-    protocol       {name, version, threshold, description, pr_strict}   see refbench.metrics.PROTOCOLS;
+    protocol       {name, version, threshold, description, pr_strict}   see refbench.eval.metrics.PROTOCOLS;
                    threshold is null for submitted binary masks
     metrics        {n, mIoU, oIoU, Pr@0.5 .. Pr@0.9,          fractions in [0, 1]
                     ci95: {mIoU: [lo, hi], oIoU: [lo, hi]},
@@ -29,12 +29,12 @@ Schema v2 (`"schema": "refbench-result", "schema_version": 2`), also in docs/res
     data           {manifest_sha256, sentences_expected}
     provenance     {refbench_version, git_commit (null outside a git checkout),
                     date (UTC ISO 8601), command}
-    breakdowns     {length, category, location_words}          see refbench.metrics.breakdowns
+    breakdowns     {length, category, location_words}          see refbench.eval.metrics.breakdowns
     sentences      {file, format: "parquet", sha256, rows, columns}
                    columns: sent_id, ref_id, image_id, category_id, sent, I, U, IoU
     extras         optional {name: JSON object}: model-specific figures measured in the same pass,
-                   e.g. query_diversity (refbench.diversity) for models with queries and
-                   sentence_sensitivity (refbench.sensitivity); absent in
+                   e.g. query_diversity (refbench.eval.diversity) for models with queries and
+                   sentence_sensitivity (refbench.eval.sensitivity); absent in
                    records written before it existed, which read as {}
 
 v1 records (no `source`, no `submission`) still load, as measured records.
@@ -64,8 +64,8 @@ import numpy as np
 import polars as pl
 
 from refbench import fsutil
-from refbench.eval import metrics
 from refbench.errors import RefbenchError
+from refbench.eval import metrics
 
 SCHEMA = "refbench-result"
 SCHEMA_VERSION = 2

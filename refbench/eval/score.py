@@ -30,7 +30,7 @@ Ground truth is the shard's mask: the union of the annotation's polygons, any no
 (`metrics.takes_binary_masks`) apply to a submission directly; those that compare at the
 network input need the model's probability map and refuse a submission with one line.
 
-The published record is an ordinary result record (`refbench.results`, schema v2) with
+The published record is an ordinary result record (`refbench.eval.results`, schema v2) with
 `source: "submitted"` and a `submission` entry (file, format, sha256, entries, note), so
 breakdowns, bootstrap intervals, `refbench compare` and the leaderboard work on it unchanged.
 """
@@ -49,8 +49,8 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 
 from refbench import fsutil, remote
-from refbench.eval import metrics
 from refbench.errors import RefbenchError
+from refbench.eval import metrics
 
 # The fields of one line of `refbench sentences`, in order.
 SENTENCE_FIELDS = ("sent_id", "ref_id", "ann_id", "image_id", "file_name", "height", "width", "category_id", "sentence")

@@ -255,8 +255,8 @@ def _predict_one(net: Any, image: Image.Image, tokens: Any, device: Any, query_s
                  preprocess: str = "letterbox", rgb: np.ndarray | None = None) -> dict[str, Any]:
     """Run `net` on one PIL image and one token row; maps back to the original size.
 
-    `preprocess` (a protocol's, refbench.metrics.Protocol): "letterbox" (refbench.transforms,
-    mapped back bilinearly) or "cris" (refbench.cvwarp: CRIS's cubic warp in and out); `rgb`,
+    `preprocess` (a protocol's, refbench.eval.metrics.Protocol): "letterbox" (refbench.data.transforms,
+    mapped back bilinearly) or "cris" (refbench.data.cvwarp: CRIS's cubic warp in and out); `rgb`,
     the image as uint8 [H, W, 3] when the caller decoded it as the protocol does (OpenCV for
     "cris"), else taken from `image`. Returns {"prob": float [H, W] in [0, 1], "query_probs":
     float [Q, H, W] or None, "query_weights": float [Q] or None, "input_prob": float [h, w] over
@@ -266,8 +266,7 @@ def _predict_one(net: Any, image: Image.Image, tokens: Any, device: Any, query_s
     """
     import torch
 
-    from refbench.data import cvwarp
-    from refbench.data import transforms
+    from refbench.data import cvwarp, transforms
     from refbench.distributed import exact_float32
 
     if preprocess == "cris":
@@ -406,8 +405,8 @@ def render_examples(net: Any, dataset_dir: Path, manifest: dict, split: str, sco
 
     from refbench.data import cvwarp
     from refbench.data import shards as data
-    from refbench.eval import metrics
     from refbench.data.sources import refer
+    from refbench.eval import metrics
 
     cols = scores.columns
     ious = metrics.iou(cols["I"], cols["U"])
@@ -534,8 +533,8 @@ def main_predict(checkpoint: Path, image: Path, text: str, out: Path) -> dict[st
     Memory follows the working size and the mask, not the photo's decoded size.
     """
     from refbench import checkpoint as ckpt_mod
-    from refbench.eval import metrics
     from refbench.data import text as text_mod
+    from refbench.eval import metrics
 
     out = Path(out)
     fsutil.check_output_file(out, "--out")  # before the model runs

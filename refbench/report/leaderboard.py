@@ -1,7 +1,7 @@
 """The leaderboard: measured result records and reported paper rows in one polars table.
 
 `refbench leaderboard` gathers every record under `leaderboard/results/` (validated by
-`refbench.results.load_record`) and the reported rows of `leaderboard/reported/*.csv`
+`refbench.eval.results.load_record`) and the reported rows of `leaderboard/reported/*.csv`
 (format: leaderboard/reported/README.md) into one wide table:
 
     source | method | variant | run | dataset | protocol | protocol_version |
@@ -29,17 +29,19 @@ file is written atomically.
 
 from __future__ import annotations
 
-import html
+import functools
 import json
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import jinja2
+import markupsafe
 import polars as pl
 
 from refbench import fsutil
-from refbench.eval import metrics
 from refbench.errors import RefbenchError
+from refbench.eval import metrics
 
 KEY = ("source", "method", "variant", "run", "dataset", "protocol", "protocol_version")
 SPLIT_ORDER = ("val", "testA", "testB", "test")  # others follow, alphabetically
@@ -371,232 +373,13 @@ def to_json(table: pl.DataFrame, title: str) -> str:
     return json.dumps(doc, indent=2) + "\n"
 
 
-# The HTML page: one static file, data as JSON inside it, rendered by a small script (no network).
-_HTML = """<!DOCTYPE html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>__TITLE__</title>
-<style>
-:root { --measured: #1f6feb; --submitted: #1a7f37; --reported: #8250df; --synthetic: #9a6700; --line: #d8dee4; }
-* { box-sizing: border-box; }
-body { font: 14px/1.4 system-ui, -apple-system, "Segoe UI", sans-serif; margin: 0; color: #1f2328; background: #fff; }
-header { padding: 12px 20px 8px; border-bottom: 1px solid var(--line); }
-h1 { font-size: 18px; margin: 0 0 8px; }
-.controls { display: flex; flex-wrap: wrap; gap: 14px; align-items: center; }
-.controls label { font-weight: 600; }
-select { font: inherit; padding: 2px 4px; margin-left: 4px; }
-.legend { display: flex; flex-wrap: wrap; gap: 8px; }
-#protocol-note { color: #57606a; margin: 6px 0 0; font-size: 13px; }
-main { display: flex; align-items: flex-start; gap: 16px; padding: 12px 20px; }
-#board { border-collapse: collapse; font-size: 13px; }
-#board th, #board td { padding: 3px 8px; border-bottom: 1px solid var(--line); white-space: nowrap; }
-#board th { background: #f6f8fa; text-align: left; cursor: pointer; user-select: none; position: sticky; top: 0; }
-#board th.num { text-align: right; }
-#board th .split { display: block; font-weight: 600; }
-#board th .metric { display: block; font-weight: 400; color: #57606a; font-size: 12px; }
-#board th.asc .metric::after, #board th.asc.text::after { content: " \\25B2"; }
-#board th.desc .metric::after, #board th.desc.text::after { content: " \\25BC"; }
-#board td.num { text-align: right; font-variant-numeric: tabular-nums; }
-#board td.empty { color: #8c959f; }
-#board tbody tr { cursor: pointer; }
-#board tbody tr:hover { background: #f3f4f6; }
-#board tbody tr.selected { background: #ddf4ff; }
-#board td.src { border-left: 4px solid transparent; }
-#board tr.src-measured td.src { border-left-color: var(--measured); }
-#board tr.src-submitted td.src { border-left-color: var(--submitted); }
-#board tr.src-reported td.src { border-left-color: var(--reported); }
-#board tr.src-reported td { color: #57606a; font-style: italic; }
-#board tr.synthetic td { background-image: repeating-linear-gradient(135deg, transparent 0 6px, #fff8c5 6px 8px); }
-.badge { display: inline-block; padding: 0 6px; border-radius: 9px; font-size: 11px; font-style: normal; color: #fff; line-height: 18px; }
-.b-measured { background: var(--measured); }
-.b-submitted { background: var(--submitted); }
-.b-reported { background: var(--reported); }
-.b-synthetic { background: var(--synthetic); }
-button.info { font: inherit; border: 1px solid var(--line); background: #fff; border-radius: 4px; cursor: pointer; padding: 0 6px; }
-#provenance { width: 420px; flex: none; border: 1px solid var(--line); border-radius: 6px; padding: 10px 14px; background: #fbfcfd; position: sticky; top: 8px; }
-#provenance h2 { font-size: 15px; margin: 0 0 6px; }
-#provenance dl { margin: 0; display: grid; grid-template-columns: max-content 1fr; gap: 3px 10px; font-size: 13px; }
-#provenance dt { font-weight: 600; color: #57606a; }
-#provenance dd { margin: 0; overflow-wrap: anywhere; }
-#provenance ul { margin: 0; padding-left: 16px; }
-#provenance .close { float: right; }
-details.about { padding: 0 20px 20px; color: #57606a; font-size: 13px; max-width: 1100px; }
-</style>
-</head>
-<body>
-<header>
-<h1>__TITLE__</h1>
-<div class="controls">
-<label for="dataset">Dataset<select id="dataset"></select></label>
-<label for="protocol">Protocol<select id="protocol"></select></label>
-<span class="legend">
-<span class="badge b-measured">measured</span>
-<span class="badge b-submitted">submitted</span>
-<span class="badge b-reported">reported</span>
-<span class="badge b-synthetic">synthetic</span>
-</span>
-<span id="count"></span>
-</div>
-<p id="protocol-note"></p>
-</header>
-<noscript><p style="padding: 0 20px">This page draws its table with JavaScript (no network needed); the same rows are in the md, csv and json exports of <code>refbench leaderboard</code>.</p></noscript>
-<main>
-<table id="board"><thead></thead><tbody></tbody></table>
-<aside id="provenance" hidden></aside>
-</main>
-<details class="about"><summary>What the numbers are</summary>
-<ul>
-__LEGEND__
-</ul>
-</details>
-<script id="board-data" type="application/json">__DATA__</script>
-<script>
-(function () {
-  "use strict";
-  var DATA = JSON.parse(document.getElementById("board-data").textContent);
-  var dsSel = document.getElementById("dataset"), prSel = document.getElementById("protocol");
-  var table = document.getElementById("board"), panel = document.getElementById("provenance");
-  var sort = { key: null, asc: false };
-  var KEYS = [["source", "source"], ["method", "method"], ["variant", "variant"], ["run", "run"]];
-
-  function el(tag, attrs, text) {
-    var e = document.createElement(tag);
-    Object.keys(attrs || {}).forEach(function (k) { e.setAttribute(k, attrs[k]); });
-    if (text !== undefined && text !== null) e.textContent = text;
-    return e;
-  }
-  function uniq(xs) { return xs.filter(function (x, i) { return xs.indexOf(x) === i; }); }
-  function option(sel, values, keep) {
-    sel.innerHTML = "";
-    values.forEach(function (v) { sel.appendChild(el("option", { value: v }, v)); });
-    if (values.indexOf(keep) >= 0) sel.value = keep;
-  }
-  function rowsOf(ds, pr) { return DATA.rows.filter(function (r) { return r.dataset === ds && r.protocol === pr; }); }
-  function base(source) { return source.replace(" (synthetic)", ""); }
-
-  function fillProtocols() {
-    var ds = dsSel.value;
-    var prs = DATA.protocols.filter(function (p) { return rowsOf(ds, p).length > 0; });
-    option(prSel, prs, prSel.value);
-  }
-
-  function render() {
-    var ds = dsSel.value, pr = prSel.value, rows = rowsOf(ds, pr);
-    var cols = DATA.columns.filter(function (c) {
-      return c.protocol === pr && rows.some(function (r) { return r.values[c.name] !== undefined && r.values[c.name] !== null; });
-    });
-    var showRun = rows.some(function (r) { return r.run; });
-    var desc = DATA.protocol_notes[pr] || "";
-    document.getElementById("protocol-note").textContent = ds + ", protocol " + pr + (desc ? ": " + desc : "") + ". Values in %; click a header to sort, a row for its provenance.";
-    document.getElementById("count").textContent = rows.length + " rows";
-    if (sort.key !== null && sort.key.indexOf(" (%, ") >= 0 && !cols.some(function (c) { return c.name === sort.key; })) sort.key = null;
-    if (sort.key !== null) {
-      rows = rows.slice().sort(function (a, b) {
-        var x = sort.key in a.values ? a.values[sort.key] : a[sort.key], y = sort.key in b.values ? b.values[sort.key] : b[sort.key];
-        var nx = x === null || x === undefined || x === "", ny = y === null || y === undefined || y === "";
-        if (nx || ny) return nx - ny;  // empty cells last, whichever the direction
-        var c = typeof x === "number" ? x - y : String(x).localeCompare(String(y));
-        return sort.asc ? c : -c;
-      });
-    }
-    var head = el("tr");
-    KEYS.forEach(function (k) {
-      if (k[0] === "run" && !showRun) return;
-      var th = el("th", { "data-key": k[0], "class": "text" }, k[1]);
-      head.appendChild(th);
-    });
-    cols.forEach(function (c) {
-      var th = el("th", { "data-key": c.name, "class": "num", title: c.name });
-      th.appendChild(el("span", { "class": "split" }, c.split));
-      th.appendChild(el("span", { "class": "metric" }, c.metric));
-      head.appendChild(th);
-    });
-    head.appendChild(el("th", { "class": "text" }, ""));
-    Array.prototype.forEach.call(head.cells, function (th) {
-      var key = th.getAttribute("data-key");
-      if (!key) return;
-      if (key === sort.key) th.classList.add(sort.asc ? "asc" : "desc");
-      th.addEventListener("click", function () {
-        if (sort.key === key) sort.asc = !sort.asc; else { sort.key = key; sort.asc = key.indexOf(" (%, ") < 0; }
-        render();
-      });
-    });
-    table.tHead.innerHTML = "";
-    table.tHead.appendChild(head);
-    var body = table.tBodies[0];
-    body.innerHTML = "";
-    rows.forEach(function (r) {
-      var tr = el("tr", { "class": "src-" + base(r.source) + (r.source.indexOf("synthetic") >= 0 ? " synthetic" : ""), "data-id": r.id });
-      var src = el("td", { "class": "src" });
-      src.appendChild(el("span", { "class": "badge b-" + base(r.source) }, base(r.source)));
-      if (r.source.indexOf("synthetic") >= 0) { src.appendChild(document.createTextNode(" ")); src.appendChild(el("span", { "class": "badge b-synthetic" }, "synthetic")); }
-      tr.appendChild(src);
-      tr.appendChild(el("td", {}, r.method));
-      tr.appendChild(el("td", {}, r.variant));
-      if (showRun) tr.appendChild(el("td", {}, r.run || ""));
-      cols.forEach(function (c) {
-        var v = r.values[c.name];
-        var has = v !== undefined && v !== null;
-        tr.appendChild(el("td", { "class": has ? "num" : "num empty" }, has ? v.toFixed(2) : "-"));
-      });
-      var td = el("td");
-      td.appendChild(el("button", { "class": "info", type: "button", title: "provenance" }, "i"));
-      tr.appendChild(td);
-      tr.addEventListener("click", function () { show(r); });
-      body.appendChild(tr);
-    });
-    if (!panel.hidden && !rows.some(function (r) { return String(r.id) === panel.getAttribute("data-id"); })) panel.hidden = true;
-    mark();
-  }
-
-  function mark() {
-    Array.prototype.forEach.call(table.tBodies[0].rows, function (tr) {
-      tr.classList.toggle("selected", !panel.hidden && tr.getAttribute("data-id") === panel.getAttribute("data-id"));
-    });
-  }
-
-  function show(r) {
-    panel.innerHTML = "";
-    panel.setAttribute("data-id", r.id);
-    var close = el("button", { "class": "close", type: "button", title: "close" }, "close");
-    close.addEventListener("click", function () { panel.hidden = true; mark(); });
-    panel.appendChild(close);
-    panel.appendChild(el("h2", {}, r.method + " " + r.variant + (r.run ? " (" + r.run + ")" : "")));
-    var dl = el("dl");
-    function item(label, value) {
-      if (value === null || value === undefined || value === "" || (Array.isArray(value) && !value.length)) return;
-      dl.appendChild(el("dt", {}, label));
-      var dd = el("dd");
-      if (Array.isArray(value)) {
-        var ul = el("ul");
-        value.forEach(function (v) { ul.appendChild(el("li", {}, v)); });
-        dd.appendChild(ul);
-      } else dd.textContent = value;
-      dl.appendChild(dd);
-    }
-    item("source", r.source);
-    item("dataset", r.dataset);
-    item("protocol", r.protocol + (r.protocol_version !== null ? " v" + r.protocol_version : " (the authors' code)"));
-    item("date", r.date);
-    item(base(r.source) === "reported" ? "published in" : "records", r.references);
-    item("notes", r.notes);
-    panel.appendChild(dl);
-    panel.hidden = false;
-    mark();
-  }
-
-  option(dsSel, DATA.datasets, DATA.datasets[0]);
-  fillProtocols();
-  dsSel.addEventListener("change", function () { fillProtocols(); render(); });
-  prSel.addEventListener("change", render);
-  render();
-})();
-</script>
-</body>
-</html>
-"""
+@functools.lru_cache(maxsize=1)
+def _page_template() -> jinja2.Template:
+    """The page (templates/leaderboard.html, package data), autoescaped: a method name or note
+    holding markup renders as text."""
+    text = resources.files("refbench.report").joinpath("templates", "leaderboard.html").read_text(encoding="utf-8")
+    env = jinja2.Environment(autoescape=True, keep_trailing_newline=True, undefined=jinja2.StrictUndefined)
+    return env.from_string(text)
 
 
 def _page_data(table: pl.DataFrame) -> dict:
@@ -630,9 +413,10 @@ def _page_data(table: pl.DataFrame) -> dict:
 def to_html(table: pl.DataFrame, title: str) -> str:
     """One static page, no network: numbers first, dataset and protocol selectable, sortable
     columns, each source styled apart, a row's provenance (records, notes, hashes) on a click."""
+    # The data is JSON inside a <script> element, which HTML does not unescape: it is written as
+    # JSON with <, > and & as \u escapes (so no "</script>" can end it early), not HTML-escaped.
     data = json.dumps(_page_data(table), ensure_ascii=True).replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
-    legend = "\n".join(f"<li>{html.escape(line)}</li>" for line in _legend())
-    return (_HTML.replace("__TITLE__", html.escape(title)).replace("__LEGEND__", legend).replace("__DATA__", data))
+    return _page_template().render(title=title, legend=_legend(), data=markupsafe.Markup(data))
 
 
 def print_table(table: pl.DataFrame, title: str) -> None:

@@ -134,7 +134,7 @@ def write_cris(raw: Any, out: Path, *, source: Path, source_sha256: str | None =
         "scaler": None,
         "step": None,
         "dataset": {"name": dataset, "context_length": context_length},
-        "protocol": "cris",  # scored by default under CRIS's own chain (refbench.metrics.checkpoint_protocol)
+        "protocol": "cris",  # scored by default under CRIS's own chain (refbench.eval.metrics.checkpoint_protocol)
         "converted_from": {
             "format": "CRIS.pytorch", "file": str(source), "sha256": source_sha256,
             "epoch": meta.get("epoch") if isinstance(meta.get("epoch"), int) else None,

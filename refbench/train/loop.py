@@ -14,11 +14,11 @@ Read top to bottom, a run is:
                                    one DataLoader for the run, its workers live across epochs
         step                       lr = get_lr(step) (pure), autocast, grad accumulation, clip
         every ckpt_every steps     last.pt (atomic)
-        validate                   refbench.evaluate.score_split on val, every sentence, the same
+        validate                   refbench.eval.evaluate.score_split on val, every sentence, the same
                                    metric code as `refbench eval` (float32); best.pt chosen on val mIoU only;
                                    one val loader for the run, its workers live across validations
         log                        rich progress, log.jsonl (loss terms and, for models with
-                                   queries, refbench.diversity's figures), curves.png
+                                   queries, refbench.eval.diversity's figures), curves.png
 
 Batch size semantics: `batch_size` is the GLOBAL batch per optimiser step. Each rank takes
 batch_size / (world_size * grad_accum) samples per micro-batch, so changing the number of GPUs
@@ -30,7 +30,7 @@ Resume: checkpoints hold the training position (epoch, step_in_epoch), the RNG s
 optimiser. The train stream of an epoch is a pure function of (seed, epoch, rank, worker), so
 `--resume` replays the epoch's stream and skips the batches already used (their JPEGs are
 decoded again, which costs at most one epoch of data loading, never model compute). On CPU a
-resumed run ends with bitwise the same weights as an uninterrupted one (tests/test_train.py).
+resumed run ends with bitwise the same weights as an uninterrupted one (tests/train/test_train.py).
 
 Ranks never decide alone: an error one rank would raise (a run already there, an unresumable
 checkpoint, weights that do not load, a non-finite loss) is decided on rank 0 or shared with a
@@ -41,188 +41,29 @@ ones are checked at each log, checkpoint and validation, so no checkpoint holds 
 
 from __future__ import annotations
 
-import ast
 import contextlib
 import dataclasses
 import json
 import math
-import shutil
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from refbench import __version__, checkpoint, models, remote
+from refbench import __version__, checkpoint, remote
 from refbench.data import shards as data
-from refbench.eval import diversity
-from refbench.eval import evaluate
+from refbench.data import train_stream
 from refbench.distributed import Dist, all_gather_object, autocast_dtype, barrier, setup_distributed
 from refbench.errors import RefbenchError
-from refbench.fsutil import atomic_write_json, atomic_write_text, check_output_folder
+from refbench.eval import diversity, evaluate
 from refbench.eval.metrics import get_protocol
-from refbench.data.prepare import cap_workers
 from refbench.eval.plots import plot_curves
+from refbench.fsutil import atomic_write_json, atomic_write_text
 from refbench.progress import TrainProgress
-from refbench.train.recipes import Recipe, get_recipe, recipe_lr
-
-
-@dataclass
-class TrainConfig:
-    model: str  # registry name: eavl, cris, blind, ...
-    variant: str  # model variant (backbone): tiny, rn50, rn101, vitb16, vitl14, ...
-    dataset: str  # prepared dataset folder name under `shards`, e.g. refcoco_unc
-    shards: str | Path  # shard root written by `refbench prepare`: a folder or a URL (refbench.remote)
-    recipe: Recipe  # optimiser / schedule / batch / cadence (refbench.recipes)
-    out: Path  # run folder: last.pt, best.pt, log.jsonl, curves.png, config.json
-    resume: bool = False  # continue from out/last.pt
-    seed: int = 0  # seeds the model init and the data stream
-    model_overrides: dict = field(default_factory=dict)  # model config fields, e.g. {"num_queries": 8}
-    stop_after: int | None = None  # stop (after a checkpoint) once this process has run N steps; for tests/preemption
-    quiet: bool = False  # no progress bar (logs still written)
-
-
-# ------------------------------------------------------------------------------ entry point
-
-
-def main(model: str, variant: str | None, dataset: str, shards: Path, recipe: str, epochs: int | None,
-         steps: int | None, batch_size: int | None, lr: float | None, pretrained: str | None,
-         out: Path | None, resume: bool, amp: str | None, workers: int | None, seed: int,
-         overrides: tuple[str, ...] = (), backbone_lr_scale: float | None = None) -> Path:
-    """CLI entry: turn flags into a TrainConfig and train. Returns the run folder."""
-    models.get_spec(model)  # one line for an unknown model or a broken plug-in, before any work
-    rec = get_recipe(recipe, epochs=epochs, steps=steps, batch_size=batch_size, lr=lr, amp=amp,
-                     workers=cap_workers(workers), backbone_lr_scale=backbone_lr_scale)
-    if pretrained is not None:
-        rec = dataclasses.replace(rec, pretrained=None if pretrained.lower() in ("none", "") else pretrained)
-    variant = variant or rec.variant
-    cfg = TrainConfig(
-        model=model, variant=variant, dataset=dataset, shards=shards if remote.is_url(shards) else Path(shards), recipe=rec,
-        out=Path(out) if out else Path("runs") / f"{model.replace(':', '.')}-{variant}-{dataset}",
-        resume=resume, seed=seed, model_overrides=parse_overrides(overrides),
-    )
-    check_output_folder(cfg.out, "--out")
-    models.make_config(model, variant, **_model_overrides(cfg))  # type and range of every --set, before any work
-    _note_slow_amp(rec.amp)
-    return train(cfg)
-
-
-def _note_slow_amp(amp: str) -> None:
-    """Say so when an autocast mode is asked for on CPU, where it is emulated and much slower."""
-    import sys
-
-    import torch
-
-    if amp in ("fp16", "bf16") and not torch.cuda.is_available():
-        print(f"note: --amp {amp} on CPU runs emulated half-precision kernels, many times slower than "
-              "--amp off (the CPU default)", file=sys.stderr)
-
-
-def parse_overrides(items: tuple[str, ...] | list[str]) -> dict[str, Any]:
-    """`("num_queries=8", "aligner=fixed")` -> `{"num_queries": 8, "aligner": "fixed"}`."""
-    parsed: dict[str, Any] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise RefbenchError(f"--set {item!r}: expected FIELD=VALUE, e.g. --set num_queries=8")
-        try:
-            parsed[key.strip()] = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            parsed[key.strip()] = value  # a bare word is a string: aligner=fixed
-    return parsed
-
-
-# ------------------------------------------------------------------------------ run state
-
-
-RUN_STATES = ("new", "resume", "done", "stale")  # what `run_state` can say about a run folder
-_SAME_RECIPE = ("steps", "epochs", "batch_size", "grad_accum", "lr", "weight_decay", "warmup_steps", "pretrained")
-
-
-@dataclass(frozen=True)
-class RunState:
-    """What a run folder holds relative to the run a TrainConfig asks for."""
-
-    state: str  # one of RUN_STATES: new (nothing to continue), resume, done (finished, best.pt there), stale
-    reason: str  # why, in words, naming the run folder
-    step: int | None = None  # the step of its last.pt (None: no readable last.pt)
-
-
-def run_steps(cfg: TrainConfig, manifest: dict) -> int:
-    """Optimiser steps of the whole run: the recipe's steps, or epochs x steps per epoch."""
-    return cfg.recipe.steps or cfg.recipe.epochs * data.steps_per_epoch(manifest, "train", cfg.recipe.batch_size)
-
-
-def _config_key(config: dict, want: dict) -> str:
-    """A model config as comparable text: every field, except those `want` leaves to the build (None,
-    e.g. quick_gelu decided from the weights and recorded in the checkpoint)."""
-    fields = {k: v for k, v in config.items() if not (k in want and want[k] is None)}
-    return json.dumps(json.loads(json.dumps(fields)), sort_keys=True)
-
-
-def run_state(cfg: TrainConfig) -> RunState:
-    """Decide whether `cfg.out` is a new run, one to resume, a finished one, or one made from something else.
-
-    The one rule quickstart, ablate and bench apply to their run folders (`ensure_trained`):
-    stale = its last.pt is unreadable, or was made by another model / variant / config / seed,
-    from other shards (manifest sha256) or with another recipe (steps, epochs, batch, lr, ...),
-    or it finished without a best.pt. Nothing is changed on disk.
-    """
-    out, last = Path(cfg.out), Path(cfg.out) / "last.pt"
-    if not last.is_file():
-        return RunState("new", f"{out}: no last.pt yet")
-    try:
-        ckpt = checkpoint.load(last)
-    except RefbenchError as e:
-        return RunState("stale", f"{last}: {e.message}")
-    manifest = data.load_manifest(remote.join(cfg.shards, cfg.dataset))
-    want_config = dataclasses.asdict(models.make_config(cfg.model, cfg.variant, **{**cfg.model_overrides,
-                                                                                   "pretrained": cfg.recipe.pretrained}))
-    have_recipe, want_recipe = ckpt.get("recipe") or {}, dataclasses.asdict(cfg.recipe)
-    step = ckpt.get("step")
-    checks = [
-        ("model", f"{ckpt['model'].get('name')}/{ckpt['model'].get('variant')}", f"{cfg.model}/{cfg.variant}"),
-        ("model config", _config_key(ckpt["model"].get("config") or {}, want_config), _config_key(want_config, want_config)),
-        ("dataset", (ckpt.get("dataset") or {}).get("name"), cfg.dataset),
-        ("shards (manifest sha256)", (ckpt.get("dataset") or {}).get("manifest_sha256"),
-         remote.sha256(remote.join(cfg.shards, cfg.dataset, "manifest.json"))),
-        ("seed", (ckpt.get("train") or {}).get("seed"), cfg.seed),
-        *[(f"recipe {k}", have_recipe.get(k), want_recipe[k]) for k in _SAME_RECIPE],
-    ]
-    for what, have, want in checks:
-        if have != want:
-            detail = f" ({have} != {want})" if len(f"{have}{want}") <= 60 else ""
-            return RunState("stale", f"{out}: made with another {what}{detail}", step)
-    if ckpt.get("optimizer") is None:
-        return RunState("stale", f"{out}: last.pt holds weights only and cannot be continued", step)
-    total = run_steps(cfg, manifest)
-    if step >= total:
-        if not (out / "best.pt").is_file():
-            return RunState("stale", f"{out}: finished (step {step}) but best.pt is missing", step)
-        return RunState("done", f"{out}: finished at step {step}", step)
-    return RunState("resume", f"{out}: at step {step} of {total}", step)
-
-
-def ensure_trained(cfg: TrainConfig, say=print) -> tuple[RunState, Path]:
-    """Bring `cfg.out` to a finished run by the one policy, and return (its state before, best.pt).
-
-    new: train; resume: continue from last.pt; done: reuse; stale: say why, delete the run folder
-    and train it again. Quickstart, ablate and bench call this for every run they own.
-    """
-    state = run_state(cfg)
-    if state.state == "done":
-        return state, Path(cfg.out) / "best.pt"
-    if state.state == "stale":
-        say(f"{state.reason}; training it again")
-        shutil.rmtree(cfg.out)
-    train(dataclasses.replace(cfg, resume=state.state == "resume"))
-    best = Path(cfg.out) / "best.pt"
-    if not best.is_file():
-        raise RefbenchError(f"{cfg.out}: training finished without a best.pt")
-    return state, best
-
+from refbench.train.config import TrainConfig, model_overrides, run_steps
+from refbench.train.recipes import Recipe, recipe_lr
 
 # ------------------------------------------------------------------------------ the loop
 
@@ -310,7 +151,7 @@ def train(cfg: TrainConfig) -> Path:
     ran_here = 0
     rank_pieces: list = []  # this rank's train images in the last epoch: (shard, start, stop), disjoint across ranks
     # one train stream for the run, one val loader: their worker processes live across epochs and validations
-    trains = data.TrainLoader(
+    trains = train_stream.TrainLoader(
         dataset_dir, manifest, split="train", image_size=net.image_size, batch_size=micro, seed=cfg.seed,
         num_batches=steps_per_epoch * rec.grad_accum, workers=rec.workers, rank=d.rank, world=d.world,
         pin_memory=d.device.type == "cuda", preprocess=get_protocol(rec.protocol).preprocess,
@@ -425,13 +266,6 @@ def _start_checkpoint(cfg: TrainConfig, d: Dist, last_path: Path) -> dict | None
     return checkpoint.broadcast_from_rank0(loaded[0], d)
 
 
-def _model_overrides(cfg: TrainConfig) -> dict[str, Any]:
-    """The config fields the run sets on top of its variant: the recipe's input size (e.g. CRIS's
-    416), the `--set` overrides and the recipe's pretrained weights."""
-    image_size = {"image_size": cfg.recipe.image_size} if cfg.recipe.image_size else {}
-    return {**image_size, **cfg.model_overrides, "pretrained": cfg.recipe.pretrained}
-
-
 def _build_model(cfg: TrainConfig, d: Dist):
     """The model, the same init on every rank. The first rank of each node builds first (it may
     download the CLIP weights into the node's cache), the node's other ranks after it (from the
@@ -440,7 +274,7 @@ def _build_model(cfg: TrainConfig, d: Dist):
 
     from refbench import models
 
-    overrides = _model_overrides(cfg)
+    overrides = model_overrides(cfg)
     net, error = None, None
     for turn in ((d.local_rank == 0), (d.local_rank != 0)):
         if turn:
@@ -569,7 +403,7 @@ def _optimizer_step(ddp, net, optimizer, scaler, it, rec: Recipe, d: Dist, amp_d
                     figures: bool = True) -> dict:
     """One optimiser step over `grad_accum` micro-batches; returns the mean loss terms as 0-dim
     tensors on the device (read them at log time: a float() here would wait for the GPU), with
-    the query-diversity figures (`refbench.diversity`) when `figures` (the loop asks for them
+    the query-diversity figures (`refbench.eval.diversity`) when `figures` (the loop asks for them
     on the steps it logs, the only ones that read them).
 
     Each phase is a named profiler range (`refbench.step.*`; free when no profiler runs), which
@@ -686,7 +520,7 @@ def _check_resumable(ckpt: dict, cfg: TrainConfig, path: Path, net=None) -> None
     differ = []
     from refbench import models
 
-    want = net.config if net is not None else models.make_config(cfg.model, cfg.variant, **_model_overrides(cfg))
+    want = net.config if net is not None else models.make_config(cfg.model, cfg.variant, **model_overrides(cfg))
     have_cfg, want_cfg = plain(ckpt["model"].get("config", {})), plain(dataclasses.asdict(want))
     differ += [f"model config {k}: {have_cfg.get(k)!r} -> {want_cfg.get(k)!r}"  # None: decided when built
                for k in sorted(set(have_cfg) | set(want_cfg)) if want_cfg.get(k) is not None and have_cfg.get(k) != want_cfg.get(k)]

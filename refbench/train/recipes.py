@@ -20,7 +20,7 @@ gradient clipping, fp16 autocast with a GradScaler. The word length is the shard
 RefCOCO/RefCOCO+, 22 for G-Ref: `refbench prepare` cuts at those, as CRIS's configs do).
 
 Both CRIS and EAVL score with CRIS's evaluation chain, so `cris` and `paper` train on that
-chain's preprocessing and validate under the `cris` protocol (`protocol`; refbench.cvwarp).
+chain's preprocessing and validate under the `cris` protocol (`protocol`; refbench.data.cvwarp).
 `tiny` is what the CPU quickstart needs: the tiny backbone from random init, a higher learning
 rate with warm-up, and a step budget that fits in minutes on 2 cores (refbench's own
 antialiased letterbox, `original` protocol). Its lr, 6e-4: a sweep of the quickstart's 500-step
@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-
 
 from refbench.distributed import AMP_MODES  # the values of Recipe.amp (refbench.distributed.autocast_dtype)
 
@@ -66,7 +65,7 @@ class Recipe:
     log_every: int  # progress / JSONL log cadence in steps
     val_max_batches: int | None  # cap on validation batches (None = the whole val split)
     image_size: int | None  # network input side, pixels; None = the variant's (CRIS trains at 416)
-    protocol: str  # validation protocol (refbench.metrics.PROTOCOLS); its preprocessing is also the training input
+    protocol: str  # validation protocol (refbench.eval.metrics.PROTOCOLS); its preprocessing is also the training input
     sync_bn: bool = True  # SyncBatchNorm across ranks on CUDA when world > 1 (CRIS's sync_bn): BN statistics of the global batch
 
 

@@ -8,7 +8,7 @@ all the cores (2 cores, 60 steps of each tiny model: 62.7 s one after another on
 
     run_jobs(jobs, lanes, threads)   up to `lanes` processes at once, trainings (`threads` torch
                                      threads each) in job order; each finished run is scored
-                                     (refbench.evaluate.evaluate_checkpoint) in a process of its
+                                     (refbench.eval.evaluate.evaluate_checkpoint) in a process of its
                                      own before the next training starts, on the cores the runs
                                      still training leave free
     progress                         one live line per run while it trains (step, samples/s,
@@ -80,7 +80,7 @@ def _train_quietly(cfg) -> tuple[str, str, str, str]:
     """One side-by-side run, its messages kept: (state before, reason, best.pt, CPU capability)."""
     import torch
 
-    from refbench.train.loop import ensure_trained
+    from refbench.train.runs import ensure_trained
 
     said: list[str] = []
     state, best = ensure_trained(cfg, say=said.append)

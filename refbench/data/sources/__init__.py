@@ -1,1 +1,1 @@
-"""Raw sources of refer datasets."""
+"""Raw sources of refer datasets: refer (the refer toolkit's files) and hf (the Hugging Face parquet mirrors)."""

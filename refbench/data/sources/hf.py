@@ -7,7 +7,7 @@ partition). `huggingface-cli download jxu124/refcoco --repo-type dataset --local
     DIR/README.md                                   the dataset card (features, splits, row counts)
     DIR/data/<split>-00000-of-00001-<hash>.parquet  one file (or several shards) per split
 
-`load_snapshot` turns such a folder into exactly what refbench.refer gives for the refer files:
+`load_snapshot` turns such a folder into exactly what refbench.data.sources.refer gives for the refer files:
 the list of ref dicts of a refs pickle and an `Instances` (the COCO image and annotation records
 they point at), so both sources go through the same `refer.join` and the same checks, and give
 the same shards. `write_snapshot` is the inverse (the layout above, from refer-format refs and
@@ -53,8 +53,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from refbench.errors import RefbenchError
 from refbench.data.sources.refer import BadInput, Instances
+from refbench.errors import RefbenchError
 
 
 @dataclass(frozen=True)

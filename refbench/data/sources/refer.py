@@ -236,7 +236,7 @@ def join(refs: list[dict], inst: Instances, refs_path: str | Path, skip_bad: boo
     """Join refs to instances.json and group them per split and image.
 
     `files` (ref_id -> file) names the file each ref came from in error lines when the refs were
-    read from several files (a parquet snapshot, refbench.refer_hf); otherwise `refs_path` is named.
+    read from several files (a parquet snapshot, refbench.data.sources.hf); otherwise `refs_path` is named.
 
     Returns (splits, skipped): `splits` maps split name -> image entries sorted by image id, each
     {image_id, file_name, height, width, refs: [{ref_id, ann_id, category_id, bbox, split,

@@ -73,15 +73,32 @@ from rich.console import Console
 from rich.table import Table
 
 from refbench import __version__
-from refbench.data.sources import hf as refer_hf
 from refbench.data.datasets import DATASETS, PARTITIONS
+from refbench.data.sources import hf as refer_hf
+from refbench.data.sources.refer import split_order
+from refbench.data.synth.language import (
+    LOCATION_WORDS,
+    SHAPE_WORDS,
+    SIZE_WORDS,
+    STYLES,
+    clean,
+    descriptions,
+    raw_expression,
+)
+from refbench.data.synth.render import noise_tile_cached, render
+from refbench.data.synth.scene import (
+    CATEGORIES,
+    CATEGORY_ID,
+    COLOURS,
+    GROUPS,
+    SHAPES_OF,
+    SynthConfig,
+    compose,
+    place,
+    polygons,
+)
 from refbench.errors import RefbenchError
 from refbench.fsutil import atomic_write_bytes, atomic_write_json, check_output_folder
-from refbench.data.sources.refer import split_order
-from refbench.data.synth.language import LOCATION_WORDS, SHAPE_WORDS, SIZE_WORDS, STYLES, clean, descriptions, raw_expression
-from refbench.data.synth.render import noise_tile_cached, render
-from refbench.data.synth.scene import (CATEGORIES, CATEGORY_ID, COLOURS, GROUPS, SHAPES_OF, SynthConfig, compose, place,
-                                  polygons)
 
 __all__ = ["CATEGORIES", "COLOURS", "DEFAULT_IMAGES", "GROUPS", "LOCATION_WORDS", "PARTITIONS", "SHAPE_WORDS",
            "SynthConfig", "clean", "generate", "identity", "is_complete", "main", "written_identity"]
@@ -198,7 +215,7 @@ def generate(out: Path, images: int, seed: int, cfg: SynthConfig = SynthConfig()
              parquet: bool = False) -> dict:
     """Write the dataset; returns the counts summary. `workers` processes render the images.
 
-    `parquet`: also write each dataset as a Hugging Face parquet mirror snapshot (refbench.refer_hf:
+    `parquet`: also write each dataset as a Hugging Face parquet mirror snapshot (refbench.data.sources.hf:
     OUT/<dataset>/README.md + data/*.parquet, the partitions the mirrors hold), from the refs
     pickles and instances.json just written: same refs, same ids.
     """

@@ -10,6 +10,7 @@ from PIL import Image, ImageChops, ImageDraw
 
 from refbench.data.synth.scene import COLOURS, SceneObject, SynthConfig
 
+
 def noise_tile(seed: int, sigma: float, side: int = 512):
     """A side x side RGB noise image stored as 128 + noise (uint8), cropped per image."""
     noise = np.random.default_rng([seed, 2]).normal(0, sigma, (side, side, 3))  # [side, side, 3]

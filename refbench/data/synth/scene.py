@@ -3,7 +3,7 @@
 `SynthConfig` holds every knob of `refbench synth`; `compose` draws a scene's shapes, colours and
 sizes for one group (round / angular, RefCOCO's people / objects), `place` positions them by
 rejection sampling and `polygons` turns each object into the polygons it is drawn and annotated
-with. Randomness comes only from the numpy Generator passed in (refbench.synth seeds it per image).
+with. Randomness comes only from the numpy Generator passed in (refbench.data.synth seeds it per image).
 """
 
 from __future__ import annotations

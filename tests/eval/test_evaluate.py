@@ -5,7 +5,7 @@ overlay pictures, every leaderboard export, single-image predict, and a 2-rank t
 that gives exactly the single-process I/U.
 
 The checkpoint is `init_run` (the seeded init, which predicts non-empty masks), so I and U are
-informative; `tests/test_train.py` evaluates a trained one.
+informative; `tests/train/test_train.py` evaluates a trained one.
 """
 
 from __future__ import annotations
@@ -14,16 +14,12 @@ import json
 
 import numpy as np
 import pytest
+from _harness import DATASET, assert_cli_ok, assert_ok, cli, torchrun
 from PIL import Image
 
-from _harness import DATASET, assert_cli_ok, assert_ok, cli, torchrun
 from refbench.data import shards as data
-from refbench.eval import diversity
-from refbench.eval import evaluate
-from refbench.eval import metrics
 from refbench.data.sources import refer
-from refbench.eval import results
-from refbench.eval import visualize
+from refbench.eval import diversity, evaluate, metrics, results, visualize
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -199,7 +195,7 @@ def test_torchrun_eval_gives_the_single_process_iu(init_run, small_shards_root, 
     manifest = data.load_manifest(small_shards_root / DATASET)
     for split in (s for s in manifest["splits"] if s != "train"):
         assert list(evaluate.results_dir_for(_records(ddp, split)[0].path).glob("*.png")), split
-        assert manifest["splits"][split]["shards"] >= 2  # (one shard: tests/test_ddp.py)
+        assert manifest["splits"][split]["shards"] >= 2  # (one shard: tests/train/test_ddp.py)
         (a,), (b,) = _records(single, split), _records(ddp, split)
         assert a.metrics["n"] == b.metrics["n"] == manifest["splits"][split]["sentences"]
         frame_a, frame_b = a.sentences.sort("sent_id"), b.sentences.sort("sent_id")

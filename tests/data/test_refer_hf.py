@@ -1,4 +1,4 @@
-"""Hugging Face parquet mirrors (refbench.refer_hf): the same shards as the refer files, the split
+"""Hugging Face parquet mirrors (refbench.data.sources.hf): the same shards as the refer files, the split
 mapping, and every kind of bad parquet input (one line naming the file, the ref_id and the problem)."""
 
 from __future__ import annotations
@@ -10,16 +10,15 @@ from pathlib import Path
 
 import polars as pl
 import pytest
+from _harness import assert_cli_ok, assert_one_line_error, cli
 
-from refbench.data import shards as data
 from refbench.data import prepare
-from refbench.data.sources import refer
+from refbench.data import shards as data
 from refbench.data.sources import hf as refer_hf
+from refbench.data.sources import refer
 from refbench.data.synth import generate as synth
 from refbench.errors import RefbenchError
 from refbench.fsutil import sha256_file
-
-from _harness import assert_cli_ok, assert_one_line_error, cli
 
 HF_NAMES = ["refcoco_unc", "refcoco+_unc", "refcocog_umd"]  # every dataset/partition the mirrors cover
 

@@ -3,7 +3,7 @@
 Smoke tests of what each benchmark reports, never of timings: the floor writes the same images
 per shard as prepare, the refer-style baseline loader yields the same tensors as ours, the byte
 counts are the files' sizes, the eval share comes from wrapped metric functions. The model
-benchmark is covered by tests/test_model_bench.py.
+benchmark is covered by tests/bench/test_model_bench.py.
 """
 
 from __future__ import annotations
@@ -19,11 +19,11 @@ import torch
 from PIL import Image
 
 from refbench import bench
-from refbench.data import shards as data
-from refbench.eval import metrics
-from refbench.data.sources import refer
-from refbench.data import transforms
 from refbench.bench import baselines, common, runs
+from refbench.data import shards as data
+from refbench.data import train_stream, transforms
+from refbench.data.sources import refer
+from refbench.eval import metrics
 
 IMAGES = 20  # the smallest synthetic set; every split non-empty
 
@@ -90,7 +90,7 @@ def test_refer_style_loader_yields_what_train_loader_yields(settings, workdir):
     raw = common.synth_set(settings, "default")
     base = baselines.ReferStyleDataset(raw, "refcoco", "unc", "train", size)
     index = {r["ref_id"]: i for i, r in enumerate(base.refs)}
-    batch = next(iter(data.train_loader(workdir / f"shards-default-{IMAGES}" / "refcoco_unc", batch_size=6, image_size=size)))
+    batch = next(iter(train_stream.train_loader(workdir / f"shards-default-{IMAGES}" / "refcoco_unc", batch_size=6, image_size=size)))
     for b, (ref_id, sent_id) in enumerate(zip(batch["ref_id"].tolist(), batch["sent_id"].tolist())):
         i = index[ref_id]
         k = [s["sent_id"] for s in base.refs[i]["sentences"]].index(sent_id)

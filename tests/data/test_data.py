@@ -12,11 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from pycocotools import mask as mask_utils
-
 from _tiny_shards import write_tiny_dataset
+
+from refbench.data import eval_stream
 from refbench.data import shards as data
-from refbench.data import transforms
+from refbench.data import train_stream, transforms
 from refbench.errors import RefbenchError
 from refbench.fsutil import sha256_file
 
@@ -73,7 +73,7 @@ def _assert_same_batches(a: list[dict], b: list[dict]) -> None:
 def test_train_batches_are_well_formed_and_match_the_shards(tiny):
     ds, truth = tiny
     sents = _sentences(ds, "train")
-    loader = data.train_loader(ds, batch_size=3, image_size=SIZE, seed=1)
+    loader = train_stream.train_loader(ds, batch_size=3, image_size=SIZE, seed=1)
     n_refs = len(truth.refs["train"])
     assert len(loader) == loader.steps_per_epoch == -(-n_refs // 3)
     batches = _batches(loader)
@@ -110,7 +110,7 @@ def test_train_stream_draws_sentences_at_random(tiny):
     sents = _sentences(ds, "train")
     seen = set()
     for epoch in range(6):
-        for b in data.train_loader(ds, batch_size=4, image_size=32, epoch=epoch):
+        for b in train_stream.train_loader(ds, batch_size=4, image_size=32, epoch=epoch):
             seen.update(b["sent_id"].tolist())
     assert len(seen) >= 0.8 * len(sents)
 
@@ -119,11 +119,11 @@ def test_train_stream_draws_sentences_at_random(tiny):
 def test_train_stream_is_deterministic_for_a_seed(tiny, workers):
     ds, _ = tiny
     kw = dict(batch_size=2, image_size=SIZE, workers=workers)
-    a = _batches(data.train_loader(ds, seed=7, **kw))
-    b = _batches(data.train_loader(ds, seed=7, **kw))
+    a = _batches(train_stream.train_loader(ds, seed=7, **kw))
+    b = _batches(train_stream.train_loader(ds, seed=7, **kw))
     _assert_same_batches(a, b)
-    other_seed = _batches(data.train_loader(ds, seed=8, **kw))
-    other_epoch = _batches(data.train_loader(ds, seed=7, epoch=1, **kw))
+    other_seed = _batches(train_stream.train_loader(ds, seed=8, **kw))
+    other_epoch = _batches(train_stream.train_loader(ds, seed=7, epoch=1, **kw))
     ids = [x["sent_id"].tolist() for x in a]
     assert ids != [x["sent_id"].tolist() for x in other_seed]
     assert ids != [x["sent_id"].tolist() for x in other_epoch]
@@ -133,9 +133,9 @@ def test_train_stream_is_deterministic_for_a_seed(tiny, workers):
 def test_train_resume_skips_to_the_same_batches(tiny, workers):
     ds, _ = tiny
     kw = dict(batch_size=2, image_size=SIZE, workers=workers, seed=3, epoch=2)
-    full = _batches(data.train_loader(ds, **kw))
+    full = _batches(train_stream.train_loader(ds, **kw))
     for k in (1, 5, len(full)):
-        resumed = data.train_loader(ds, skip_batches=k, **kw)
+        resumed = train_stream.train_loader(ds, skip_batches=k, **kw)
         assert len(resumed) == len(full) - k
         _assert_same_batches(_batches(resumed), full[k:])
 
@@ -146,9 +146,9 @@ def test_train_loader_workers_live_across_epochs(tiny):
     epoch), and a resumed epoch skips to the same batches."""
     ds, _ = tiny
     kw = dict(batch_size=2, image_size=SIZE, workers=2, seed=3)
-    fresh = [_batches(data.train_loader(ds, epoch=e, **kw)) for e in range(3)]
+    fresh = [_batches(train_stream.train_loader(ds, epoch=e, **kw)) for e in range(3)]
     assert [b["sent_id"].tolist() for b in fresh[0]] != [b["sent_id"].tolist() for b in fresh[1]]
-    with data.TrainLoader(ds, **kw) as run:
+    with train_stream.TrainLoader(ds, **kw) as run:
         pids = []
         for e in range(3):
             _assert_same_batches(_batches(run.epoch(e)), fresh[e])
@@ -165,17 +165,17 @@ def test_train_loader_workers_live_across_epochs(tiny):
 def test_train_ranks_run_the_same_number_of_steps(tiny):
     ds, truth = tiny
     n_refs = len(truth.refs["train"])
-    streams = [_batches(data.train_loader(ds, batch_size=2, image_size=32, rank=r, world=2)) for r in (0, 1)]
+    streams = [_batches(train_stream.train_loader(ds, batch_size=2, image_size=32, rank=r, world=2)) for r in (0, 1)]
     assert len(streams[0]) == len(streams[1]) == -(-n_refs // 4)  # ceil(refs / global batch of 4)
     assert [b["sent_id"].tolist() for b in streams[0]] != [b["sent_id"].tolist() for b in streams[1]]
 
 
 def test_train_takes_num_batches_and_more_workers_than_shards(tmp_path):
     ds, _ = write_tiny_dataset(tmp_path, images={"train": 2}, shard_size=2)  # one shard
-    loader = data.train_loader(ds, batch_size=2, image_size=32, workers=2, num_batches=5)
+    loader = train_stream.train_loader(ds, batch_size=2, image_size=32, workers=2, num_batches=5)
     assert len(loader) == 5 and len(_batches(loader)) == 5
     with pytest.raises(ValueError):
-        data.train_loader(ds, batch_size=2, num_batches=5, skip_batches=6)
+        train_stream.train_loader(ds, batch_size=2, num_batches=5, skip_batches=6)
 
 
 def test_epoch_plan_gives_every_image_to_exactly_one_stream():
@@ -184,7 +184,7 @@ def test_epoch_plan_gives_every_image_to_exactly_one_stream():
     elsewhere."""
     entries = [{"url": f"train-{i:06d}.tar", "samples": 500 if i < 33 else 494} for i in range(34)]
     total = sum(e["samples"] for e in entries)
-    plans = [data.epoch_plan(entries, seed=0, epoch=e, world=16, workers=8) for e in (0, 1)]
+    plans = [train_stream.epoch_plan(entries, seed=0, epoch=e, world=16, workers=8) for e in (0, 1)]
     for plan in plans:
         assert len(plan) == 16 and all(len(rank) == 8 for rank in plan)
         images = [(url, i) for rank in plan for part in rank for url, a, b in part for i in range(a, b)]
@@ -192,7 +192,7 @@ def test_epoch_plan_gives_every_image_to_exactly_one_stream():
         sizes = [sum(b - a for _, a, b in part) for rank in plan for part in rank]
         assert max(sizes) - min(sizes) <= 1
     assert plans[0] != plans[1]
-    assert data.epoch_plan(entries, seed=0, epoch=0, world=16, workers=8) == plans[0]  # a pure function
+    assert train_stream.epoch_plan(entries, seed=0, epoch=0, world=16, workers=8) == plans[0]  # a pure function
 
 
 def _one_epoch_ref_ids(ds: Path, world: int, workers: int, batch_size: int, monkeypatch) -> list[int]:
@@ -200,10 +200,10 @@ def _one_epoch_ref_ids(ds: Path, world: int, workers: int, batch_size: int, monk
     played in this process (its batches are g = w, w + workers, ...)."""
     ids = []
     for rank in range(world):
-        loader = data.train_loader(ds, batch_size=batch_size, image_size=32, rank=rank, world=world, workers=workers)
+        loader = train_stream.train_loader(ds, batch_size=batch_size, image_size=32, rank=rank, world=world, workers=workers)
         stream = loader.dataloader.dataset
         for w in range(max(1, workers)):
-            monkeypatch.setattr(data, "_worker", lambda w=w: (w, max(1, workers)))
+            monkeypatch.setattr(train_stream, "_worker", lambda w=w: (w, max(1, workers)))
             batches = len(range(w, loader.steps_per_epoch, max(1, workers)))
             it = iter(stream)
             for _ in range(batches):
@@ -234,7 +234,7 @@ def test_an_epoch_of_steps_reads_nearly_every_train_ref(tmp_path, world, workers
 @pytest.mark.parametrize("workers", [0, 2, 5])
 def test_eval_yields_every_sentence_exactly_once(tiny, workers):
     ds, truth = tiny
-    loader = data.eval_loader(ds, split="val", image_size=SIZE, batch_size=4, workers=workers)
+    loader = eval_stream.eval_loader(ds, split="val", image_size=SIZE, batch_size=4, workers=workers)
     assert loader.workers == workers  # 5 workers on 3 val shards: each its own run of sentences
     batches = _batches(loader)
     assert len(batches) == len(loader)
@@ -248,7 +248,7 @@ def test_eval_ranks_together_cover_every_sentence_once(tiny, workers):
     ds, truth = tiny
     ids = []
     for rank in (0, 1):
-        loader = data.eval_loader(ds, split="val", image_size=SIZE, batch_size=3, workers=workers, rank=rank, world=2)
+        loader = eval_stream.eval_loader(ds, split="val", image_size=SIZE, batch_size=3, workers=workers, rank=rank, world=2)
         got = [i for b in _batches(loader) for i in b["sent_id"]]
         assert len(got) == loader.sentences
         ids += got
@@ -258,7 +258,7 @@ def test_eval_ranks_together_cover_every_sentence_once(tiny, workers):
 def test_eval_rank_without_sentences_yields_nothing(tiny):
     ds, truth = tiny
     n = len(truth.sentences["val"])
-    loaders = [data.eval_loader(ds, split="val", rank=r, world=n + 1, workers=2) for r in range(n + 1)]  # more ranks than sentences
+    loaders = [eval_stream.eval_loader(ds, split="val", rank=r, world=n + 1, workers=2) for r in range(n + 1)]  # more ranks than sentences
     empty = [loader for loader in loaders if loader.sentences == 0]
     assert len(empty) == 1 and len(empty[0]) == 0 and empty[0].workers == 0 and _batches(empty[0]) == []
     assert sorted(loader.sentences for loader in loaders) == [0] + [1] * n
@@ -269,14 +269,14 @@ def test_eval_plan_cuts_below_shard_granularity():
     128 parts that tile the split in file order, sizes within one sentence, none empty; a rank
     with fewer sentences than workers gets one part per sentence."""
     entries = [{"url": f"val-{i:06d}.tar", "sentences": n} for i, n in enumerate((1500, 1500, 811))]
-    plan = data.eval_plan(entries, world=16, workers=8)
+    plan = eval_stream.eval_plan(entries, world=16, workers=8)
     assert len(plan) == 16 and all(len(rank) == 8 for rank in plan)
     order = [(url, i) for rank in plan for part in rank for url, a, b in part for i in range(a, b)]
     assert order == [(e["url"], i) for e in entries for i in range(e["sentences"])]  # each once, in file order
     sizes = [sum(b - a for _, a, b in part) for rank in plan for part in rank]
     assert min(sizes) > 0 and max(sizes) - min(sizes) <= 1
-    assert data.eval_plan(entries, world=16, workers=8) == plan  # a pure function
-    small = data.eval_plan([{"url": "v.tar", "sentences": 5}], world=2, workers=4)
+    assert eval_stream.eval_plan(entries, world=16, workers=8) == plan  # a pure function
+    small = eval_stream.eval_plan([{"url": "v.tar", "sentences": 5}], world=2, workers=4)
     assert [len(r) for r in small] == [2, 3] and small[1] == [[("v.tar", 2, 3)], [("v.tar", 3, 4)], [("v.tar", 4, 5)]]
 
 
@@ -285,7 +285,7 @@ def _items_by_sentence(batches: list[dict]) -> dict[int, dict]:
     out = {}
     for b in batches:
         for i, sid in enumerate(b["sent_id"]):
-            item = {k: b[k][i] for k in (*data.EVAL_LISTS, "image", "content", "tokens")}
+            item = {k: b[k][i] for k in (*eval_stream.EVAL_LISTS, "image", "content", "tokens")}
             assert sid not in out, f"sentence {sid} yielded twice"
             out[sid] = item
     return out
@@ -307,13 +307,13 @@ def test_eval_of_a_one_shard_split_gives_every_stream_a_share(tmp_path, world, w
     sentences, each sentence once, and each item equals the single-process loader's."""
     ds, truth = write_tiny_dataset(tmp_path, images={"train": 2, "val": 5}, shard_size=5)  # val: one shard
     assert data.load_manifest(ds)["splits"]["val"]["shards"] == 1
-    single = _items_by_sentence(_batches(data.eval_loader(ds, split="val", image_size=SIZE, batch_size=3)))
+    single = _items_by_sentence(_batches(eval_stream.eval_loader(ds, split="val", image_size=SIZE, batch_size=3)))
     assert list(single) == truth.sentences["val"]
     got = {}
     for rank in range(world):
-        loader = data.eval_loader(ds, split="val", image_size=SIZE, batch_size=3, workers=workers, rank=rank, world=world)
+        loader = eval_stream.eval_loader(ds, split="val", image_size=SIZE, batch_size=3, workers=workers, rank=rank, world=world)
         assert loader.workers == workers and loader.shards == [str(ds / "val" / "val-000000.tar")]
-        parts = data.eval_plan(data.split_shards(data.load_manifest(ds), ds, "val"), world=world, workers=workers)[rank]
+        parts = eval_stream.eval_plan(data.split_shards(data.load_manifest(ds), ds, "val"), world=world, workers=workers)[rank]
         assert len(parts) == max(1, workers) and all(sum(b - a for _, a, b in p) > 0 for p in parts)  # every stream works
         items = _items_by_sentence(_batches(loader))
         assert len(items) == loader.sentences > 0
@@ -330,10 +330,10 @@ def test_eval_one_shard_split_is_checked_by_the_stream_that_ends_it(tmp_path):
     ds, truth = write_tiny_dataset(tmp_path, images={"train": 2, "val": 5}, shard_size=5)
     shard = ds / "val" / "val-000000.tar"
     _flip(shard, _silent_jpeg_flip(shard))
-    first = data.eval_loader(ds, split="val", image_size=SIZE, batch_size=3, rank=0, world=2)
+    first = eval_stream.eval_loader(ds, split="val", image_size=SIZE, batch_size=3, rank=0, world=2)
     assert len({i for b in _batches(first) for i in b["sent_id"]}) == first.sentences  # stops before the end
     with pytest.raises(RefbenchError, match="sha256"):
-        _batches(data.eval_loader(ds, split="val", image_size=SIZE, batch_size=3, rank=1, world=2))
+        _batches(eval_stream.eval_loader(ds, split="val", image_size=SIZE, batch_size=3, rank=1, world=2))
 
 
 def test_eval_checks_the_sentence_count_of_each_shard(tiny_copy):
@@ -344,7 +344,7 @@ def test_eval_checks_the_sentence_count_of_each_shard(tiny_copy):
     manifest["splits"]["val"]["sentences"] += 1
     (ds / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(RefbenchError, match=f"{val[0]['path']} is corrupt: it holds {val[0]['sentences'] - 1} sentences"):
-        _batches(data.eval_loader(ds, split="val", image_size=32))
+        _batches(eval_stream.eval_loader(ds, split="val", image_size=32))
 
 
 def _worker_pids(loader) -> list[int]:
@@ -355,8 +355,8 @@ def _worker_pids(loader) -> list[int]:
 def test_eval_loader_persistent_workers_serve_every_iteration(tiny):
     ds, _ = tiny
     workers = 2
-    fresh = _batches(data.eval_loader(ds, split="val", image_size=SIZE, batch_size=3, workers=workers))
-    loader = data.eval_loader(ds, split="val", image_size=SIZE, batch_size=3, workers=workers, persistent=True)
+    fresh = _batches(eval_stream.eval_loader(ds, split="val", image_size=SIZE, batch_size=3, workers=workers))
+    loader = eval_stream.eval_loader(ds, split="val", image_size=SIZE, batch_size=3, workers=workers, persistent=True)
     first = _batches(loader)
     pids = _worker_pids(loader)
     second = _batches(loader)
@@ -372,12 +372,12 @@ def test_eval_loader_persistent_workers_serve_every_iteration(tiny):
 def test_eval_items_carry_what_scoring_needs(tiny):
     ds, truth = tiny
     sents = _sentences(ds, "val")
-    batches = _batches(data.eval_loader(ds, split="val", image_size=SIZE, batch_size=5))
+    batches = _batches(eval_stream.eval_loader(ds, split="val", image_size=SIZE, batch_size=5))
     first_image = {}
     for b in batches:
         n = len(b["sent_id"])
         assert b["image"].shape == (n, 3, SIZE, SIZE) and b["tokens"].shape == (n, 17)
-        assert all(len(b[k]) == n for k in data.EVAL_LISTS)
+        assert all(len(b[k]) == n for k in eval_stream.EVAL_LISTS)
         for i in range(n):
             sid, rid = b["sent_id"][i], b["ref_id"][i]
             assert sents[sid]["ref_id"] == rid and b["tokens"][i].tolist() == sents[sid]["tokens"]
@@ -398,7 +398,7 @@ def test_eval_items_carry_what_scoring_needs(tiny):
 @pytest.mark.parametrize("workers", [0, 2])
 def test_eval_order_is_deterministic(tiny, workers):
     ds, truth = tiny
-    runs = [[b["sent_id"] for b in data.eval_loader(ds, split="val", batch_size=4, image_size=32, workers=workers)]
+    runs = [[b["sent_id"] for b in eval_stream.eval_loader(ds, split="val", batch_size=4, image_size=32, workers=workers)]
             for _ in range(2)]
     assert runs[0] == runs[1]
     if workers == 0:  # one stream: the file order of the shards
@@ -469,7 +469,7 @@ def test_corrupt_shard_raises_naming_the_shard_in_eval(tiny_copy, how, workers):
     shard = ds / "val" / "val-000001.tar"
     _damage(shard, how)
     with pytest.raises(RefbenchError) as e:
-        _batches(data.eval_loader(ds, split="val", image_size=32, batch_size=4, workers=workers))
+        _batches(eval_stream.eval_loader(ds, split="val", image_size=32, batch_size=4, workers=workers))
     assert str(shard) in e.value.message and "\n" not in e.value.message
     assert multiprocessing.active_children() == []  # the workers were stopped, not left hanging
     with pytest.raises(RefbenchError, match="val-000001.tar"):
@@ -482,7 +482,7 @@ def test_corrupt_shard_raises_naming_the_shard_in_train(tiny_copy, how):
     shard = ds / "train" / "train-000000.tar"
     _damage(shard, how)
     with pytest.raises(RefbenchError) as e:  # resampled: read all shards over enough batches
-        _batches(data.train_loader(ds, batch_size=2, image_size=32, workers=2, num_batches=200))
+        _batches(train_stream.train_loader(ds, batch_size=2, image_size=32, workers=2, num_batches=200))
     assert str(shard) in e.value.message and "\n" not in e.value.message
 
 
@@ -491,7 +491,7 @@ def test_sample_count_is_checked_without_sha256(tiny_copy):
     shard = ds / "val" / "val-000000.tar"
     _damage(shard, "truncated between samples")
     with pytest.raises(RefbenchError, match="val-000000.tar is corrupt: it holds 1 samples, the manifest says 2"):
-        _batches(data.eval_loader(ds, split="val", image_size=32, verify=False))
+        _batches(eval_stream.eval_loader(ds, split="val", image_size=32, verify=False))
 
 
 def _rewrite_sample(ds: Path, shard_rel: str, edit) -> Path:
@@ -532,7 +532,7 @@ def test_bad_sample_in_a_consistent_shard_names_shard_and_sample(tiny_copy, what
     ds, _ = tiny_copy
     shard = _rewrite_sample(ds, "val/val-000002.tar", edit)
     with pytest.raises(RefbenchError, match=message) as e:
-        _batches(data.eval_loader(ds, split="val", image_size=32, workers=2))
+        _batches(eval_stream.eval_loader(ds, split="val", image_size=32, workers=2))
     assert str(shard) in e.value.message and "sample" in e.value.message
 
 
@@ -541,10 +541,10 @@ def test_missing_shard_manifest_and_split(tiny_copy, tmp_path):
     with pytest.raises(RefbenchError, match="manifest.json not found"):
         data.load_manifest(tmp_path / "elsewhere" / "refcoco_unc")
     with pytest.raises(RefbenchError, match="split 'testA'.*splits: train, val"):
-        data.eval_loader(ds, split="testA")
+        eval_stream.eval_loader(ds, split="testA")
     (ds / "val" / "val-000000.tar").unlink()
     with pytest.raises(RefbenchError, match="val-000000.tar"):
-        _batches(data.eval_loader(ds, split="val"))
+        _batches(eval_stream.eval_loader(ds, split="val"))
     with pytest.raises(RefbenchError, match="val-000000.tar is missing"):
         data.verify_shards(data.load_manifest(ds), ds, "val")
     manifest = json.loads((ds / "manifest.json").read_text())
@@ -576,10 +576,10 @@ def test_pipelines_on_prepared_synthetic_data(shards_root, synth_root):
         refs = refer.load_refs(raw / manifest["dataset"] / f"refs({manifest['split_by']}).p")
         for split in manifest["splits"]:
             expected = sorted(s["sent_id"] for r in refs if r["split"] == split for s in r["sentences"])
-            loader = data.eval_loader(ds, manifest, split=split, image_size=64, batch_size=32, workers=2)
+            loader = eval_stream.eval_loader(ds, manifest, split=split, image_size=64, batch_size=32, workers=2)
             got = [i for b in loader for i in b["sent_id"]]
             assert sorted(got) == expected, (name, split)
-        train = data.train_loader(ds, manifest, batch_size=4, image_size=64, num_batches=3, workers=2)
+        train = train_stream.train_loader(ds, manifest, batch_size=4, image_size=64, num_batches=3, workers=2)
         for b in train:
             assert b["tokens"].shape == (4, L) and torch.all((b["tokens"] == EOT).sum(1) == 1)
             assert torch.all(b["mask"].flatten(1).sum(1) > 0)

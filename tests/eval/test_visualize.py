@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from refbench.eval import visualize as vis
 from refbench.errors import RefbenchError
+from refbench.eval import visualize as vis
 
 H, W = 60, 90
 

@@ -1,4 +1,4 @@
-"""`refbench bench seeds` and the side-by-side runner under it (refbench.sidebyside): the seed
+"""`refbench bench seeds` and the side-by-side runner under it (refbench.train.sidebyside): the seed
 table's statistics, the live progress lines, a short end-to-end table, the other CPU kind's
 kernels in the children, and (slow) the same seed on both CPU kinds giving the same testB."""
 
@@ -8,12 +8,12 @@ import json
 import statistics
 
 import pytest
+from _harness import assert_cli_ok, cli
 from rich.console import Console
 
-from _harness import assert_cli_ok, cli
-from refbench.train import sidebyside
 from refbench.bench import seeds
 from refbench.errors import RefbenchError
+from refbench.train import sidebyside
 
 
 def test_parse_seeds():

@@ -1,7 +1,7 @@
-"""The `cris` protocol: CRIS's OpenCV chain (refbench.cvwarp), its strict Pr@X, its records.
+"""The `cris` protocol: CRIS's OpenCV chain (refbench.data.cvwarp), its strict Pr@X, its records.
 
 Parity of the whole chain with CRIS's own inference code (same I and U per sentence) is in
-tests/test_cris_parity.py; here: the geometry of CRIS's letterbox, the strict Pr@X rule, the
+tests/models/test_cris_parity.py; here: the geometry of CRIS's letterbox, the strict Pr@X rule, the
 inverse warp on a known map, and `refbench eval --protocol cris` end to end on the synthetic
 shards (a readable record that names the protocol, its version and its Pr@X rule).
 """
@@ -12,11 +12,10 @@ import cv2
 import numpy as np
 import pytest
 import torch
-
 from _harness import DATASET, assert_cli_ok, cli
+
 from refbench.data import cvwarp
-from refbench.eval import metrics
-from refbench.eval import results
+from refbench.eval import metrics, results
 
 
 def test_cris_letterbox_matrices_use_float_offsets():
@@ -79,9 +78,9 @@ def test_eval_protocol_cris_writes_a_readable_strict_record(init_run, shards_roo
 
 
 def test_train_loader_with_cris_preprocessing(shards_root):
-    from refbench.data import shards as data
+    from refbench.data import train_stream
 
-    (batch,) = list(data.train_loader(shards_root / DATASET, batch_size=4, image_size=64, num_batches=1,
+    (batch,) = list(train_stream.train_loader(shards_root / DATASET, batch_size=4, image_size=64, num_batches=1,
                                       preprocess="cris"))
     assert batch["image"].shape == (4, 3, 64, 64) and batch["mask"].shape == (4, 1, 64, 64)
     mask = batch["mask"]

@@ -7,8 +7,8 @@ import time
 import numpy as np
 import pytest
 
-from refbench.eval import metrics
 from refbench.errors import RefbenchError
+from refbench.eval import metrics
 
 # --------------------------------------------------------------------------- I and U
 

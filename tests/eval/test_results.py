@@ -16,11 +16,10 @@ import polars as pl
 import pytest
 from click.testing import CliRunner
 
-from refbench.eval import metrics
-from refbench.eval import results
 from refbench.errors import RefbenchError
+from refbench.eval import metrics, results
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def make_sentences(n: int, seed: int = 0, gain: int = 0) -> dict[str, list]:

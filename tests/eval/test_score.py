@@ -13,18 +13,15 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pytest
+from _harness import DATASET, assert_cli_ok, assert_ok, assert_one_line_error, cli, torchrun
+from _tiny_shards import write_tiny_dataset
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from _harness import DATASET, assert_cli_ok, assert_ok, assert_one_line_error, cli, torchrun
-from _tiny_shards import write_tiny_dataset
 from refbench.data import shards as data
-from refbench.eval import evaluate
-from refbench.report import leaderboard
-from refbench.eval import metrics
-from refbench.eval import results
-from refbench.eval import score
 from refbench.errors import RefbenchError
+from refbench.eval import evaluate, metrics, results, score
+from refbench.report import leaderboard
 
 SPLIT = "val"
 

@@ -1,4 +1,4 @@
-"""`refbench prepare` (refbench.prepare): round trip, determinism, atomicity and bad input."""
+"""`refbench prepare` (refbench.data.prepare): round trip, determinism, atomicity and bad input."""
 
 from __future__ import annotations
 
@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 from pycocotools import mask as mask_utils
 
+from refbench.data import prepare, shard_writer
 from refbench.data import shards as data
-from refbench.data import prepare
 from refbench.data.sources import refer
 from refbench.errors import RefbenchError
 from refbench.fsutil import sha256_file
@@ -274,14 +274,14 @@ def test_jpeg_size_matches_pillow(synth_root):
     from PIL import Image
 
     for path in sorted((synth_root / "images" / "train2014").iterdir())[:10]:
-        assert prepare.jpeg_size(path.read_bytes()) == Image.open(path).size
+        assert shard_writer.jpeg_size(path.read_bytes()) == Image.open(path).size
     image = Image.open(path)
     for mode, options in (("RGB", {"progressive": True}), ("L", {}), ("CMYK", {}), ("RGB", {"exif": b"Exif\x00\x00" + bytes(30)})):
         buf = io.BytesIO()
         image.convert(mode).save(buf, format="JPEG", **options)
-        assert prepare.jpeg_size(buf.getvalue()) == image.size, (mode, options)
+        assert shard_writer.jpeg_size(buf.getvalue()) == image.size, (mode, options)
     for bad in (b"", b"\xff\xd8", b"GIF89a....", path.read_bytes()[:20]):
-        assert prepare.jpeg_size(bad) is None
+        assert shard_writer.jpeg_size(bad) is None
 
 
 def test_cli_prepare_error_is_one_line(data_copy, tmp_path):
@@ -306,7 +306,7 @@ def test_sigkill_then_rerun(tmp_path):
     synth.generate(data, 600, seed=7)
     cmd = [sys.executable, "-m", "refbench", "prepare", "--dataset", "refcoco", "--data", str(data),
            "--out", str(tmp_path / "killed"), "--shard-size", "10", "--workers", "2"]
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]))
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 60
     while time.time() < deadline and not list((tmp_path / "killed").rglob(".tmp-*.tar")):
@@ -331,11 +331,11 @@ def test_prepare_tar_writer_writes_what_tarfile_writes():
             info.size, info.mtime, info.mode, info.uid, info.gid, info.uname, info.gname = len(payload), 0, 0o644, 0, 0, "", ""
             tar.addfile(info, io.BytesIO(payload))
     got = io.BytesIO()
-    writer = prepare._TarWriter(got)
+    writer = shard_writer._TarWriter(got)
     for name, payload in members:
         writer.add(name, payload)
     writer.close()
     assert got.getvalue() == expected.getvalue()
     assert writer.n == len(expected.getvalue()) and writer.sha.hexdigest() == hashlib.sha256(expected.getvalue()).hexdigest()
     with pytest.raises(ValueError, match="does not fit"):
-        prepare.ustar_header("x" * 101, 1)
+        shard_writer.ustar_header("x" * 101, 1)

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from _model_helpers import make_tokens
 
 from refbench import models
-from _model_helpers import make_tokens
 
 
 def ddp_configs() -> list[tuple[str, str, dict]]:
@@ -111,8 +111,9 @@ def _decisions_worker(rank: int, world: int, port: int, run: str, out: str) -> N
     import torch.distributed as dist
 
     from refbench import checkpoint
-    from refbench.train import loop as train
     from refbench.errors import RefbenchError
+    from refbench.train import config
+    from refbench.train import loop as train
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
@@ -136,7 +137,7 @@ def _decisions_worker(rank: int, world: int, port: int, run: str, out: str) -> N
         checkpoint.load = lambda *a, **k: (_ for _ in ()).throw(AssertionError("rank 1 read the checkpoint"))
     from refbench.train.recipes import get_recipe
 
-    cfg = train.TrainConfig(model="eavl", variant="tiny", dataset="refcoco_unc", shards=Path(run),
+    cfg = config.TrainConfig(model="eavl", variant="tiny", dataset="refcoco_unc", shards=Path(run),
                             recipe=get_recipe("tiny"), out=Path(run), resume=True)
     seen["resume"] = outcome(lambda: train._start_checkpoint(cfg, d, Path(run) / "last.pt")["step"])
     cfg.resume = False
@@ -201,12 +202,12 @@ def test_rank0_decides_and_every_rank_follows(tmp_path):
     torch.manual_seed(0)
     net = models.build("blind", "tiny")
     # the model config and recipe a tiny eavl run records, so the resume check lets it continue
-    from refbench.train import loop as train
+    from refbench.train.config import TrainConfig, model_overrides
     from refbench.train.recipes import get_recipe
 
     rec = get_recipe("tiny")
-    like = train.TrainConfig(model="eavl", variant="tiny", dataset="refcoco_unc", shards=run, recipe=rec, out=run)
-    config = models.make_config("eavl", "tiny", **train._model_overrides(like))
+    like = TrainConfig(model="eavl", variant="tiny", dataset="refcoco_unc", shards=run, recipe=rec, out=run)
+    config = models.make_config("eavl", "tiny", **model_overrides(like))
     checkpoint.save(run / "last.pt", {"model": {"name": "eavl", "variant": "tiny", "config": dataclasses.asdict(config)},
                                       "state_dict": net.state_dict(), "optimizer": {"state": {}}, "step": 7,
                                       "dataset": {"name": "refcoco_unc"}, "recipe": dataclasses.asdict(rec)})
@@ -248,8 +249,8 @@ def test_syncbatchnorm_on_cuda_with_several_ranks_only():
     """The decision (the conversion runs on any device; SyncBatchNorm's forward needs CUDA)."""
     import dataclasses
 
-    from refbench.train import recipes
     from refbench.train import loop as train
+    from refbench.train import recipes
 
     rec = recipes.get_recipe("paper")
     torch.manual_seed(0)
@@ -330,14 +331,15 @@ class _Scorer(torch.nn.Module):
 
 
 def _eval_worker(rank: int, world: int, port: int, ds: str, bad: str, out: str) -> None:
+    import multiprocessing
+
     import torch.distributed as dist
 
+    from refbench.data import eval_stream
     from refbench.data import shards as data
+    from refbench.errors import RefbenchError
     from refbench.eval import evaluate
     from refbench.train import loop as train
-    from refbench.errors import RefbenchError
-
-    import multiprocessing
 
     multiprocessing.set_start_method("fork", force=True)  # DataLoader workers as under torchrun (mp.spawn set "spawn")
     torch.set_num_threads(1)
@@ -347,7 +349,7 @@ def _eval_worker(rank: int, world: int, port: int, ds: str, bad: str, out: str) 
     manifest = data.load_manifest(ds)
     seen: dict = {}
     # 2 ranks x 2 DataLoader workers on a split of one shard: 4 streams, each its own run of sentences
-    own = data.eval_loader(ds, manifest, split="val", image_size=net.image_size, batch_size=1, workers=2, rank=rank, world=world)
+    own = eval_stream.eval_loader(ds, manifest, split="val", image_size=net.image_size, batch_size=1, workers=2, rank=rank, world=world)
     seen["own"] = (own.sentences, own.workers)
     scores = evaluate.score_split(net, ds, manifest, "val", d, batch_size=1, workers=2)
     seen["columns"] = scores.columns
@@ -371,8 +373,8 @@ def test_two_rank_eval_of_a_one_shard_split_is_the_single_process_eval(tmp_path)
     import shutil
 
     import torch.multiprocessing as mp
-
     from _tiny_shards import write_tiny_dataset
+
     from refbench.data import shards as data
     from refbench.eval import evaluate
     from refbench.train import loop as train

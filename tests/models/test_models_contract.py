@@ -38,7 +38,7 @@ def test_contract(name, variant):
         assert logits.dtype == torch.float32 and logits.shape[:2] == (2, 1) and logits.shape[-1] == logits.shape[-2]
         assert size % logits.shape[-1] == 0, "the mask grid must divide the input"
         assert torch.isfinite(logits).all()
-        if "kernel" in out:  # the pixel-scoring kernel (refbench.sensitivity): one row per sample
+        if "kernel" in out:  # the pixel-scoring kernel (refbench.eval.sensitivity): one row per sample
             assert out["kernel"].ndim == 2 and out["kernel"].shape[0] == 2 and torch.isfinite(out["kernel"]).all()
         losses = model.loss(out, mask)
         assert losses["loss"].ndim == 0 and torch.isfinite(losses["loss"])

@@ -1,12 +1,12 @@
-"""CLIP tokenization (refbench.text): check vectors, truncation, and equality with open_clip's tokenizer."""
+"""CLIP tokenization (refbench.data.text): check vectors, truncation, and equality with open_clip's tokenizer."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from refbench.data.sources import refer
 from refbench.data import text
+from refbench.data.sources import refer
 from refbench.errors import RefbenchError
 
 AWKWARD = [

@@ -1,4 +1,4 @@
-"""Sentence sensitivity (refbench.sensitivity): the figures on known inputs, the swap sentence
+"""Sentence sensitivity (refbench.eval.sensitivity): the figures on known inputs, the swap sentence
 the eval loader picks, and `score_split` on real models: a model that ignores the sentence
 reads 0, one that reads it reads more than 0."""
 
@@ -6,14 +6,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _model_helpers import make_tokens
 
 from refbench import models
+from refbench.data import eval_stream
 from refbench.data import shards as data
-from refbench.eval import evaluate
-from refbench.eval import sensitivity
 from refbench.distributed import setup_distributed
+from refbench.eval import evaluate, sensitivity
 from refbench.models.blocks import dynamic_conv
-from _model_helpers import make_tokens
 
 DATASET = "refcoco_unc"
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -44,7 +44,7 @@ def test_swap_is_a_sentence_of_another_ref_of_the_same_image(shards_root):
     owner: dict[tuple, set] = {}  # tokens -> {(image_id, ref_id)} of the sentences that have them
     images: dict[int, set] = {}  # image_id -> its ref ids
     items = []
-    for batch in data.eval_loader(ds, manifest, split="testB", image_size=96, batch_size=4):
+    for batch in eval_stream.eval_loader(ds, manifest, split="testB", image_size=96, batch_size=4):
         for i, (image_id, ref_id) in enumerate(zip(batch["image_id"], batch["ref_id"])):
             owner.setdefault(tuple(batch["tokens"][i].tolist()), set()).add((image_id, ref_id))
             images.setdefault(image_id, set()).add(ref_id)
@@ -58,9 +58,9 @@ def test_swap_is_a_sentence_of_another_ref_of_the_same_image(shards_root):
 
 def test_swap_tokens_rule():
     refs = [{"sentences": [{"tokens": [1]}, {"tokens": [2]}]}, {"sentences": []}, {"sentences": [{"tokens": [3]}]}]
-    assert data.swap_tokens(refs, 0, 1) == [3]  # the next ref with sentences, index modulo its count
-    assert data.swap_tokens(refs, 2, 0) == [1]  # cyclically
-    assert data.swap_tokens(refs[:1], 0, 0) is None  # one ref: no swap
+    assert eval_stream.swap_tokens(refs, 0, 1) == [3]  # the next ref with sentences, index modulo its count
+    assert eval_stream.swap_tokens(refs, 2, 0) == [1]  # cyclically
+    assert eval_stream.swap_tokens(refs[:1], 0, 0) is None  # one ref: no swap
 
 
 def _scored(name: str, shards_root, **overrides) -> dict:

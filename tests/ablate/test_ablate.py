@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 
 from refbench.ablate import run as ablate
-from refbench.eval import metrics
 from refbench.ablate.run import AblationConfig, Report, Row, Setting
 from refbench.errors import RefbenchError
+from refbench.eval import metrics
 from refbench.report.leaderboard import load_ablations
 
 FULL = Setting(24, "dynamic", True, True)
@@ -210,10 +210,10 @@ def test_plot_is_a_png_with_both_panels(tmp_path):
 def test_smoke_run_then_rerun_reuses_everything_and_resumes_a_partial_run(tmp_path, shards_root):
     from refbench import checkpoint
     from refbench.eval import results
-    from refbench.train import loop as train
+    from refbench.train import TrainConfig, run_state, train
 
     def state(run):
-        return train.run_state(ablate.train_config(cfg, run, shards_root)).state
+        return run_state(ablate.train_config(cfg, run, shards_root)).state
 
     cfg = AblationConfig(workdir=tmp_path / "abl", shards=shards_root, steps=2, batch_size=4, workers=0,
                          num_queries=(2,), fixed_queries=(2,), default_queries=2, eval_batch_size=16,
@@ -222,7 +222,7 @@ def test_smoke_run_then_rerun_reuses_everything_and_resumes_a_partial_run(tmp_pa
     assert len(runs) == 5
     # a run killed after its first step: last.pt at step 1 of 2
     partial = runs[1]
-    train.train(train.TrainConfig(
+    train(TrainConfig(
         model="eavl", variant="tiny", dataset=cfg.dataset, shards=shards_root,
         recipe=ablate.recipe(cfg), out=ablate.run_dir(cfg, partial), seed=cfg.seed,
         model_overrides=partial.setting.overrides(), stop_after=1, quiet=True,

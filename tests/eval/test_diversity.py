@@ -1,4 +1,4 @@
-"""Query diversity (refbench.diversity): the figures on known inputs, and training logging them."""
+"""Query diversity (refbench.eval.diversity): the figures on known inputs, and training logging them."""
 
 from __future__ import annotations
 
@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from refbench import models
+from refbench.data import eval_stream
 from refbench.data import shards as data
+from refbench.data import train_stream
 from refbench.eval import diversity
 from refbench.models.blocks import mask_correlation
 
@@ -115,7 +117,7 @@ def test_absolute_correlation_counts_a_complement_as_alike():
 
 def _test_batch(shards_root: Path, image_size: int, n: int = 16) -> dict:
     manifest = data.load_manifest(shards_root / DATASET)
-    loader = data.eval_loader(shards_root / DATASET, manifest, split="testB", image_size=image_size,
+    loader = eval_stream.eval_loader(shards_root / DATASET, manifest, split="testB", image_size=image_size,
                               batch_size=n, workers=0)
     return data.to_device(next(iter(loader)), "cpu")
 
@@ -150,7 +152,7 @@ def test_plain_linear_generator_collapses_at_init(shards_root):
 def _short_training(shards_root: Path, steps: int, **overrides) -> list[dict]:
     """Train a tiny EAVL `steps` AdamW steps (the tiny recipe's peak lr) on four fixed train batches
     of 4, on one thread (a few dozen steps at a constant peak lr are chaotic: the float summation
-    order of two threads gives another run); returns refbench.diversity's figures on a testB
+    order of two threads gives another run); returns refbench.eval.diversity's figures on a testB
     batch before and after."""
     from _harness import torch_threads
 
@@ -162,7 +164,7 @@ def _short_training_run(shards_root: Path, steps: int, **overrides) -> list[dict
     torch.manual_seed(0)
     net = models.build("eavl", "tiny", **overrides)
     manifest = data.load_manifest(shards_root / DATASET)
-    train = iter(data.train_loader(shards_root / DATASET, manifest, split="train", image_size=net.image_size,
+    train = iter(train_stream.train_loader(shards_root / DATASET, manifest, split="train", image_size=net.image_size,
                                    batch_size=4, seed=0, epoch=0, num_batches=4, workers=0))
     batches = [data.to_device(next(train), "cpu") for _ in range(4)]
     probe = _test_batch(shards_root, net.image_size)

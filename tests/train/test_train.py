@@ -15,23 +15,33 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from _harness import (DATASET, assert_cli_ok, assert_ok, assert_one_line_error, cli, read_log, torchrun,
-                      train_config, train_losses)
+from _harness import (
+    DATASET,
+    assert_cli_ok,
+    assert_ok,
+    assert_one_line_error,
+    cli,
+    read_log,
+    torchrun,
+    train_config,
+    train_losses,
+)
 from conftest import TINY_RUN_STEPS
+
 from refbench import checkpoint, models
 from refbench.data import shards as data
-from refbench.eval import results
+from refbench.data import train_stream
 from refbench.errors import RefbenchError
-from refbench.train.recipes import get_lr
+from refbench.eval import results
 from refbench.train.loop import train
+from refbench.train.recipes import get_lr
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _fixed_batch_loss(net, shards_root: Path) -> float:
     """The loss of `net` on one fixed batch of 8 train refs (seed 123), in eval mode."""
-    batch = next(iter(data.train_loader(shards_root / DATASET, batch_size=8, image_size=net.image_size, seed=123,
+    batch = next(iter(train_stream.train_loader(shards_root / DATASET, batch_size=8, image_size=net.image_size, seed=123,
                                         num_batches=1)))
     batch = data.to_device(batch, "cpu")
     net.eval()
@@ -97,11 +107,10 @@ def test_stop_and_resume_is_bitwise_an_uninterrupted_run(shards_root, tmp_path, 
 def test_workers_live_across_epochs_and_validations_and_resume_is_bitwise(tmp_path, monkeypatch):
     """A run of 3 epochs with a validation at the end of each and 2 DataLoader workers starts
     worker processes twice (the train stream once, the val loader once), not once per epoch and
-    per validation (tests/test_data.py: each epoch's batches are still that epoch's); stopped
+    per validation (tests/data/test_data.py: each epoch's batches are still that epoch's); stopped
     inside the second epoch and resumed, it ends bitwise as the uninterrupted run."""
-    from torch.utils.data import dataloader as torch_dataloader
-
     from _tiny_shards import write_tiny_dataset
+    from torch.utils.data import dataloader as torch_dataloader
 
     shards = tmp_path / "shards"
     write_tiny_dataset(shards, images={"train": 4, "val": 2})
@@ -194,7 +203,7 @@ def test_ranks_draw_disjoint_train_data(small_shards_root, workers):
     ds = small_shards_root / DATASET
     seen, shards = [], []
     for rank in (0, 1):
-        loader = data.train_loader(ds, batch_size=4, image_size=32, rank=rank, world=2, workers=workers, seed=5)
+        loader = train_stream.train_loader(ds, batch_size=4, image_size=32, rank=rank, world=2, workers=workers, seed=5)
         shards.append(loader.shards)
         seen.append({int(i) for b in loader for i in b["ref_id"]})
     assert seen[0] and seen[1] and not seen[0] & seen[1]
@@ -205,7 +214,7 @@ def test_ranks_draw_disjoint_train_data(small_shards_root, workers):
 def test_fewer_train_images_than_ranks_is_refused(shards_root):
     n = data.load_manifest(shards_root / DATASET)["splits"]["train"]["images"]
     with pytest.raises(RefbenchError) as e:
-        data.train_loader(shards_root / DATASET, batch_size=2, rank=0, world=n + 1)
+        train_stream.train_loader(shards_root / DATASET, batch_size=2, rank=0, world=n + 1)
     assert f"{n} image(s), fewer than the {n + 1} ranks" in e.value.message and "fewer ranks" in e.value.hint
 
 
@@ -258,7 +267,7 @@ def test_set_overrides_reach_the_model_config(shards_root, tmp_path):
 
 
 def test_run_state_new_resume_done_stale(tiny_run, shards_root, tmp_path, monkeypatch):
-    from refbench.train.loop import run_state
+    from refbench.train.runs import run_state
 
     cfg = train_config(shards_root, tmp_path / "run", steps=TINY_RUN_STEPS)
     new = run_state(cfg)
@@ -306,7 +315,7 @@ def test_run_state_new_resume_done_stale(tiny_run, shards_root, tmp_path, monkey
 
 
 def test_ensure_trained_redoes_a_stale_run_and_reuses_a_done_one(shards_root, tmp_path):
-    from refbench.train.loop import ensure_trained
+    from refbench.train.runs import ensure_trained
 
     cfg = train_config(shards_root, tmp_path / "run", steps=1)
     cfg.out.mkdir()

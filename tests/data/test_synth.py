@@ -1,4 +1,4 @@
-"""The synthetic REFER dataset (refbench.synth): layout, formats, splits, language and determinism."""
+"""The synthetic REFER dataset (refbench.data.synth): layout, formats, splits, language and determinism."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from refbench.data.sources import refer
-from refbench.data.synth import generate as synth
 from refbench.data import text
 from refbench.data.datasets import PARTITIONS
+from refbench.data.sources import refer
+from refbench.data.synth import generate as synth
 from refbench.errors import RefbenchError
 
 REF_KEYS = {"ref_id", "ann_id", "image_id", "category_id", "split", "file_name", "sent_ids", "sentences"}

@@ -1,4 +1,4 @@
-"""Raw REFER reading (refbench.refer): the restricted unpickler, Python 2 pickles, the join and GT masks."""
+"""Raw REFER reading (refbench.data.sources.refer): the restricted unpickler, Python 2 pickles, the join and GT masks."""
 
 from __future__ import annotations
 

@@ -3,7 +3,7 @@
 Fast cases on the tiny CRIS (its ResNet trunk in CRIS's layout): a CRIS-format state dict made
 from a tiny model by the inverse of `CRIS_KEY_RULES` converts back to the same outputs, and a
 missing, an extra or a mis-shaped key is refused with the key named (one line, exit 2, nothing
-written). The RN50 parity with CRIS's own code is tests/test_cris_parity.py.
+written). The RN50 parity with CRIS's own code is tests/models/test_cris_parity.py.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import re
 
 import pytest
 import torch
-
 from _harness import assert_cli_ok, cli
+
 from refbench import checkpoint, models
 from refbench.eval import evaluate
 from refbench.models import cris

@@ -22,15 +22,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from _cris_weights import seeded_state_dict
 from _harness import assert_cli_ok, cli
+
 from refbench import checkpoint
-from refbench.train import convert
 from refbench.data import prepare
 from refbench.eval import results
+from refbench.train import convert
 
-FIXTURE = Path(__file__).parent / "fixtures" / "cris_parity"
+FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "cris_parity"
 
 pytestmark = pytest.mark.slow
 

@@ -6,7 +6,7 @@ checks what is shown. Needs Debian's `chromium` and `chromium-driver` (.ci/run i
 where they are absent the test skips with that reason, except under REFBENCH_REQUIRE_BROWSER=1
 (set by .ci/run), where their absence is a failure.
 
-Run as a script, it writes the README's screenshot: `python tests/test_leaderboard_page.py docs/leaderboard-page.png`.
+Run as a script, it writes the README's screenshot: `python tests/report/test_leaderboard_page.py docs/leaderboard-page.png`.
 """
 
 from __future__ import annotations
@@ -19,11 +19,12 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "eval"))  # test_results, beside this folder
 
-from refbench.report import leaderboard as lb
-from refbench.eval import results
 from test_results import make_sentences  # noqa: E402
+
+from refbench.eval import results
+from refbench.report import leaderboard as lb
 
 DATASET = "refcoco_unc"
 SHA = "5e" * 32  # the submission hash the page must show

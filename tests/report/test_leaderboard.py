@@ -10,12 +10,11 @@ from pathlib import Path
 
 import polars as pl
 import pytest
-
-from refbench.report import leaderboard as lb
-from refbench.eval import results
-from refbench.errors import RefbenchError
-
 from test_results import make_sentences, write
+
+from refbench.errors import RefbenchError
+from refbench.eval import results
+from refbench.report import leaderboard as lb
 
 
 @pytest.fixture()

@@ -1,0 +1,61 @@
+"""The quickstart's plans as data (`QuickstartPlan`, `PLANS`: full, check, fast) and how one of
+their runs is made: the synthetic data it needs (`synth_data`) and each model's training run
+(`train_config`). `refbench quickstart` runs a plan; `refbench bench seeds` runs the full plan
+once per seed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from refbench.data.synth import generate as synth
+from refbench.train.config import TrainConfig
+from refbench.train.recipes import get_recipe
+
+
+@dataclass(frozen=True)
+class QuickstartPlan:
+    images: int  # synthetic images (all datasets share them)
+    seed: int  # synth and training seed
+    shard_size: int  # images per shard (several train shards, so DataLoader workers share the work)
+    dataset: str  # the prepared dataset the models train and are scored on
+    models: tuple[str, ...]  # the models trained, in training order
+    steps: int  # training steps of every model (the same for all: a like-for-like comparison)
+    batch_size: int  # global training batch
+    eval_splits: tuple[str, ...]  # splits scored for the leaderboard
+    vis: int  # overlay pictures of EAVL on the last eval split
+    workers: int  # DataLoader workers of a run (side by side, a run with one thread loads in-process: `side_by_side`)
+
+
+PLANS: dict[str, QuickstartPlan] = {
+    "full": QuickstartPlan(images=2000, seed=0, shard_size=200, dataset="refcoco_unc",
+                           models=("eavl", "cris", "blind"), steps=600, batch_size=32,
+                           eval_splits=("val", "testA", "testB"), vis=6, workers=1),
+    # `check`: the quality test's shorter run (same data, fewer steps, testB only): grounding is
+    # already clearly learned, and the language-blind control stays low
+    "check": QuickstartPlan(images=2000, seed=0, shard_size=200, dataset="refcoco_unc",
+                            models=("eavl", "blind"), steps=300, batch_size=32,
+                            eval_splits=("testB",), vis=0, workers=1),
+    "fast": QuickstartPlan(images=120, seed=0, shard_size=20, dataset="refcoco_unc",
+                           models=("eavl", "cris", "blind"), steps=6, batch_size=8,
+                           eval_splits=("val", "testB"), vis=3, workers=1),
+}
+
+
+def synth_data(data: Path, plan: QuickstartPlan, console) -> None:
+    """Write the synthetic dataset unless this exact one (images, seed, generator config) is there."""
+    if synth.written_identity(data) == synth.identity(plan.images, plan.seed) and synth.is_complete(data):
+        console.print(f"{data}: synthetic dataset already written (images {plan.images}, seed {plan.seed})")
+        return
+    synth.main(out=data, images=plan.images, seed=plan.seed)
+
+
+def train_config(model: str, steps: int, plan: QuickstartPlan, shards: Path, out: Path, seed: int | None = None,
+                 overrides: dict | None = None) -> TrainConfig:
+    """The training run of one quickstart model: tiny variant, `steps` steps, one validation at the
+    end; trained with the plan's seed unless `seed` says otherwise (`refbench bench seeds`), with
+    the model config `overrides` (`--set`)."""
+    recipe = get_recipe("tiny", steps=steps, batch_size=plan.batch_size, workers=plan.workers, val_every=steps)
+    return TrainConfig(model=model, variant="tiny", dataset=plan.dataset, shards=shards, recipe=recipe, out=out,
+                       seed=plan.seed if seed is None else seed, model_overrides=dict(overrides or {}))
