@@ -2,7 +2,7 @@
 
 `MODELS` (registry.py) maps a name to "module:attribute" of its `ModelSpec`; nothing is imported
 until a model is asked for, so listing names costs no torch import. Adding a model is one file in
-this package and one line in registry.py (the shared contract test, tests/test_models_contract.py,
+this package and one line in registry.py (the shared contract test, tests/models/test_models_contract.py,
 then covers it); a model in another package plugs in through the `refbench.models` entry-point
 group or as a `module:SPEC` name. This package never imports the rest of refbench (only its own
 modules, relatively).

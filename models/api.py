@@ -12,7 +12,7 @@ function. A built model is an `nn.Module` with:
         L is any length up to 77 (17 / 22 in practice); token id 0 is padding and the EOT token
         is the largest id in each row. forward is identical in training and evaluation.
         An optional extra "kernel": float[B,P] is the kernel that scores the pixels (a generated
-        one, or a fixed head's learned one repeated); refbench.sensitivity reports how much it
+        one, or a fixed head's learned one repeated); refbench.eval.sensitivity reports how much it
         changes with the sentence.
     loss(out: dict, mask: float[B,1,H,W]) -> {"loss": scalar, ...named terms}
 

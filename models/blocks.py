@@ -269,7 +269,7 @@ def fixed_mask_head(dim: int, norm: str = "group") -> nn.Sequential:
 def head_kernel(conv: nn.Conv2d, batch: int) -> torch.Tensor:
     """A fixed head's learned kernel in `dynamic_conv`'s layout (weights [C,k,k] flattened, then
     the bias), the same for each of `batch` samples: [batch, k*k*C+1]. Models return it as
-    their `kernel` (refbench.sensitivity), so a fixed head reads as one kernel for every input."""
+    their `kernel` (refbench.eval.sensitivity), so a fixed head reads as one kernel for every input."""
     flat = torch.cat([conv.weight.reshape(-1), conv.bias.reshape(-1)])
     return flat.expand(batch, -1)
 
@@ -279,7 +279,7 @@ def mask_correlation(masks: torch.Tensor, absolute: bool = False) -> torch.Tenso
 
     1.0 means K copies of one mask. `absolute` averages |corr| instead (a mask and its
     complement then count as alike, not as opposites). Differentiable (EAVL's decorrelation
-    term uses it); refbench.diversity reports it as query_mask_corr. Needs K >= 2; a constant
+    term uses it); refbench.eval.diversity reports it as query_mask_corr. Needs K >= 2; a constant
     mask counts as uncorrelated with every other.
     """
     b, k = masks.shape[:2]

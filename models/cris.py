@@ -2,7 +2,7 @@
 
 Layer for layer the model of CRIS.pytorch (model/segmenter.py, model/layers.py, model/clip.py;
 HEAD e596332), so its checkpoints load (`CRIS_KEY_RULES`, `refbench convert cris`) and, in
-eval mode, give the same logits within float32 rounding (tests/test_cris_parity.py):
+eval mode, give the same logits within float32 rounding (tests/models/test_cris_parity.py):
 - image (ResNet backbones): CLIP's ModifiedResNet; the stage-2 and stage-3 maps as they are
   (no projection) and stage 4 through CRIS's attention pool (`cris_attention_pool`: every
   position a query, NO prepended mean token, the positional embedding's grid resized

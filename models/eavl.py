@@ -20,7 +20,7 @@ Choices the paper leaves open, and where we read it, documented once here:
 - Eq 9's softmax runs over every token but padding, CLIP's [SOS] included (`attend_sos`; the
   paper's words i = 1..L are F_t's, which it builds with [SOS] prepended), and its product is
   not scaled (`scaled_attention=False`, as written). [SOS] has one feature whatever the sentence
-  (the text encoder is causal), so a query on it is language-free (refbench.diversity's
+  (the text encoder is causal), so a query on it is language-free (refbench.eval.diversity's
   `sos_attention`). It is not so at initialisation (0.10-0.30 over seeds 0-7, the softmax
   already nearly one-hot: normalised entropy 0.13-0.23) but settles within the first 30 steps
   of the warm-up (seed 0: 0.34, 0.88, 0.99 at steps 10, 20, 30).
@@ -71,7 +71,7 @@ Choices the paper leaves open, and where we read it, documented once here:
   (F_tv = sigma(F_t W_t); the backbone then builds no F_vg projection); `estimator=False` sums the
   masks (query_weights are then all ones).
 
-The N_q queries, and why they are kept apart (refbench.diversity's figures on a quickstart
+The N_q queries, and why they are kept apart (refbench.eval.diversity's figures on a quickstart
 testB batch of 16, tiny variant, measured with the GroupNorm head, `norm="group"`, the default
 then; mask correlation = mean pairwise Pearson correlation of the per-query mask logits):
 - At initialisation, with plain Linear -> ReLU projections (`query_norm="none"`), eq 8's
@@ -88,7 +88,7 @@ then; mask correlation = mean pairwise Pearson correlation of the per-query mask
   gradient descent adds one common pattern to every mask while their differences keep their
   initial size, and BCE keeps growing that common part (the logits grow without bound). Distinct
   queries at init become one query within a few dozen steps (norm before the ReLU: 0.88 ->
-  0.99 after 20 steps -> 0.9998 after 200 with BCE alone; tests/test_diversity.py shows it on
+  0.99 after 20 steps -> 0.9998 after 200 with BCE alone; tests/eval/test_diversity.py shows it on
   a short run).
 - So the loss has one term the paper does not, the smallest we found that keeps them apart:
   `decorrelation` x mean over samples of max(0, mean_{i != j} |corr(sigmoid(mask_i),
@@ -109,7 +109,7 @@ then; mask correlation = mean pairwise Pearson correlation of the per-query mask
   400-650 steps in the sweep above). Nothing here forces S_q apart.
 
 forward returns logits [B,1,H/4,W/4], kernel [B,9C_p+1] (the kernel y is the convolution of F_p
-with: sum_n S_qn W_qn, scale applied; refbench.sensitivity compares it across sentences) and,
+with: sum_n S_qn W_qn, scale applied; refbench.eval.sensitivity compares it across sentences) and,
 for visualisation, query_masks [B,Nq,H/4,W/4] (per-query logits), query_weights [B,Nq] (S_q)
 and word_attention [B,Nq,L] (A of eq 9); the fixed aligner has no per-query masks, so it
 returns logits, its fixed kernel and word_attention only.
