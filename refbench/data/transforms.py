@@ -223,7 +223,18 @@ def normalize_batch(images: "torch.Tensor", content: "torch.Tensor") -> "torch.T
 def image_to_tensor(image: Image.Image, size: int) -> tuple["torch.Tensor", Letterbox]:
     """A PIL image -> (float32 [3, S, S] normalised letterbox, its `Letterbox`)."""
     rgb, box = resize_image(image, size)
-    return normalize(rgb, box), box
+    return letterbox_tensor(rgb, box), box
+
+
+def letterbox_tensor(rgb: np.ndarray, box: Letterbox) -> "torch.Tensor":
+    """One letterboxed uint8 [new_h, new_w, 3] -> the float32 [3, S, S] network input, normalised
+    as the loaders' batches are (`letterbox_uint8`, then `normalize_batch`): one image run alone
+    (`refbench predict`, the pictures of `eval --vis`) gets bitwise the input it was scored with,
+    not one within float32 rounding of it (a pixel at the threshold would flip)."""
+    import torch
+
+    content = torch.tensor([content_box(box)], dtype=torch.int64)
+    return normalize_batch(letterbox_uint8(rgb, box)[None], content)[0]
 
 
 def _square_input(rgb: np.ndarray, box: Letterbox, out: "torch.Tensor | None", dtype: str) -> "torch.Tensor":

@@ -252,13 +252,15 @@ def save_png(image: Image.Image, path: str | Path) -> Path:
 
 
 def _predict_one(net: Any, image: Image.Image, tokens: Any, device: Any, query_size: tuple[int, int] | None = None,
-                 preprocess: str = "letterbox", rgb: np.ndarray | None = None) -> dict[str, Any]:
+                 preprocess: str = "letterbox", rgb: np.ndarray | None = None, jpeg: bytes | None = None) -> dict[str, Any]:
     """Run `net` on one PIL image and one token row; maps back to the original size.
 
     `preprocess` (a protocol's, refbench.eval.metrics.Protocol): "letterbox" (refbench.data.transforms,
     mapped back bilinearly) or "cris" (refbench.data.cvwarp: CRIS's cubic warp in and out); `rgb`,
     the image as uint8 [H, W, 3] when the caller decoded it as the protocol does (OpenCV for
-    "cris"), else taken from `image`. Returns {"prob": float [H, W] in [0, 1], "query_probs":
+    "cris"), else taken from `image`; `jpeg`, the image's bytes when it comes from a shard: under
+    "letterbox" they are decoded as the loaders decode them (`transforms.decode_image`, M/8
+    scaled), so the network gets bitwise the input it was scored with. Returns {"prob": float [H, W] in [0, 1], "query_probs":
     float [Q, H, W] or None, "query_weights": float [Q] or None, "input_prob": float [h, w] over
     the square input, "frame": the input frame (a transforms.Letterbox or a cvwarp.CrisWarp)}.
     With `query_size` (w, h) the query maps come at that size instead of the image's (a
@@ -277,7 +279,11 @@ def _predict_one(net: Any, image: Image.Image, tokens: Any, device: Any, query_s
             warp = frame if size is None else cvwarp.CrisWarp.fit(size[0], size[1], frame.size)
             return cvwarp.cris_to_original(probs, [warp] * probs.shape[0])
     elif preprocess == "letterbox":
-        x, frame = transforms.image_to_tensor(image, net.image_size)  # [3, S, S]
+        if jpeg is not None:  # as the loaders decode it: the scored input exactly
+            small, frame = transforms.decode_image(jpeg, net.image_size)
+            x = transforms.letterbox_tensor(small, frame)  # [3, S, S]
+        else:
+            x, frame = transforms.image_to_tensor(image, net.image_size)
 
         def back(probs, size):
             box = frame if size is None else _rebox(frame, *size)
@@ -425,7 +431,8 @@ def render_examples(net: Any, dataset_dir: Path, manifest: dict, split: str, sco
         image = Image.fromarray(rgb) if rgb is not None else Image.open(io.BytesIO(sample["jpg"])).convert("RGB")
         for ref, s in hits:
             kind, k, iou_value = wanted[s["sent_id"]]
-            pred = _predict_one(net, image, s["tokens"], device, preprocess=preprocess, rgb=rgb)
+            pred = _predict_one(net, image, s["tokens"], device, preprocess=preprocess, rgb=rgb,
+                                jpeg=sample["jpg"] if preprocess == "letterbox" else None)
             gt = refer.decode_mask(ref["mask"])
             stem = f"{kind}-{k}-sent{s['sent_id']}"
             written.append(save_png(overlay(image, gt, pred["prob"] > net.threshold, s["sent"], iou_value),

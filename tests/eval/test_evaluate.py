@@ -118,7 +118,8 @@ def test_pictures_redraw_the_scored_masks(init_run, shards_root, tmp_path, proto
             for s in ref["sentences"]:
                 for preprocessing, out in ((preprocess, redrawn), ("letterbox", letterboxed)):
                     pred = visualize._predict_one(net, image, s["tokens"], torch.device("cpu"),
-                                                  preprocess=preprocessing, rgb=rgb if preprocessing == "cris" else None)
+                                                  preprocess=preprocessing, rgb=rgb if preprocessing == "cris" else None,
+                                                  jpeg=sample["jpg"] if preprocessing == "letterbox" else None)
                     mask = pred["prob"] > net.threshold
                     out[s["sent_id"]] = (int((mask & gt).sum()), int((mask | gt).sum()))
     assert redrawn == scored
