@@ -80,9 +80,9 @@ def _protocols() -> list[str]:
 
 
 def _datasets() -> list[str]:
-    from refbench.datasets import DATASETS
+    from refbench.datasets import DATASETS, GRES_DATASETS
 
-    return list(DATASETS)
+    return list(DATASETS + GRES_DATASETS)
 
 
 def _split_bys() -> list[str]:

@@ -60,7 +60,8 @@ import tempfile
 from pathlib import Path
 
 from refbench import __version__
-from refbench.datasets import DEFAULT_SPLIT_BY, PARTITIONS, SCHEMA, SCHEMA_VERSION, dataset_name, split_bys_of
+from refbench.datasets import (DEFAULT_SPLIT_BY, GRES_DATASETS, GRES_PARTITIONS, PARTITIONS, SCHEMA, SCHEMA_VERSION, dataset_name,
+                               split_bys_of)
 from refbench.errors import RefbenchError
 from refbench.fsutil import TMP_PREFIX, atomic_write_json, check_output_folder, remove_stale_temps, sha256_file
 
@@ -231,6 +232,7 @@ def _init_worker(queue) -> None:
 
 def _write_shard(task: dict) -> dict:
     """Write one shard to a temporary file in its split folder; returns its record and skips."""
+    from refbench import grefer
     from refbench.refer import BadInput
 
     folder, images_dir, length = Path(task["folder"]), Path(task["images_dir"]), task["context_length"]
@@ -255,7 +257,7 @@ def _write_shard(task: dict) -> dict:
                 refs, sentences, truncated = [], 0, 0
                 for r in image["refs"]:
                     try:
-                        mask = _target_rle(r, image, task["instances"])
+                        mask = (grefer.target_rle if "targets" in r else _target_rle)(r, image, task["instances"])
                     except BadInput as e:
                         if not task["skip_bad"]:
                             raise
@@ -265,6 +267,8 @@ def _write_shard(task: dict) -> dict:
                              for s in r["sentences"]]
                     refs.append({"ref_id": r["ref_id"], "ann_id": r["ann_id"], "category_id": r["category_id"],
                                  "bbox": r["bbox"], "split": r["split"], "mask": mask, "sentences": sents})
+                    if "targets" in r:  # gRefCOCO: the no-target flag and every target (refbench.grefer)
+                        refs[-1].update(grefer.shard_fields(r))
                     sentences += len(sents)
                     truncated += sum(s["n_tokens"] > length for s in r["sentences"])
                 if not refs:  # every ref of the image was skipped (each is listed)
@@ -316,6 +320,13 @@ def detect_source(data: Path, dataset: str, split_by: str, source: str | None = 
     from refbench import refer_hf
     from refbench.refer import DATA_HINT
 
+    if dataset in GRES_DATASETS:  # gRefCOCO: grefs(<split_by>).json/.p + instances.json only (refbench.grefer)
+        from refbench import grefer
+
+        if source not in (None, "refer"):
+            raise RefbenchError(f"{dataset} is read from its raw files (grefs({split_by}).json), not --source {source}")
+        grefer.sources(data, split_by)
+        return "refer"
     folder = data / dataset
     has_refer = (folder / f"refs({split_by}).p").is_file()
     has_hf = refer_hf.is_snapshot(folder)
@@ -380,7 +391,11 @@ def _plan(dataset: str, split_by: str, data: Path, images: Path, out: Path, skip
     """Read, validate, join and tokenize; returns (shard tasks, manifest skeleton, image count)."""
     from refbench import text
 
-    if detect_source(data, dataset, split_by, source) == "hf":
+    if dataset in GRES_DATASETS:
+        from refbench import grefer
+
+        splits, skipped, categories, sources = grefer.read(data, split_by, images, skip_bad, cache)
+    elif detect_source(data, dataset, split_by, source) == "hf":
         splits, skipped, categories, sources = _read_hf(dataset, split_by, data, images, skip_bad)
     else:
         splits, skipped, categories, sources = _read_refer(dataset, split_by, data, images, skip_bad, cache)
@@ -415,6 +430,8 @@ def _plan(dataset: str, split_by: str, data: Path, images: Path, out: Path, skip
         "refbench_version": __version__,
         "options": {"shard_size": shard_size, "skip_bad": skip_bad},
     }
+    if "gres" in sources:  # gRefCOCO: absent splits, no_target keys that contradict ann_id (refbench.grefer)
+        manifest["gres"] = sources.pop("gres")
     return tasks, manifest, sum(len(e) for e in splits.values())
 
 
@@ -638,6 +655,10 @@ def _targets(dataset, split_by, all_, data: Path, source: str | None = None) -> 
 
         test = {"refer": found_refer, "hf": found_hf}.get(source, lambda d, s: found_refer(d, s) or found_hf(d, s))
         found = [(d, s) for d, s in PARTITIONS if test(d, s)]
+        if source != "hf":
+            from refbench import grefer
+
+            found += [(d, s) for d, s in GRES_PARTITIONS if grefer.refs_path(data, s) is not None]
         if not found:
             looked = ", ".join([str(data / d / f"refs({s}).p") for d, s in PARTITIONS if source != "hf"]
                                + [f"{data / d / 'data'}/*.parquet" for d in refer_hf.MIRRORS if source != "refer"])
@@ -646,7 +667,7 @@ def _targets(dataset, split_by, all_, data: Path, source: str | None = None) -> 
     if dataset is None:
         raise RefbenchError("say what to prepare: --dataset refcoco|refcoco+|refcocog [--split-by ...], or --all")
     split_by = split_by or DEFAULT_SPLIT_BY[dataset]
-    if (dataset, split_by) not in PARTITIONS:
+    if (dataset, split_by) not in PARTITIONS + GRES_PARTITIONS:
         ok = ", ".join(split_bys_of(dataset))
         raise RefbenchError(f"{dataset} has no --split-by {split_by} partition; it has: {ok}")
     return [(dataset, split_by)]
@@ -695,6 +716,12 @@ def main(dataset=None, split_by=None, all_=False, data=Path("data"), images=None
         if src["source"] == "hf":
             mapping = ", ".join(f"{a} -> {b}" for a, b in src["split_map"].items())
             out_console.print(f"{name}: read from the parquet snapshot {src['snapshot']} ({src['repo']}; splits {mapping})")
+    for name, m in manifests.items():
+        if m.get("gres", {}).get("absent_splits"):
+            out_console.print(f"{name}: splits absent from {m['sources']['refs']['path']}: {', '.join(m['gres']['absent_splits'])}")
+        if m.get("gres", {}).get("no_target_key_disagreements", {}).get("count"):
+            out_console.print(f"{name}: {m['gres']['no_target_key_disagreements']['count']} refs carry a no_target key "
+                              "that contradicts their ann_id (ann_id trusted, as ReLA does)")
     skipped = sum(len(m["skipped"]) for m in manifests.values())
     out_console.print(f"{n_images} images written to shards in {seconds:.1f} s ({n_images / max(seconds, 1e-9):,.0f} images/s, "
                       f"{workers} workers); skipped refs/images: {skipped}")
