@@ -140,7 +140,8 @@ def _join_one(ref: dict, inst: Instances, where) -> dict:
                 cat = int(ann["category_id"])
             except (KeyError, TypeError, ValueError):
                 raise BadInput("ref", rid, where, f"ann_id {a} has no integer category_id") from None
-            targets.append({"ann_id": a, "category_id": cat, "bbox": [float(v) for v in bbox], "iscrowd": crowd})
+            targets.append({"ann_id": a, "category_id": cat, "bbox": [float(v) for v in bbox], "iscrowd": crowd,
+                            **({} if crowd else {"segmentation": ann["segmentation"]})})  # polygons: the rela protocol rasterises them at 480
         if not segs:
             raise BadInput("ref", rid, where, f"every annotation it names ({', '.join(map(str, ids))}) is crowd: "
                                               "its mask would be empty though it has targets (ReLA drops crowd annotations)")
