@@ -403,6 +403,10 @@ def load_record(path: str | Path) -> Record:
     missing = [k for k in _TOP_KEYS if not isinstance(meta.get(k), (dict, str))]
     if missing:
         raise bad(f"missing or malformed field(s) {', '.join(missing)}")
+    if meta.get("task") == "gres":  # gRefCOCO: its own metrics and sidecar columns (refbench.gres_score)
+        from refbench import gres_score
+
+        return gres_score.load_record(path, meta)
 
     side = meta["sentences"]
     if not isinstance(side, dict) or not isinstance(side.get("file"), str) or Path(side["file"]).name != side["file"]:

@@ -140,6 +140,12 @@ def main_sentences(dataset: str, split: str, shards: Path, out: Path | None) -> 
     """`refbench sentences`: the JSONL list of what must be predicted; stdout without `out`."""
     import sys
 
+    from refbench.datasets import is_gres
+
+    if is_gres(dataset):  # gRefCOCO: the same list, but nothing that tells a no-target sentence (refbench.gres_score)
+        from refbench import gres_score
+
+        return gres_score.main_sentences(dataset, split, shards, out)
     truth = ground_truth(remote.join(shards, dataset), split=split)
     if out is None:
         sys.stdout.writelines(sentence_lines(truth))
@@ -338,6 +344,10 @@ def _entry(obj: Any, where: str, problems: _Problems) -> dict | None:
         problems.add("lack an integer sent_id", where)
         return None
     where = f"{where} (sent_id {sid})"
+    if "no_target" in obj and not isinstance(obj["no_target"], bool):  # gRefCOCO's decision (refbench.gres_score)
+        problems.add("have a 'no_target' that is not true or false", where)
+        return None
+    extra = {"no_target": obj["no_target"]} if "no_target" in obj else {}
     has = [k for k in ("rle", "png") if k in obj]
     if len(has) != 1:
         problems.add("need exactly one of 'rle' and 'png'", where)
@@ -347,7 +357,7 @@ def _entry(obj: Any, where: str, problems: _Problems) -> dict | None:
         if not isinstance(p, str) or not p or Path(p).is_absolute():
             problems.add("give a 'png' that is not a relative path", where)
             return None
-        return {"where": where, "sent_id": sid, "png": p}
+        return {"where": where, "sent_id": sid, "png": p, **extra}
     rle = obj["rle"]
     size = rle.get("size") if isinstance(rle, dict) else None
     if not (isinstance(size, list) and len(size) == 2 and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in size)):
@@ -356,7 +366,7 @@ def _entry(obj: Any, where: str, problems: _Problems) -> dict | None:
     if not isinstance(rle.get("counts"), str):
         problems.add("have RLE 'counts' that are not a string (compressed RLE)", where)
         return None
-    return {"where": where, "sent_id": sid, "rle": rle}
+    return {"where": where, "sent_id": sid, "rle": rle, **extra}
 
 
 def _read_folder(path: Path) -> Submission:
@@ -490,7 +500,13 @@ def score_submission(
     """Validate a submission against the split's GT, count I/U and publish a result record."""
     from refbench import data
     from refbench import results as results_mod
+    from refbench.datasets import is_gres
 
+    if is_gres(dataset):  # gRefCOCO: masks plus no-target decisions, its own protocols (refbench.gres_score)
+        from refbench import gres_score
+
+        return gres_score.score_submission(predictions, dataset=dataset, split=split, method=method, variant=variant,
+                                           shards=shards, protocol=protocol, results=results, note=note, command=command)
     check_protocol(protocol)
     if not method or not method.strip():
         raise RefbenchError("--method must name the method (e.g. LAVT)")
@@ -528,7 +544,12 @@ def main(predictions: Path, dataset: str, split: str, method: str, variant: str,
     from rich.table import Table
 
     from refbench import results as results_mod
+    from refbench.datasets import is_gres
 
+    if is_gres(dataset):
+        from refbench import gres_score
+
+        return gres_score.main(predictions, dataset, split, method, variant, shards, protocol, results, note)
     out = score_submission(predictions, dataset=dataset, split=split, method=method, variant=variant,
                            shards=shards, protocol=protocol, results=results, note=note)
     rec = results_mod.load_record(out.record)
