@@ -187,14 +187,15 @@ def bootstrap_ci(inter, union, gt_nt, pred_nt, protocol: str = DEFAULT_PROTOCOL,
     where a value is undefined (no no-target sentence drawn, say) are left out of its interval."""
     v = per_sentence(inter, union, gt_nt, pred_nt)
     full = summarize(inter, union, gt_nt, pred_nt, protocol)
-    onehot = np.stack([v["case"] == k for k in range(4)]).astype(np.float64)  # [4, n]
+    case8 = v["case"].astype(np.int8)  # one small gather per resample, the four counts from it
     stats: dict[str, list] = {k: [] for k in CI_KEYS}
     for idx in _resamples(v["case"].size, samples, seed):
         stats["gIoU"].append(v["IoU"][idx].mean(axis=1))
         su = v["U"][idx].sum(axis=1).astype(np.float64)
         with np.errstate(invalid="ignore", divide="ignore"):
             stats["cIoU"].append(np.where(su > 0, v["I"][idx].sum(axis=1) / su, np.nan))
-        tp, fn, fp, tn = (onehot[k][idx].sum(axis=1) for k in range(4))
+        c = case8[idx]
+        tp, fn, fp, tn = (np.count_nonzero(c == k, axis=1).astype(np.float64) for k in range(4))
         n_acc, t_acc = _accuracies(tp, fn, fp, tn, protocol)
         stats["N-acc"].append(n_acc)
         stats["T-acc"].append(t_acc)
