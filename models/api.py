@@ -14,6 +14,10 @@ function. A built model is an `nn.Module` with:
         An optional extra "kernel": float[B,P] is the kernel that scores the pixels (a generated
         one, or a fixed head's learned one repeated); refbench.eval.sensitivity reports how much it
         changes with the sentence.
+        An optional extra "nt_logit": float[B] is a no-target head's decision for generalized RIS
+        (gRefCOCO, refbench.eval.gres_metrics): the sentence refers to nothing when nt_logit > 0 (ReLA's
+        argmax over its two no-target logits is nt_logit = logit[1] - logit[0] > 0). A model
+        without one is read as "no target" when its binarised mask is empty.
     loss(out: dict, mask: float[B,1,H,W]) -> {"loss": scalar, ...named terms}
 
 A model that needs to be rebuilt (checkpoint loading) is rebuilt with

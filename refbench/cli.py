@@ -80,9 +80,9 @@ def _protocols() -> list[str]:
 
 
 def _datasets() -> list[str]:
-    from refbench.data.datasets import DATASETS
+    from refbench.data.datasets import DATASETS, GRES_DATASETS
 
-    return list(DATASETS)
+    return list(DATASETS + GRES_DATASETS)
 
 
 def _split_bys() -> list[str]:
@@ -372,9 +372,10 @@ def sentences(dataset, split, shards, out) -> None:
     file_name (the COCO image file), height, width, category_id, sentence (raw text).
     Run your model over it and score the masks with `refbench score`.
     """
-    from refbench.eval import score as score_mod
+    from refbench.data.datasets import is_gres
+    from refbench.eval import gres_score, score
 
-    score_mod.main_sentences(dataset=dataset, split=split, shards=shards, out=out)
+    (gres_score if is_gres(dataset) else score).main_sentences(dataset=dataset, split=split, shards=shards, out=out)
 
 
 @cli.command()
@@ -423,10 +424,12 @@ def score_cmd(predictions_path, dataset, split, method, variant, shards, protoco
     Every sentence of the split exactly once (see `refbench sentences`); a bad submission
     is refused with one line and nothing is written.
     """
-    from refbench.eval import score as score_mod
+    from refbench.data.datasets import is_gres
+    from refbench.eval import gres_score, score
 
-    score_mod.main(predictions=predictions_path, dataset=dataset, split=split, method=method, variant=variant,
-                   shards=shards, protocol=protocol, results=results, note=note)
+    (gres_score if is_gres(dataset) else score).main(
+        predictions=predictions_path, dataset=dataset, split=split, method=method, variant=variant, shards=shards,
+        protocol=protocol, results=results, note=note)
 
 
 @cli.command()

@@ -2,8 +2,9 @@
 
     datasets        the dataset table: PARTITIONS, prepared-folder names, the shard schema tag
     sources/        raw sources: refer (the refer toolkit's files, safe pickle loader, masks),
-                    hf (the Hugging Face parquet mirrors)
-    synth/          `refbench synth`: the embedded synthetic dataset (generate; scene, language, render)
+                    hf (the Hugging Face parquet mirrors), grefer (gRefCOCO's grefs + instances)
+    synth/          `refbench synth`: the embedded synthetic dataset (generate; scene, language, render;
+                    gref: its gRefCOCO)
     text            CLIP tokenisation (17 tokens for RefCOCO/+, 22 for G-Ref)
     prepare         raw -> shards, the writer (`refbench prepare`); shard_writer: one shard's tar
     shards          shards -> checked samples: the manifest, tar streams, decoding, the network input

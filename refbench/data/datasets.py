@@ -18,7 +18,9 @@ PARTITIONS: tuple[tuple[str, str], ...] = (  # (dataset, split partition) pairs,
 )
 DATASETS: tuple[str, ...] = tuple(dict.fromkeys(d for d, _ in PARTITIONS))  # refcoco, refcoco+, refcocog
 SPLIT_BYS: tuple[str, ...] = tuple(dict.fromkeys(s for _, s in PARTITIONS))  # unc, umd, google
-DEFAULT_SPLIT_BY: dict[str, str] = {"refcoco": "unc", "refcoco+": "unc", "refcocog": "umd"}  # when --split-by is omitted
+GRES_PARTITIONS: tuple[tuple[str, str], ...] = (("grefcoco", "unc"),)  # generalized RIS (refbench.data.sources.grefer): several or no targets
+GRES_DATASETS: tuple[str, ...] = tuple(dict.fromkeys(d for d, _ in GRES_PARTITIONS))  # grefcoco
+DEFAULT_SPLIT_BY: dict[str, str] = {"refcoco": "unc", "refcoco+": "unc", "refcocog": "umd", "grefcoco": "unc"}  # when --split-by is omitted
 SCHEMA, SCHEMA_VERSION = "refbench-shards", 1  # the shard contract a manifest declares (docs/shards.md)
 
 
@@ -29,12 +31,17 @@ def dataset_name(dataset: str, split_by: str) -> str:
 
 def prepared_names() -> list[str]:
     """Every valid prepared-dataset folder name, in table order."""
-    return [dataset_name(d, s) for d, s in PARTITIONS]
+    return [dataset_name(d, s) for d, s in PARTITIONS + GRES_PARTITIONS]
 
 
 def split_bys_of(dataset: str) -> list[str]:
     """The partitions `dataset` comes in."""
-    return [s for d, s in PARTITIONS if d == dataset]
+    return [s for d, s in PARTITIONS + GRES_PARTITIONS if d == dataset]
+
+
+def is_gres(name: str) -> bool:
+    """Whether a dataset ("grefcoco") or prepared folder name ("grefcoco_unc") is generalized RIS."""
+    return name in GRES_DATASETS or name in [dataset_name(d, s) for d, s in GRES_PARTITIONS]
 
 
 def prepare_command(name: str, shards_root: str | Path) -> str:

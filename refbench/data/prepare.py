@@ -56,7 +56,16 @@ import os
 from pathlib import Path
 
 from refbench import __version__
-from refbench.data.datasets import DEFAULT_SPLIT_BY, PARTITIONS, SCHEMA, SCHEMA_VERSION, dataset_name, split_bys_of
+from refbench.data.datasets import (
+    DEFAULT_SPLIT_BY,
+    GRES_DATASETS,
+    GRES_PARTITIONS,
+    PARTITIONS,
+    SCHEMA,
+    SCHEMA_VERSION,
+    dataset_name,
+    split_bys_of,
+)
 from refbench.data.shard_writer import SHARD_NAME, init_worker, write_shard
 from refbench.errors import RefbenchError
 from refbench.fsutil import atomic_write_json, check_output_folder, remove_stale_temps, sha256_file
@@ -90,6 +99,13 @@ def detect_source(data: Path, dataset: str, split_by: str, source: str | None = 
     from refbench.data.sources import hf as refer_hf
     from refbench.data.sources.refer import DATA_HINT
 
+    if dataset in GRES_DATASETS:  # gRefCOCO: grefs(<split_by>).json/.p + instances.json only (refbench.data.sources.grefer)
+        from refbench.data.sources import grefer
+
+        if source not in (None, "refer"):
+            raise RefbenchError(f"{dataset} is read from its raw files (grefs({split_by}).json), not --source {source}")
+        grefer.sources(data, split_by)
+        return "refer"
     folder = data / dataset
     has_refer = (folder / f"refs({split_by}).p").is_file()
     has_hf = refer_hf.is_snapshot(folder)
@@ -155,7 +171,11 @@ def _plan(dataset: str, split_by: str, data: Path, images: Path, out: Path, skip
     """Read, validate, join and tokenize; returns (shard tasks, manifest skeleton, image count)."""
     from refbench.data import text
 
-    if detect_source(data, dataset, split_by, source) == "hf":
+    if dataset in GRES_DATASETS:
+        from refbench.data.sources import grefer
+
+        splits, skipped, categories, sources = grefer.read(data, split_by, images, skip_bad, cache)
+    elif detect_source(data, dataset, split_by, source) == "hf":
         splits, skipped, categories, sources = _read_hf(dataset, split_by, data, images, skip_bad)
     else:
         splits, skipped, categories, sources = _read_refer(dataset, split_by, data, images, skip_bad, cache)
@@ -190,6 +210,8 @@ def _plan(dataset: str, split_by: str, data: Path, images: Path, out: Path, skip
         "refbench_version": __version__,
         "options": {"shard_size": shard_size, "skip_bad": skip_bad},
     }
+    if "gres" in sources:  # gRefCOCO: absent splits, no_target keys that contradict ann_id (refbench.data.sources.grefer)
+        manifest["gres"] = sources.pop("gres")
     return tasks, manifest, sum(len(e) for e in splits.values())
 
 
@@ -421,6 +443,10 @@ def _targets(dataset, split_by, all_, data: Path, source: str | None = None) -> 
 
         test = {"refer": found_refer, "hf": found_hf}.get(source, lambda d, s: found_refer(d, s) or found_hf(d, s))
         found = [(d, s) for d, s in PARTITIONS if test(d, s)]
+        if source != "hf":
+            from refbench.data.sources import grefer
+
+            found += [(d, s) for d, s in GRES_PARTITIONS if grefer.refs_path(data, s) is not None]
         if not found:
             looked = ", ".join([str(data / d / f"refs({s}).p") for d, s in PARTITIONS if source != "hf"]
                                + [f"{data / d / 'data'}/*.parquet" for d in refer_hf.MIRRORS if source != "refer"])
@@ -429,7 +455,7 @@ def _targets(dataset, split_by, all_, data: Path, source: str | None = None) -> 
     if dataset is None:
         raise RefbenchError("say what to prepare: --dataset refcoco|refcoco+|refcocog [--split-by ...], or --all")
     split_by = split_by or DEFAULT_SPLIT_BY[dataset]
-    if (dataset, split_by) not in PARTITIONS:
+    if (dataset, split_by) not in PARTITIONS + GRES_PARTITIONS:
         ok = ", ".join(split_bys_of(dataset))
         raise RefbenchError(f"{dataset} has no --split-by {split_by} partition; it has: {ok}")
     return [(dataset, split_by)]
@@ -478,6 +504,12 @@ def main(dataset=None, split_by=None, all_=False, data=Path("data"), images=None
         if src["source"] == "hf":
             mapping = ", ".join(f"{a} -> {b}" for a, b in src["split_map"].items())
             out_console.print(f"{name}: read from the parquet snapshot {src['snapshot']} ({src['repo']}; splits {mapping})")
+    for name, m in manifests.items():
+        if m.get("gres", {}).get("absent_splits"):
+            out_console.print(f"{name}: splits absent from {m['sources']['refs']['path']}: {', '.join(m['gres']['absent_splits'])}")
+        if m.get("gres", {}).get("no_target_key_disagreements", {}).get("count"):
+            out_console.print(f"{name}: {m['gres']['no_target_key_disagreements']['count']} refs carry a no_target key "
+                              "that contradicts their ann_id (ann_id trusted, as ReLA does)")
     skipped = sum(len(m["skipped"]) for m in manifests.values())
     out_console.print(f"{n_images} images written to shards in {seconds:.1f} s ({n_images / max(seconds, 1e-9):,.0f} images/s, "
                       f"{workers} workers); skipped refs/images: {skipped}")

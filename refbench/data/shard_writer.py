@@ -186,6 +186,7 @@ def init_worker(queue) -> None:
 
 def write_shard(task: dict) -> dict:
     """Write one shard to a temporary file in its split folder; returns its record and skips."""
+    from refbench.data.sources import grefer
     from refbench.data.sources.refer import BadInput
 
     folder, images_dir, length = Path(task["folder"]), Path(task["images_dir"]), task["context_length"]
@@ -210,7 +211,7 @@ def write_shard(task: dict) -> dict:
                 refs, sentences, truncated = [], 0, 0
                 for r in image["refs"]:
                     try:
-                        mask = _target_rle(r, image, task["instances"])
+                        mask = (grefer.target_rle if "targets" in r else _target_rle)(r, image, task["instances"])
                     except BadInput as e:
                         if not task["skip_bad"]:
                             raise
@@ -220,6 +221,8 @@ def write_shard(task: dict) -> dict:
                              for s in r["sentences"]]
                     refs.append({"ref_id": r["ref_id"], "ann_id": r["ann_id"], "category_id": r["category_id"],
                                  "bbox": r["bbox"], "split": r["split"], "mask": mask, "sentences": sents})
+                    if "targets" in r:  # gRefCOCO: the no-target flag and every target (refbench.data.sources.grefer)
+                        refs[-1].update(grefer.shard_fields(r))
                     sentences += len(sents)
                     truncated += sum(s["n_tokens"] > length for s in r["sentences"])
                 if not refs:  # every ref of the image was skipped (each is listed)

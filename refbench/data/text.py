@@ -27,7 +27,7 @@ from refbench.errors import RefbenchError
 
 TOKENIZER_NAME = "openai-clip-bpe-49408"  # the vocabulary open_clip ships (bpe_simple_vocab_16e6)
 SOT, EOT, PAD = 49406, 49407, 0  # start / end of text ids and the padding id
-CONTEXT_LENGTHS = {"refcoco": 17, "refcoco+": 17, "refcocog": 22}  # dataset -> L (CRIS, EAVL)
+CONTEXT_LENGTHS = {"refcoco": 17, "refcoco+": 17, "refcocog": 22, "grefcoco": 17}  # dataset -> L (CRIS, EAVL)
 _PATTERN = r"""<start_of_text>|<end_of_text>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
 
 

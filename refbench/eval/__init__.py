@@ -5,6 +5,9 @@
     score           `refbench score` / `refbench sentences`: submitted masks against the ground truth
     predictions     `refbench predictions`: a checkpoint's masks in the submission format
     results         result records (schema v2) and their per-sentence parquet sidecars
+    gres_metrics    gRefCOCO: ReLA's per-sentence rules, gIoU/cIoU/N-acc/T-acc, protocols original and rela
+    gres_score      gRefCOCO submissions scored (`refbench score`/`sentences` on grefcoco_*)
+    gres_records    gRefCOCO records: body, sidecar columns, the check on load
     diversity       query diversity figures of models with queries (EAVL)
     sensitivity     sentence sensitivity: how much mask and kernel move when the sentence is swapped
     visualize       overlays, per-query grids, `refbench predict`

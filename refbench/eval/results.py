@@ -404,6 +404,10 @@ def load_record(path: str | Path) -> Record:
     missing = [k for k in _TOP_KEYS if not isinstance(meta.get(k), (dict, str))]
     if missing:
         raise bad(f"missing or malformed field(s) {', '.join(missing)}")
+    if meta.get("task") == "gres":  # gRefCOCO: its own metrics and sidecar columns (refbench.eval.gres_records)
+        from refbench.eval import gres_records
+
+        return Record(path=path, meta=meta, sentences=gres_records.check_record(path, meta))
 
     side = meta["sentences"]
     if not isinstance(side, dict) or not isinstance(side.get("file"), str) or Path(side["file"]).name != side["file"]:

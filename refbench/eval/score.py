@@ -137,9 +137,20 @@ def sentence_lines(truth: Truth) -> Iterator[str]:
         yield json.dumps(dict(zip(SENTENCE_FIELDS, values)), ensure_ascii=False) + "\n"
 
 
+def _refuse_gres(dataset: str, function: str) -> None:
+    """gRefCOCO has its own rules and protocols, in refbench.eval.gres_score (built on this module)."""
+    from refbench.data.datasets import is_gres
+
+    if is_gres(dataset):
+        raise RefbenchError(f"{dataset} is a gRefCOCO dataset: use refbench.eval.gres_score.{function} "
+                            "(`refbench score` and `refbench sentences` choose it)")
+
+
 def main_sentences(dataset: str, split: str, shards: Path, out: Path | None) -> int:
     """`refbench sentences`: the JSONL list of what must be predicted; stdout without `out`."""
     import sys
+
+    _refuse_gres(dataset, "main_sentences")
 
     truth = ground_truth(remote.join(shards, dataset), split=split)
     if out is None:
@@ -339,6 +350,10 @@ def _entry(obj: Any, where: str, problems: _Problems) -> dict | None:
         problems.add("lack an integer sent_id", where)
         return None
     where = f"{where} (sent_id {sid})"
+    if "no_target" in obj and not isinstance(obj["no_target"], bool):  # gRefCOCO's decision (refbench.eval.gres_score)
+        problems.add("have a 'no_target' that is not true or false", where)
+        return None
+    extra = {"no_target": obj["no_target"]} if "no_target" in obj else {}
     has = [k for k in ("rle", "png") if k in obj]
     if len(has) != 1:
         problems.add("need exactly one of 'rle' and 'png'", where)
@@ -348,7 +363,7 @@ def _entry(obj: Any, where: str, problems: _Problems) -> dict | None:
         if not isinstance(p, str) or not p or Path(p).is_absolute():
             problems.add("give a 'png' that is not a relative path", where)
             return None
-        return {"where": where, "sent_id": sid, "png": p}
+        return {"where": where, "sent_id": sid, "png": p, **extra}
     rle = obj["rle"]
     size = rle.get("size") if isinstance(rle, dict) else None
     if not (isinstance(size, list) and len(size) == 2 and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in size)):
@@ -357,7 +372,7 @@ def _entry(obj: Any, where: str, problems: _Problems) -> dict | None:
     if not isinstance(rle.get("counts"), str):
         problems.add("have RLE 'counts' that are not a string (compressed RLE)", where)
         return None
-    return {"where": where, "sent_id": sid, "rle": rle}
+    return {"where": where, "sent_id": sid, "rle": rle, **extra}
 
 
 def _read_folder(path: Path) -> Submission:
@@ -491,7 +506,7 @@ def score_submission(
     """Validate a submission against the split's GT, count I/U and publish a result record."""
     from refbench.data import shards as data
     from refbench.eval import results as results_mod
-
+    _refuse_gres(dataset, "score_submission")
     check_protocol(protocol)
     if not method or not method.strip():
         raise RefbenchError("--method must name the method (e.g. LAVT)")
@@ -529,7 +544,6 @@ def main(predictions: Path, dataset: str, split: str, method: str, variant: str,
     from rich.table import Table
 
     from refbench.eval import results as results_mod
-
     out = score_submission(predictions, dataset=dataset, split=split, method=method, variant=variant,
                            shards=shards, protocol=protocol, results=results, note=note)
     rec = results_mod.load_record(out.record)

@@ -192,6 +192,8 @@ def _measured_long(results_root: Path) -> pl.DataFrame:
 
     rows = []
     for rec in iter_records(results_root):
+        if rec.meta.get("task") == "gres":  # gRefCOCO records have their own metrics: no leaderboard columns yet
+            continue
         source = rec.source + (" (synthetic)" if rec.meta["data"].get("synthetic") else "")
         note = f"n={rec.metrics['n']} sentences; " + (
             f"threshold {rec.protocol['threshold']:g}" if rec.protocol.get("threshold") is not None else "binary masks"

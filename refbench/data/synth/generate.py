@@ -5,6 +5,7 @@ loaders unchanged. `main(out, images, seed)` writes
 
     OUT/refcoco/refs(unc).p   OUT/refcoco+/refs(unc).p   OUT/refcocog/refs(umd).p  refs(google).p
     OUT/<dataset>/instances.json (one per dataset folder, COCO style)
+    OUT/grefcoco/grefs(unc).json + instances.json (gRefCOCO: multi- and no-target refs on the same scenes, refbench.data.synth.gref)
     OUT/images/train2014/COCO_train2014_%012d.jpg
     OUT/SYNTH.json            (marker: seed, image count; lets a re-run overwrite its own output)
 
@@ -76,6 +77,7 @@ from refbench import __version__
 from refbench.data.datasets import DATASETS, PARTITIONS
 from refbench.data.sources import hf as refer_hf
 from refbench.data.sources.refer import split_order
+from refbench.data.synth import gref as synth_gref
 from refbench.data.synth.language import (
     LOCATION_WORDS,
     SHAPE_WORDS,
@@ -141,6 +143,7 @@ def _make_image(args) -> dict:
                 raw = raw_expression(style.sentence(usable[ds][t], objs, t, side, cfg, rng), rng)
                 sents.append((raw, clean(raw)))
             refs[ds].append((t, sents))
+    refs["grefcoco"] = synth_gref.image_refs(objs, refs["refcoco"], w, h, cfg, np.random.default_rng([seed, 2, i]))
     return {"width": w, "height": h, "objects": [(o.shape, o.polys) for o in objs], "refs": refs}
 
 
@@ -182,6 +185,7 @@ def _check_out(out: Path) -> None:
     if (out / "SYNTH.json").exists():
         return
     ours = [out / ds / f"refs({sb}).p" for ds, sb in PARTITIONS] + [out / ds / "instances.json" for ds, _ in PARTITIONS]
+    ours += [out / "grefcoco" / "grefs(unc).json", out / "grefcoco" / "instances.json"]
     found = [p for p in ours if p.exists()] + sorted(p for ds, _ in PARTITIONS for p in (out / ds / "data").glob("*.parquet"))
     img_dir = out / "images" / "train2014"
     if found or (img_dir.is_dir() and any(img_dir.iterdir())):
@@ -274,6 +278,7 @@ def generate(out: Path, images: int, seed: int, cfg: SynthConfig = SynthConfig()
         atomic_write_bytes(out / ds / "instances.json", blob)
 
     summary = {"out": str(out), "images": images, "seed": seed, "datasets": {}}
+    summary["datasets"]["grefcoco_unc"] = _write_grefcoco(out, scenes, blob, ann_of, image_ids, file_names, splits["unc"])
     for ds in DATASETS:
         refs = []
         sent_id = 0
@@ -297,6 +302,26 @@ def generate(out: Path, images: int, seed: int, cfg: SynthConfig = SynthConfig()
     if parquet:
         summary["parquet"] = {ds: [str(p) for p in refer_hf.convert_refer(out, ds)] for ds in refer_hf.MIRRORS}
     return summary
+
+
+def _write_grefcoco(out: Path, scenes: list[dict], blob: bytes, ann_of: list, image_ids: list, file_names: list,
+                    unc: list[str]) -> dict:
+    """OUT/grefcoco/instances.json and grefs(unc).json (refbench.data.synth.gref's refs, refbench.data.sources.grefer's format)."""
+    atomic_write_bytes(out / "grefcoco" / "instances.json", blob)
+    refs, sent_id = [], 0
+    for i, sc in enumerate(scenes):
+        for targets, sents in sc["refs"]["grefcoco"]:
+            ann_ids = [ann_of[i][t] for t in targets] or [-1]
+            sentences = [{"tokens": sent.split(), "raw": raw, "sent_id": sent_id + k, "sent": sent} for k, (raw, sent) in enumerate(sents)]
+            sent_id += len(sents)
+            refs.append({
+                "sent_ids": [s["sent_id"] for s in sentences], "file_name": f"{file_names[i][:-4]}_{ann_ids[0]}.jpg",
+                "ann_id": ann_ids, "ref_id": len(refs), "image_id": image_ids[i], "split": unc[i],
+                "sentences": sentences, "no_target": not targets,
+                "category_id": [CATEGORY_ID[sc["objects"][t][0]] for t in targets] or -1,
+            })
+    atomic_write_bytes(out / "grefcoco" / "grefs(unc).json", json.dumps(refs, separators=(",", ":")).encode())
+    return _counts(refs)
 
 
 def _counts(refs: list[dict]) -> dict:
@@ -328,7 +353,7 @@ def main(out: Path, images: int | None, seed: int, parquet: bool = False) -> dic
         for split, c in per.items():
             table.add_row(name, split, str(c["images"]), str(c["refs"]), str(c["sentences"]))
     console.print(table)
-    console.print(f"{n} synthetic images and 4 REFER annotation sets written in {seconds:.1f} s")
+    console.print(f"{n} synthetic images, 4 REFER annotation sets and a gRefCOCO set written in {seconds:.1f} s")
     if parquet:
         console.print(f"parquet mirror snapshots (jxu124 layout): {', '.join(str(Path(out) / ds) for ds in summary['parquet'])} "
                       f"(`refbench prepare --all --source hf --data {out}`)")
