@@ -8,15 +8,14 @@ record reader and the scorer do not import each other.
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 from typing import Any
 
 import polars as pl
 
-from refbench import fsutil
 from refbench.errors import RefbenchError
 from refbench.eval import gres_metrics
+from refbench.eval.sidecar import read_sidecar
 
 GRES_COLUMNS: dict[str, Any] = {
     "sent_id": pl.Int64, "ref_id": pl.Int64, "image_id": pl.Int64, "n_targets": pl.Int64, "sent": pl.String,
@@ -52,25 +51,11 @@ def check_record(path: Path, meta: dict) -> pl.DataFrame:
     """Check a gRefCOCO record (`task: gres`) read from `path`: its sidecar's hash and columns,
     every metric and breakdown recomputed from the sidecar. Returns the sidecar's frame
     (refbench.eval.results.load_record wraps both in a Record)."""
+
     def bad(what: str) -> RefbenchError:
         return RefbenchError(f"result record {path}: {what}")
 
-    side = meta.get("sentences")
-    if not isinstance(side, dict) or not isinstance(side.get("file"), str) or Path(side["file"]).name != side["file"]:
-        raise bad("the 'sentences' field does not name a sidecar file")
-    sidecar = path.parent / side["file"]
-    try:
-        payload = sidecar.read_bytes()
-    except FileNotFoundError:
-        raise bad(f"its per-sentence sidecar {sidecar.name} is missing") from None
-    if side.get("sha256") != fsutil.sha256_bytes(payload):
-        raise bad(f"its per-sentence sidecar {sidecar.name} does not match the stored sha256")
-    try:
-        df = pl.read_parquet(io.BytesIO(payload))
-    except Exception as e:  # polars raises several types for a bad parquet file
-        raise bad(f"its sidecar {sidecar.name} is not readable parquet ({type(e).__name__})") from None
-    if list(df.columns) != list(GRES_COLUMNS) or df["sent_id"].is_duplicated().any():
-        raise bad(f"sidecar columns {df.columns} (expected {list(GRES_COLUMNS)}) or repeated sent_ids")
+    df = read_sidecar(path, meta, list(GRES_COLUMNS), bad)
     proto = meta.get("protocol") if isinstance(meta.get("protocol"), dict) else {}
     try:
         body = record_body(protocol=proto.get("name"), inter=df["I"].to_numpy(), union=df["U"].to_numpy(),

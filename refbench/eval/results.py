@@ -66,6 +66,7 @@ import polars as pl
 from refbench import fsutil
 from refbench.errors import RefbenchError
 from refbench.eval import metrics
+from refbench.eval.sidecar import read_sidecar
 
 SCHEMA = "refbench-result"
 SCHEMA_VERSION = 2
@@ -409,24 +410,7 @@ def load_record(path: str | Path) -> Record:
 
         return Record(path=path, meta=meta, sentences=gres_records.check_record(path, meta))
 
-    side = meta["sentences"]
-    if not isinstance(side, dict) or not isinstance(side.get("file"), str) or Path(side["file"]).name != side["file"]:
-        raise bad("the 'sentences' field does not name a sidecar file")
-    sidecar = path.parent / side["file"]
-    try:
-        payload = sidecar.read_bytes()
-    except FileNotFoundError:
-        raise bad(f"its per-sentence sidecar {sidecar.name} is missing") from None
-    if side.get("sha256") != fsutil.sha256_bytes(payload):
-        raise bad(f"its per-sentence sidecar {sidecar.name} does not match the stored sha256")
-    try:
-        df = pl.read_parquet(io.BytesIO(payload))
-    except Exception as e:  # polars raises several types for a bad parquet file
-        raise bad(f"its sidecar {sidecar.name} is not readable parquet ({type(e).__name__})") from None
-    if list(df.columns) != list(SENTENCE_COLUMNS):
-        raise bad(f"sidecar columns {df.columns}, expected {list(SENTENCE_COLUMNS)}")
-    if df["sent_id"].is_duplicated().any():
-        raise bad("sidecar has repeated sent_ids")
+    df = read_sidecar(path, meta, list(SENTENCE_COLUMNS), bad)
 
     try:
         strict = bool(meta["protocol"].get("pr_strict", False)) if isinstance(meta["protocol"], dict) else False

@@ -13,7 +13,7 @@ Imports refbench.eval, refbench.data, the root modules and refbench.models; noth
 
 from __future__ import annotations
 
-import importlib
+from refbench import lazy_exports
 
 _EXPORTS = {  # public name -> the module of this package that defines it
     "TrainConfig": "config",
@@ -39,12 +39,4 @@ _EXPORTS = {  # public name -> the module of this package that defines it
 }
 
 
-def __getattr__(name: str):
-    """The names above, imported from their module on first use (so `import refbench.train` stays light)."""
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_EXPORTS})
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -39,6 +39,7 @@ from refbench.data.sources.refer import (
     BadInput,
     Instances,
     _unique_sentences,
+    check_refs,
     check_segmentation,
     load_instances,
     load_pickle,
@@ -51,7 +52,6 @@ DATASET = "grefcoco"
 SPLITS = ("train", "val", "testA", "testB")  # ReLA's register_refcoco.py
 DATA_HINT = ("`refbench synth --out data` writes a synthetic gRefCOCO under data/grefcoco; the real one: "
              "grefs(unc).json + instances.json from github.com/henghuiding/gRefCOCO")
-_REF_KEYS = ("ref_id", "ann_id", "image_id", "split", "sentences")
 
 
 def refs_path(data: Path, split_by: str) -> Path | None:
@@ -86,22 +86,7 @@ def load_grefs(path: Path) -> list[dict]:
             raise RefbenchError(f"{path}: cannot read ({e.strerror})") from None
         except ValueError as e:
             raise RefbenchError(f"{path}: not a readable JSON file ({e})") from None
-    if not isinstance(refs, list):
-        raise RefbenchError(f"{path}: expected a list of refs, found {type(refs).__name__}")
-    for i, ref in enumerate(refs):
-        if not isinstance(ref, dict):
-            raise RefbenchError(f"{path}: entry {i} is a {type(ref).__name__}, not a ref dict")
-        where = f"{path}: ref {ref.get('ref_id', f'at index {i}')}"
-        missing = [k for k in _REF_KEYS if k not in ref]
-        if missing:
-            raise RefbenchError(f"{where}: missing field(s) {', '.join(missing)}")
-        sents = ref["sentences"]
-        if not isinstance(sents, list) or not sents:
-            raise RefbenchError(f"{where}: 'sentences' must be a non-empty list")
-        for s in sents:
-            if not isinstance(s, dict) or not isinstance(s.get("sent"), str) or "sent_id" not in s:
-                raise RefbenchError(f"{where}: every sentence needs a str 'sent' and a 'sent_id'")
-    return refs
+    return check_refs(refs, path)
 
 
 def _int(v: Any) -> bool:

@@ -93,7 +93,12 @@ def load_pickle(path: str | Path) -> Any:
 
 def load_refs(path: str | Path) -> list[dict]:
     """The refs pickle as a list of ref dicts, each checked for the fields the harness reads."""
-    refs = load_pickle(path)
+    return check_refs(load_pickle(path), path)
+
+
+def check_refs(refs: Any, path: str | Path) -> list[dict]:
+    """`refs` (read from `path`) as a list of ref dicts, each checked for the fields the harness
+    reads; one RefbenchError line naming the file and the ref otherwise."""
     if not isinstance(refs, list):
         raise RefbenchError(f"{path}: expected a list of refs, found {type(refs).__name__}")
     for i, ref in enumerate(refs):
