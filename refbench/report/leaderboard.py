@@ -17,6 +17,9 @@
 - each measured run of a model gets its own row (runs are told apart by `run`); when the same
   run was scored several times on a split under a protocol, the latest record (by its UTC
   date) fills the cell and `reference` lists the record files used.
+- gRefCOCO records (`"task": "gres"`) and `leaderboard/reported/gres/*.csv` fill columns of
+  their own ("val gIoU (%, rela)"; gIoU, cIoU, N-acc, T-acc, Pr@0.7-0.9), after RefCOCO's and
+  never shared with them: refbench.report.gres_board.
 
 Exports: md, csv, json (rows plus a header saying what the numbers are) and html: one static
 page (inline CSS, JS and data, no network) that shows one dataset and protocol at a time
