@@ -17,6 +17,9 @@
 - each measured run of a model gets its own row (runs are told apart by `run`); when the same
   run was scored several times on a split under a protocol, the latest record (by its UTC
   date) fills the cell and `reference` lists the record files used.
+- gRefCOCO records (`"task": "gres"`) and `leaderboard/reported/gres/*.csv` fill columns of
+  their own ("val gIoU (%, rela)"; gIoU, cIoU, N-acc, T-acc, Pr@0.7-0.9), after RefCOCO's and
+  never shared with them: refbench.report.gres_board.
 
 Exports: md, csv, json (rows plus a header saying what the numbers are) and html: one static
 page (inline CSS, JS and data, no network) that shows one dataset and protocol at a time
@@ -42,6 +45,7 @@ import polars as pl
 from refbench import fsutil
 from refbench.errors import RefbenchError
 from refbench.eval import metrics
+from refbench.report import gres_board
 
 KEY = ("source", "method", "variant", "run", "dataset", "protocol", "protocol_version")
 SPLIT_ORDER = ("val", "testA", "testB", "test")  # others follow, alphabetically
@@ -101,7 +105,7 @@ def default_reported() -> Path:
     return folder
 
 
-def _read_csv(path: Path, schema: dict[str, Any]) -> pl.DataFrame:
+def _read_csv(path: Path, schema: dict[str, Any], protocols: Any = metrics.PROTOCOLS) -> pl.DataFrame:
     try:
         df = pl.read_csv(path, infer_schema=False)  # every column as text; cast below
     except (OSError, pl.exceptions.PolarsError) as e:
@@ -123,9 +127,9 @@ def _read_csv(path: Path, schema: dict[str, Any]) -> pl.DataFrame:
     empty = [c for c in ("method", "variant", "dataset", "split", "protocol", "source") if df[c].str.len_chars().min() == 0 or df[c].null_count()]
     if empty:
         raise RefbenchError(f"reported rows {path}: empty value(s) in column(s) {', '.join(empty)}")
-    unknown = sorted(set(df["protocol"]) - set(metrics.PROTOCOLS))
+    unknown = sorted(set(df["protocol"]) - set(protocols))
     if unknown:
-        raise RefbenchError(f"reported rows {path}: unknown protocol(s) {unknown}; known: {list(metrics.PROTOCOLS)}")
+        raise RefbenchError(f"reported rows {path}: unknown protocol(s) {unknown}; known: {list(protocols)}")
     return df
 
 
@@ -154,6 +158,10 @@ def load_reported(folder: str | Path | None = None) -> pl.DataFrame:
             raise RefbenchError(f"reported rows {path}: metric(s) {metric_bad}; a row is exactly one of {list(METRICS)}")
         _check_percent(path, df, ("value",))
         frames.append(df)
+    return _no_duplicates(frames, folder)
+
+
+def _no_duplicates(frames: list[pl.DataFrame], folder: Path) -> pl.DataFrame:
     if not frames:
         return pl.DataFrame(schema=REPORTED_SCHEMA)
     out = pl.concat(frames)
@@ -166,6 +174,20 @@ def load_reported(folder: str | Path | None = None) -> pl.DataFrame:
             f"{r['metric']} ({r['protocol']}) appears more than once"
         )
     return out
+
+
+def load_reported_gres(folder: str | Path | None = None) -> pl.DataFrame:
+    """The gRefCOCO reported rows of `folder/gres/*.csv` (default: leaderboard/reported), validated:
+    REPORTED_SCHEMA's columns, a GRES metric (gIoU, cIoU, N-acc, T-acc, Pr@0.7..0.9) and protocol
+    (`original`, `rela`), percent. No such folder: no rows."""
+    folder = (Path(folder) if folder is not None else default_reported()) / gres_board.REPORTED_FOLDER
+    frames = []
+    for path in sorted(folder.glob("*.csv")) if folder.is_dir() else []:
+        df = _read_csv(path, REPORTED_SCHEMA, gres_board.PROTOCOLS)
+        gres_board.check_reported(path, df)
+        _check_percent(path, df, ("value",))
+        frames.append(df)
+    return _no_duplicates(frames, folder)
 
 
 def load_ablations(path: str | Path | None = None) -> pl.DataFrame:
@@ -192,16 +214,21 @@ def _measured_long(results_root: Path) -> pl.DataFrame:
 
     rows = []
     for rec in iter_records(results_root):
-        if rec.meta.get("task") == "gres":  # gRefCOCO records have their own metrics: no leaderboard columns yet
-            continue
+        gres = gres_board.is_record(rec)  # gRefCOCO: its own metrics and columns (refbench.report.gres_board)
         source = rec.source + (" (synthetic)" if rec.meta["data"].get("synthetic") else "")
-        note = f"n={rec.metrics['n']} sentences; " + (
+        note = "" if gres else f"n={rec.metrics['n']} sentences; " + (
             f"threshold {rec.protocol['threshold']:g}" if rec.protocol.get("threshold") is not None else "binary masks"
         )
         if rec.submission is not None:
             sub = rec.submission
             note += f"; {rec.split}: submission {Path(sub['file']).name} ({sub['format']}) sha256 {sub['sha256']}"
             note += f"; {rec.split}: note: {sub['note']}" if sub.get("note") else ""
+        if gres:
+            base = {"source": source, "method": rec.model["name"], "variant": rec.model["variant"], "run": rec.model["run"],
+                    "dataset": rec.dataset, "protocol": rec.protocol["name"], "protocol_version": rec.protocol["version"],
+                    "split": rec.split, "date": rec.date, "reference": str(rec.path.relative_to(results_root))}
+            rows += gres_board.long_rows(rec, base, note)
+            continue
         for metric in METRICS:
             rows.append(
                 {
@@ -267,7 +294,8 @@ def build_table(
 ) -> pl.DataFrame:
     """The leaderboard as a wide polars DataFrame (see the module docstring for its columns)."""
     results_root = Path(results_root)
-    long = pl.concat([_measured_long(results_root), _reported_long(load_reported(reported))])
+    long = pl.concat([_measured_long(results_root), _reported_long(load_reported(reported)),
+                      _reported_long(load_reported_gres(reported))])
     if dataset is not None:
         known = sorted(set(long["dataset"]))
         long = long.filter(pl.col("dataset") == dataset)
@@ -295,10 +323,12 @@ def build_table(
 
     protocol_rank = {name: i for i, name in enumerate(metrics.PROTOCOLS)}
     cells = latest.select("column", "split", "metric", "protocol").unique()
-    ordered = sorted(
-        cells.iter_rows(named=True),
-        key=lambda c: (protocol_rank.get(c["protocol"], 99), _split_rank(c["split"]), METRICS.index(c["metric"])),
-    )
+    def rank(c: dict) -> tuple:  # RefCOCO's columns first, then gRefCOCO's (never shared: other metrics)
+        if gres_board.is_column(c["metric"]):
+            return gres_board.column_rank(c["protocol"], _split_rank(c["split"]), c["metric"])
+        return (0, protocol_rank.get(c["protocol"], 99), _split_rank(c["split"]), METRICS.index(c["metric"]))
+
+    ordered = sorted(cells.iter_rows(named=True), key=rank)
     value_cols = [c["column"] for c in ordered]
     return (
         wide.with_columns(
@@ -318,7 +348,7 @@ def value_columns(table: pl.DataFrame) -> list[str]:
 # --------------------------------------------------------------------------- exports
 
 
-def _legend() -> list[str]:
+def _legend(table: pl.DataFrame | None = None) -> list[str]:
     lines = [
         f"Values are {UNITS}. mIoU = mean of per-sentence IoU; oIoU = sum of intersections / sum of unions.",
         "source: measured = refbench ran the model (a result record); submitted = a method's own binary masks scored by"
@@ -328,7 +358,7 @@ def _legend() -> list[str]:
         "Each column names its split, metric and protocol; measured cells hold the latest record of the run.",
     ]
     lines += [f"protocol {p.name} (v{p.version}): {p.description}." for p in metrics.PROTOCOLS.values()]
-    return lines
+    return lines + (gres_board.legend(table) if table is not None else [])
 
 
 def _display(table: pl.DataFrame) -> pl.DataFrame:
@@ -353,7 +383,7 @@ def to_markdown(table: pl.DataFrame, title: str) -> str:
 
     rows = [line(shown.columns), "|" + "|".join("---:" if c in vals else "---" for c in shown.columns) + "|"]
     rows += [line(list(r)) for r in shown.iter_rows()]
-    legend = "\n".join(f"- {text}" for text in _legend())
+    legend = "\n".join(f"- {text}" for text in _legend(table))
     return f"# {title}\n\n{legend}\n\n" + "\n".join(rows) + "\n"
 
 
@@ -367,8 +397,9 @@ def to_json(table: pl.DataFrame, title: str) -> str:
         "schema_version": 1,
         "title": title,
         "units": UNITS,
-        "legend": _legend(),
+        "legend": _legend(table),
         "protocols": {p.name: {"version": p.version, "description": p.description} for p in metrics.PROTOCOLS.values()},
+        **({"gres_protocols": gres_board.protocols_doc()} if gres_board.gres_datasets(table) else {}),
         "columns": table.columns,
         "rows": table.to_dicts(),
     }
@@ -409,6 +440,7 @@ def _page_data(table: pl.DataFrame) -> dict:
         "datasets": list(dict.fromkeys(table["dataset"])),
         "protocols": protocols,
         "protocol_notes": {p.name: f"v{p.version}, {p.description}" for p in metrics.PROTOCOLS.values()},
+        **gres_board.page_extra(table),
     }
 
 
@@ -417,8 +449,9 @@ def to_html(table: pl.DataFrame, title: str) -> str:
     columns, each source styled apart, a row's provenance (records, notes, hashes) on a click."""
     # The data is JSON inside a <script> element, which HTML does not unescape: it is written as
     # JSON with <, > and & as \u escapes (so no "</script>" can end it early), not HTML-escaped.
-    data = json.dumps(_page_data(table), ensure_ascii=True).replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
-    return _page_template().render(title=title, legend=_legend(), data=markupsafe.Markup(data))
+    page = _page_data(table)
+    data = json.dumps(page, ensure_ascii=True).replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+    return _page_template().render(title=title, legend=_legend(table), data=markupsafe.Markup(data), gres="gres_datasets" in page)
 
 
 def print_table(table: pl.DataFrame, title: str) -> None:
@@ -428,7 +461,7 @@ def print_table(table: pl.DataFrame, title: str) -> None:
 
     console = Console()
     console.print(f"[bold]{title}[/bold]")
-    for line in _legend():
+    for line in _legend(table):
         console.print(f"  {line}", highlight=False)
     notes: list[str] = []
     for (dataset, protocol), part in table.group_by(["dataset", "protocol"], maintain_order=True):
