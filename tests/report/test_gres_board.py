@@ -7,7 +7,6 @@ from __future__ import annotations
 import io
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,9 +14,8 @@ import polars as pl
 import pytest
 from pycocotools import mask as mask_utils
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "eval"))  # test_results, beside this folder
 
-from test_results import make_sentences, write  # noqa: E402
+from _records import make_sentences, write
 
 from refbench.data import shards as data  # noqa: E402
 from refbench.errors import RefbenchError  # noqa: E402

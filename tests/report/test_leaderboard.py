@@ -10,8 +10,7 @@ from pathlib import Path
 
 import polars as pl
 import pytest
-from test_results import make_sentences, write
-
+from _records import make_sentences, write
 from refbench.errors import RefbenchError
 from refbench.eval import results
 from refbench.report import leaderboard as lb

@@ -19,9 +19,8 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "eval"))  # test_results, beside this folder
 
-from test_results import make_sentences  # noqa: E402
+from _records import make_sentences
 
 from refbench.eval import results
 from refbench.report import leaderboard as lb
