@@ -450,11 +450,12 @@ def predict(checkpoint, image, text, out) -> None:
 @cli.command()
 @click.option("--workdir", type=click.Path(path_type=Path), default=Path("refbench-quickstart"), show_default=True, help="Folder for data, shards, runs and results.")
 @click.option("--fast", is_flag=True, hidden=True, help="A shortened run for tests.")
-def quickstart(workdir, fast) -> None:
+@click.option("--task", type=click.Choice(["ris", "gres"]), default="ris", show_default=True, help="ris: synthetic RefCOCO (mIoU, oIoU, leaderboard); gres: synthetic gRefCOCO (gIoU, cIoU, N-acc, T-acc).")
+def quickstart(workdir, fast, task) -> None:
     """Run the whole benchmark on the embedded synthetic dataset, offline, on CPU (<10 min)."""
     from refbench import quickstart as qs
 
-    qs.main(workdir=workdir, fast=fast)
+    qs.main(workdir=workdir, fast=fast, task=task)
 
 
 @cli.command()
