@@ -18,7 +18,11 @@ function. A built model is an `nn.Module` with:
         (gRefCOCO, refbench.eval.gres_metrics): the sentence refers to nothing when nt_logit > 0 (ReLA's
         argmax over its two no-target logits is nt_logit = logit[1] - logit[0] > 0). A model
         without one is read as "no target" when its binarised mask is empty.
-    loss(out: dict, mask: float[B,1,H,W]) -> {"loss": scalar, ...named terms}
+    loss(out: dict, mask: float[B,1,H,W], no_target: bool[B] | None = None) -> {"loss": scalar, ...named terms}
+        mask is empty (all 0) for a gRefCOCO no-target sentence: no loss may divide by the
+        target area. `no_target` (optional parameter; the training loop passes it only to a loss
+        whose signature names it, `loss_terms`) is the per-sample no-target flag that a
+        no-target head trains on; None means every sample has a target (RefCOCO).
 
 A model that needs to be rebuilt (checkpoint loading) is rebuilt with
 `build(name, variant, **dataclasses.asdict(config))` (refbench.models.registry). A field added
@@ -36,6 +40,7 @@ fails on overridden values (e.g. heads that do not divide the width) is a `Model
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -52,3 +57,12 @@ class ModelSpec:
     build: Callable[[Any], Any]  # config instance -> nn.Module honouring the contract
     description: str = ""  # one line for `refbench models`
     absent_means: dict[str, Any] = field(default_factory=dict)  # config field added later -> what a saved config without it meant (a checkpoint keeps its behaviour)
+
+
+def loss_terms(net: Any, out: dict, mask: Any, no_target: Any = None) -> dict:
+    """`net.loss(out, mask)`, with `no_target=` passed when the loss takes it (a parameter of that
+    name, or **kwargs): models written before the flag existed keep their two-argument loss."""
+    params = inspect.signature(net.loss).parameters
+    if "no_target" in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return net.loss(out, mask, no_target=no_target)
+    return net.loss(out, mask)

@@ -242,6 +242,9 @@ LOSS_RESOLUTIONS = ("prediction", "input")  # where mask_bce_loss compares predi
 def mask_bce_loss(logits: torch.Tensor, mask: torch.Tensor, resolution: str = "prediction") -> dict[str, torch.Tensor]:
     """Binary cross-entropy with logits, as {"loss": scalar, "bce": detached copy}.
 
+    The mean over pixels: an empty mask (a gRefCOCO no-target sentence) is an all-background
+    target, never a division by the target area (which is 0 there).
+
     logits [B,1,h,w] (h = H/4 for every model here); mask [B,1,H,W] in {0,1} at the input size.
     resolution "prediction" (CRIS): the GT is resized to h x w by nearest neighbour.
     resolution "input": the logits are upsampled bilinearly to H x W, the resolution evaluation
@@ -257,6 +260,30 @@ def mask_bce_loss(logits: torch.Tensor, mask: torch.Tensor, resolution: str = "p
             mask = F.interpolate(mask.float(), size=logits.shape[-2:], mode="nearest")
     bce = F.binary_cross_entropy_with_logits(logits, mask.to(logits.dtype))
     return {"loss": bce, "bce": bce.detach()}
+
+
+class NoTargetHead(nn.Module):
+    """A no-target head for generalized RIS (gRefCOCO), ReLA's in a simpler reading: the mean over
+    positions of a multimodal map [B,C,h,w] -> MLP (C, C, 1) -> nt_logit [B] (positive = the
+    sentence refers to nothing). ReLA has one MLP (256-256-2) per region query, its logits
+    averaged, and a 2-class cross-entropy with class weights [0.9, 1.1]; here one pooled feature,
+    one logit, plain BCE (`no_target_bce`)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(inplace=True), nn.Linear(dim, 1))
+
+    def forward(self, feature_map: torch.Tensor) -> torch.Tensor:  # [B,C,h,w] -> [B]
+        return self.mlp(feature_map.float().mean(dim=(2, 3)).to(feature_map.dtype)).squeeze(-1)
+
+
+def no_target_bce(terms: dict, out: dict, no_target: torch.Tensor | None, weight: float) -> dict:
+    """`terms` (a mask loss's) plus `weight` x BCE(out["nt_logit"], no_target) as "no_target"; a
+    batch without flags (None: RefCOCO) has a target in every sample."""
+    logit = out["nt_logit"].float()
+    target = torch.zeros_like(logit) if no_target is None else no_target.to(logit.device, torch.float32).reshape(logit.shape)
+    bce = F.binary_cross_entropy_with_logits(logit, target)
+    return {**terms, "loss": terms["loss"] + weight * bce, "no_target": bce.detach()}
 
 
 def fixed_mask_head(dim: int, norm: str = "group") -> nn.Sequential:

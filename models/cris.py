@@ -22,6 +22,12 @@ Output logits [B,1,H/4,W/4]; loss: binary cross-entropy against the mask resized
 to H/4, as CRIS (soft targets from CRIS's preprocessing are fine).
 
 Deliberate differences, each a config switch or outside CRIS's code:
+- gRefCOCO (generalized RIS; CRIS has one target per sentence): a no-target sentence's mask is
+  empty and the BCE is a mean over pixels (no division by the target area). `nt_head=True` adds
+  a no-target head as ReLA has, in a simpler reading (blocks.NoTargetHead): the decoder output
+  (stride 16, vision and words fused), mean-pooled, through an MLP (C, C, 1) to `nt_logit`
+  (> 0: no target), BCE at weight `nt_weight` (1.0, our choice; ReLA's per-query 2-class CE with
+  weights [0.9, 1.1] is not reproduced). Without it, "no target" = an empty binarised mask.
 - `norm="group"` swaps every BatchNorm of the head for GroupNorm (and drops the sentence
   projection's BatchNorm1d): batch-independent outputs, but no longer CRIS's weights.
 - ViT backbones (tiny-vit, vitb16, vitl14): CRIS's code has no ViT path; the shared ViT adapter
@@ -44,11 +50,13 @@ from torch import nn
 from .api import ModelError, ModelSpec
 from .blocks import (
     CoordConv,
+    NoTargetHead,
     VisionLanguageDecoder,
     conv_block,
     dynamic_conv,
     linear_block,
     mask_bce_loss,
+    no_target_bce,
     norm_2d,
     pixel_upsampler,
     sine_pos_1d,
@@ -66,6 +74,8 @@ class CRISConfig(BackboneConfig):
     layers: int = 3  # decoder layers (CRIS: 3)
     dropout: float = 0.0  # decoder dropout (full variants: CRIS's 0.1)
     norm: str = "batch"  # head normalisation: "batch" (CRIS's BatchNorm, its weights load) or "group" (GroupNorm, batch-independent)
+    nt_head: bool = False  # gRefCOCO no-target head (blocks.NoTargetHead on the mean-pooled decoder output): outputs nt_logit, BCE added to the loss
+    nt_weight: float = 1.0  # weight of the no-target BCE in the loss (with nt_head)
 
 
 SMALL_HEAD = dict(dim_f3=64, dim=128, dim_f5=256, heads=4, ffn=256, layers=3, dropout=0.0)  # tiny, tiny-vit
@@ -182,6 +192,8 @@ class CRIS(nn.Module):
         cp = cfg.dim // 2
         self.pixel = pixel_upsampler(cfg.dim, cp, "UCUCP", cfg.norm)  # stride 16 -> 4 (CRIS's Projector.vis)
         self.sentence_kernel = nn.Linear(dim_sentence, 9 * cp + 1)  # F_tg -> 3x3 x Cp kernel + bias (Projector.txt)
+        self.nt_weight = cfg.nt_weight
+        self.nt_head = NoTargetHead(cfg.dim) if cfg.nt_head else None  # gRefCOCO: reads the decoder output, mean-pooled
 
     def forward(self, image: torch.Tensor, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
         vis, text = self.backbone(image, tokens)
@@ -190,10 +202,14 @@ class CRIS(nn.Module):
         pos = sine_pos_1d(words.shape[-1], words.shape[1], words.device).to(words.dtype)  # [L,C]
         fq = self.decoder(fq, words, pos, text.pad)  # [B,C,H/16,W/16]
         kernel = self.sentence_kernel(text.sentence)  # [B,9Cp+1]
-        return {"logits": dynamic_conv(self.pixel(fq), kernel[:, None, :]), "kernel": kernel}  # [B,1,H/4,W/4]
+        out = {"logits": dynamic_conv(self.pixel(fq), kernel[:, None, :]), "kernel": kernel}  # [B,1,H/4,W/4]
+        if self.nt_head is not None:
+            out["nt_logit"] = self.nt_head(fq)  # [B]: > 0 = no target
+        return out
 
-    def loss(self, out: dict, mask: torch.Tensor) -> dict[str, torch.Tensor]:
-        return mask_bce_loss(out["logits"], mask, self.loss_resolution)
+    def loss(self, out: dict, mask: torch.Tensor, no_target: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        terms = mask_bce_loss(out["logits"], mask, self.loss_resolution)  # a mean over pixels: an empty mask is fine
+        return no_target_bce(terms, out, no_target, self.nt_weight) if self.nt_head is not None else terms
 
 
 # CRIS.pytorch state-dict names -> ours (first matching rule wins; None = dropped). Keys of a

@@ -108,7 +108,17 @@ then; mask correlation = mean pairwise Pearson correlation of the per-query mask
   and alike in sign; with scaled kernels S_q is not uniform (entropy 0.68-0.87 over 18 runs of
   400-650 steps in the sweep above). Nothing here forces S_q apart.
 
-forward returns logits [B,1,H/4,W/4], kernel [B,9C_p+1] (the kernel y is the convolution of F_p
+Generalized RIS (gRefCOCO; not in the paper, which has one target per sentence): trained on
+`grefcoco_unc`, a no-target sentence's mask is empty and the BCE above is a mean over pixels (no
+division by the target area). `nt_head=True` adds a no-target head as ReLA has, in a simpler
+reading (blocks.NoTargetHead): it reads the decoder output F_s (the last map where vision, the
+sentence and the queries have met), mean-pooled over positions, through an MLP (C, C, 1) to one
+`nt_logit` (> 0: no target), trained with BCE at weight `nt_weight` (1.0, our choice; ReLA's
+2-class CE with class weights [0.9, 1.1] is not reproduced). Without the head, evaluation reads
+"no target" from an empty binarised mask. Which rule is better on the synthetic gRefCOCO is
+measured by `refbench bench seeds eavl --task gres` (README, gRefCOCO section).
+
+forward returns logits [B,1,H/4,W/4], nt_logit [B] with `nt_head`, kernel [B,9C_p+1] (the kernel y is the convolution of F_p
 with: sum_n S_qn W_qn, scale applied; refbench.eval.sensitivity compares it across sentences) and,
 for visualisation, query_masks [B,Nq,H/4,W/4] (per-query logits), query_weights [B,Nq] (S_q)
 and word_attention [B,Nq,L] (A of eq 9); the fixed aligner has no per-query masks, so it
@@ -132,7 +142,9 @@ from .blocks import (
     fixed_mask_head,
     head_kernel,
     mask_bce_loss,
+    NoTargetHead,
     mask_correlation,
+    no_target_bce,
     pixel_upsampler,
 )
 from .clip_backbone import BackboneConfig, ClipBackbone, ImageFeatures, TextFeatures, make_variants
@@ -156,6 +168,8 @@ class EAVLConfig(BackboneConfig):
     scaled_kernels: bool = True  # eq 12: each generated kernel divided by sqrt(9 C_p), as attention divides q.k by sqrt(d) (the paper gives no scale); False = CRIS's unscaled kernels
     decorrelation: float = 0.1  # weight of the query-mask decorrelation term (0 = the paper's loss alone; see the module docstring)
     decorrelation_margin: float = 0.8  # the term penalises a sample's mean pairwise |correlation| of its query mask probabilities above this
+    nt_head: bool = False  # gRefCOCO no-target head (blocks.NoTargetHead on the mean-pooled decoder output F_s): outputs nt_logit, BCE added to the loss
+    nt_weight: float = 1.0  # weight of the no-target BCE in the loss (with nt_head)
 
 
 SMALL_HEAD = dict(dim=128, heads=4, ffn=256, layers=3, dropout=0.0)  # tiny, tiny-vit
@@ -296,6 +310,8 @@ class EAVL(nn.Module):
         self.query_generator = MultiQueryGenerator(cfg, self.backbone.dim_words)
         self.decoder = VisionLanguageDecoder(cfg.layers, cfg.dim, cfg.heads, cfg.ffn, cfg.dropout)
         self.aligner = ALIGNERS[cfg.aligner](cfg)
+        self.nt_weight = cfg.nt_weight
+        self.nt_head = NoTargetHead(cfg.dim) if cfg.nt_head else None  # reads F_s, mean-pooled
 
     def forward(self, image: torch.Tensor, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
         if tuple(image.shape[-2:]) != (self.image_size, self.image_size):
@@ -310,10 +326,14 @@ class EAVL(nn.Module):
         # Vision-Language Aligner, eqs 11-14 (or Table 3's fixed kernel)
         out = self.aligner(f_s, f_q)
         out["word_attention"] = attention
+        if self.nt_head is not None:
+            out["nt_logit"] = self.nt_head(f_s)  # [B]: > 0 = no target
         return out
 
-    def loss(self, out: dict, mask: torch.Tensor) -> dict[str, torch.Tensor]:
-        terms = mask_bce_loss(out["logits"], mask, self.loss_resolution)
+    def loss(self, out: dict, mask: torch.Tensor, no_target: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        terms = mask_bce_loss(out["logits"], mask, self.loss_resolution)  # a mean over pixels: an empty mask is fine
+        if self.nt_head is not None:
+            terms = no_target_bce(terms, out, no_target, self.nt_weight)
         masks = out.get("query_masks")
         if self.decorrelation and masks is not None and masks.shape[1] >= 2:
             # mean over samples of max(0, mean_ij |corr(sigmoid(mask_i), sigmoid(mask_j))| - margin)

@@ -450,11 +450,12 @@ def predict(checkpoint, image, text, out) -> None:
 @cli.command()
 @click.option("--workdir", type=click.Path(path_type=Path), default=Path("refbench-quickstart"), show_default=True, help="Folder for data, shards, runs and results.")
 @click.option("--fast", is_flag=True, hidden=True, help="A shortened run for tests.")
-def quickstart(workdir, fast) -> None:
+@click.option("--task", type=click.Choice(["ris", "gres"]), default="ris", show_default=True, help="ris: synthetic RefCOCO (mIoU, oIoU, leaderboard); gres: synthetic gRefCOCO (gIoU, cIoU, N-acc, T-acc).")
+def quickstart(workdir, fast, task) -> None:
     """Run the whole benchmark on the embedded synthetic dataset, offline, on CPU (<10 min)."""
     from refbench import quickstart as qs
 
-    qs.main(workdir=workdir, fast=fast)
+    qs.main(workdir=workdir, fast=fast, task=task)
 
 
 @cli.command()
@@ -512,13 +513,14 @@ def bench_run(which, workdir, images, log, out) -> None:
 @click.option("--split", "splits", multiple=True, help="Split to score (repeatable) [default: the quickstart's val, testA, testB].")
 @click.option("--lanes", type=click.IntRange(min=1), default=None, help="Runs at once, one thread each [default: one per core].")
 @click.option("--workdir", type=click.Path(path_type=Path), default=Path("bench/seeds"), show_default=True, help="Folder for data, runs, records and the table.")
-def bench_seeds(models, seed_list, steps, overrides, isa, splits, lanes, workdir) -> None:
+@click.option("--task", type=click.Choice(["ris", "gres"]), default="ris", show_default=True, help="ris: synthetic RefCOCO mIoU; gres: synthetic gRefCOCO gIoU/cIoU/N-acc/T-acc, each model with and without its no-target head.")
+def bench_seeds(models, seed_list, steps, overrides, isa, splits, lanes, workdir, task) -> None:
     """Train and score MODEL... with several seeds on the quickstart's plan: mean, sd and a bootstrap interval per model and split."""
     from refbench.bench import seeds as seeds_mod
 
     settings = seeds_mod.SeedSettings(models=tuple(models), seeds=seeds_mod.parse_seeds(seed_list), steps=steps,
                                       overrides=tuple(overrides), isa=isa, workdir=workdir,
-                                      splits=tuple(splits) or None, lanes=lanes)
+                                      splits=tuple(splits) or None, lanes=lanes, task=task)
     seeds_mod.main(settings)
 
 

@@ -29,6 +29,13 @@ stays under 0.35.
 `check` (the default test suite's quality test) is the same data with fewer steps;
 `fast` (`--fast`, also used by the tests) is a smaller dataset and a few steps, for checking
 that every stage connects, not for quality.
+
+`--task gres` (plans `gres`, `gres-fast` with `--fast`): the same side-by-side demo on the
+synthetic gRefCOCO (`grefcoco_unc`: sentences with several or no targets): tiny EAVL and CRIS
+(with the no-target head of `plans.GRES_NT_HEAD`) and blind (the empty-mask rule; its N-acc is
+the chance reference), the same steps for all, each scored on val, testA, testB under the
+gRefCOCO protocol original (gIoU, cIoU, N-acc, T-acc; refbench.eval.gres_eval). The leaderboard
+and the overlays are left out: the leaderboard has no gRefCOCO columns yet.
 """
 
 from __future__ import annotations
@@ -51,9 +58,16 @@ from refbench.train.runs import ensure_trained
 from refbench.train.sidebyside import Job, run_jobs, side_by_side
 
 
-def main(workdir: Path, fast: bool = False, plan: QuickstartPlan | None = None) -> dict:
+TASKS = ("ris", "gres")  # `refbench quickstart --task`: RefCOCO (the default) or gRefCOCO
+
+
+def main(workdir: Path, fast: bool = False, plan: QuickstartPlan | None = None, task: str = "ris") -> dict:
     """Run every stage; returns a summary dict (paths and the headline numbers)."""
-    plan = plan or PLANS["fast" if fast else "full"]
+    if task not in TASKS:
+        raise ValueError(f"quickstart task must be one of {', '.join(TASKS)}, not {task!r}")
+    if plan is None:
+        plan = PLANS[("gres-fast" if fast else "gres") if task == "gres" else ("fast" if fast else "full")]
+    gres = plan.task == "gres"
     workdir = Path(workdir)
     console = Console()
     t_start = time.perf_counter()
@@ -85,11 +99,16 @@ def main(workdir: Path, fast: bool = False, plan: QuickstartPlan | None = None) 
             with stage(f"3/6 train {model}: tiny, on {plan.dataset}, {plan.steps} steps"):
                 checkpoints[model] = _train(model, plan.steps, plan, shards, runs / model, console)
     evaluated = []
-    with stage(f"4/6 eval: {plan.dataset} {', '.join(plan.eval_splits)}, original protocol"):
+    with stage(f"4/6 eval: {plan.dataset} {', '.join(plan.eval_splits)}, "
+               f"{'gRefCOCO protocol original (gIoU, cIoU, N-acc, T-acc)' if gres else 'original protocol'}"):
         for model, ckpt in checkpoints.items():
             done = scored[model] if model in scored else _score(ckpt, model, plan, shards, results, plan.workers)
             evaluated += done
             evaluate.print_scores(done)
+    if gres:  # no gRefCOCO leaderboard columns yet, no overlays
+        summary = _gres_summary(plan, workdir, checkpoints, evaluated, timings, time.perf_counter() - t_start)
+        _print_gres_summary(console, summary)
+        return summary
     with stage("5/6 leaderboard: measured records beside the papers' reported rows"):
         exports = {}
         for fmt in ("md", "html"):
@@ -215,5 +234,45 @@ def _print_summary(console, s: dict) -> None:
     console.print(f"records:     {s['workdir']}/results ({len(s['records'])} result records + per-sentence parquet)")
     console.print(f"leaderboard: {s['leaderboard'].get('md')}  {s['leaderboard'].get('html')}")
     console.print(f"pictures:    {s['workdir']}/pictures ({len(s['pictures'])} PNG overlays)")
+    atomic_write_json(Path(s["workdir"]) / "summary.json", s)
+    console.print(f"summary:     {s['workdir']}/summary.json")
+
+
+GRES_KEYS = ("gIoU", "cIoU", "N-acc", "T-acc")  # the gRefCOCO summary's metrics (refbench.eval.gres_metrics)
+
+
+def _gres_summary(plan, workdir, checkpoints, evaluated, timings, seconds) -> dict:
+    scores: dict = {}
+    for e in evaluated:
+        m = results.load_record(e.path).metrics
+        scores.setdefault(e.model.name, {})[e.split] = {**{k: m[k] for k in GRES_KEYS}, "n": m["n"],
+                                                        "n_no_target": m["n_no_target"],
+                                                        "nt_head": bool(e.model.config.get("nt_head"))}
+    return {
+        "workdir": str(workdir), "plan": dataclasses.asdict(plan), "seconds": round(seconds, 1), "timings": timings,
+        "checkpoints": {k: str(v) for k, v in checkpoints.items()}, "records": [str(e.path) for e in evaluated],
+        "scores": scores, "dataset": plan.dataset, "protocol": "original", "task": "gres",
+    }
+
+
+def _print_gres_summary(console, s: dict) -> None:
+    table = Table(title=f"quickstart --task gres: synthetic {s['dataset']}, tiny models, {s['plan']['steps']} steps each, "
+                        f"gRefCOCO protocol {s['protocol']} (I/U at the original image size)", title_justify="left")
+    table.add_column("model (no-target rule)")
+    splits = sorted({sp for per in s["scores"].values() for sp in per}, key=split_order)
+    for sp in splits:
+        for k in GRES_KEYS:
+            table.add_column(f"{sp} {k} %", justify="right")
+    for model, per in s["scores"].items():
+        rule = "nt_logit > 0" if any(v["nt_head"] for v in per.values()) else "empty mask"
+        table.add_row(f"{model} ({rule})", *["n/a" if per.get(sp, {}).get(k) is None else f"{100 * per[sp][k]:.2f}"
+                                             for sp in splits for k in GRES_KEYS])
+    console.rule("[bold]done")
+    console.print(table)
+    console.print("blind reads no sentence: its N-acc is the chance reference for the no-target decision")
+    console.print(f"time: {s['seconds']:.0f} s in all ({', '.join(f'{k} {v:.0f} s' for k, v in s['timings'].items())})")
+    for model, ckpt in s["checkpoints"].items():
+        console.print(f"checkpoint:  {model}: {ckpt}")
+    console.print(f"records:     {s['workdir']}/results ({len(s['records'])} gRefCOCO result records + per-sentence parquet)")
     atomic_write_json(Path(s["workdir"]) / "summary.json", s)
     console.print(f"summary:     {s['workdir']}/summary.json")

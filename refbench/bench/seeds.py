@@ -20,6 +20,12 @@ machine gives the other CPU kind's numbers, and the table says which capability 
 Runs live in WORKDIR/runs/<isa>/<model>[+<overrides>]/seed<k>, reused while they match (the
 run-state rule of every command); the table goes to WORKDIR/seeds.md and seeds.json
 (atomically, the previous table kept in seeds.jsonl).
+
+`--task gres`: the quickstart's gRefCOCO plan (`plans.PLANS["gres"]`, synthetic grefcoco_unc);
+every model with a no-target head (EAVL, CRIS) is trained with `nt_head=True` and with
+`nt_head=False` (the empty-mask rule) unless `--set nt_head=...` picks one; the table gives per
+model, rule and split the mean and sample sd over seeds of gIoU, cIoU, N-acc and T-acc (gRefCOCO
+protocol original), to WORKDIR/seeds-gres.md and seeds-gres.json.
 """
 
 from __future__ import annotations
@@ -55,6 +61,7 @@ class SeedSettings:
     workdir: Path  # data, shards, runs, results and the table
     splits: tuple[str, ...] | None  # splits scored; None = the plan's
     lanes: int | None  # runs at once; None = one per usable core
+    task: str = "ris"  # "ris" (synthetic refcoco_unc, mIoU) or "gres" (synthetic grefcoco_unc, both no-target rules)
 
 
 def parse_seeds(text: str) -> tuple[int, ...]:
@@ -125,6 +132,8 @@ def main(settings: SeedSettings, console: Console | None = None) -> dict:
     overrides = parse_overrides(settings.overrides)
     for m in settings.models:
         models.make_config(m, "tiny", **overrides)  # an unknown model or field, a bad value: one line, before any work
+    if settings.task == "gres":
+        return main_gres(settings, overrides, console)
     plan = plans.PLANS["full"]
     if settings.steps:
         plan = dataclasses.replace(plan, steps=settings.steps)
@@ -219,3 +228,85 @@ def write_table(table: dict, workdir: Path) -> None:
     old = history.read_text() if history.exists() else ""
     atomic_write_text(history, old + json.dumps(table) + "\n")
 
+
+
+GRES_KEYS = ("gIoU", "cIoU", "N-acc", "T-acc")  # the gRefCOCO table's metrics
+
+
+def gres_variants(model: str, overrides: dict) -> list[dict]:
+    """The runs of one model under `--task gres`: with and without its no-target head (a model
+    with an `nt_head` field that `--set` leaves open), else the one configuration."""
+    from refbench import models
+
+    if "nt_head" in overrides or not hasattr(models.make_config(model, "tiny"), "nt_head"):
+        return [dict(overrides)]
+    return [{**overrides, "nt_head": True}, {**overrides, "nt_head": False}]
+
+
+def main_gres(settings: SeedSettings, overrides: dict, console: Console) -> dict:
+    """`refbench bench seeds MODEL... --task gres`: every (model, no-target rule, seed) trained on the
+    quickstart's gRefCOCO plan, scored, and the table of gIoU / cIoU / N-acc / T-acc over seeds."""
+    from refbench.train import plans
+
+    plan = plans.PLANS["gres"]
+    if settings.steps:
+        plan = dataclasses.replace(plan, steps=settings.steps)
+    splits = tuple(settings.splits or plan.eval_splits)
+    # the runs carry their rule explicitly: the plan's own choice must not decide what is compared
+    plan = dataclasses.replace(plan, eval_splits=splits, vis=0, model_overrides={})
+    workdir = Path(settings.workdir)
+    data, shards, res = workdir / "data", workdir / "shards", workdir / "results"
+    t0 = time.perf_counter()
+    plans.synth_data(data, plan, console)
+    prepare.main(dataset="grefcoco", split_by="unc", data=data, out=shards, shard_size=plan.shard_size)
+    cores = prepare.usable_cores()
+    jobs, tags = [], []
+    for m in settings.models:
+        for variant in gres_variants(m, overrides):
+            tag = run_tag(m, variant)
+            tags.append(tag)
+            for seed in settings.seeds:
+                out = workdir / "runs" / settings.isa / "gres" / tag / f"seed{seed}"
+                cfg = plans.train_config(m, plan.steps, plan, shards, out, seed=seed, overrides=variant)
+                cfg = dataclasses.replace(cfg, quiet=True, recipe=dataclasses.replace(cfg.recipe, workers=0))
+                score = dict(dataset=plan.dataset, splits=list(splits), shards=shards, results=res,
+                             run_name=f"seeds-gres-{tag}-{settings.isa}-seed{seed}", batch_size=64, workers=0)
+                jobs.append(Job(f"{tag} seed {seed}", cfg, score))
+    done = run_jobs(jobs, lanes=settings.lanes or max(1, cores), threads=1, console=console, cores=cores,
+                    env=ISA_ENV[settings.isa])
+    table: dict = {"task": "gres", "plan": {"steps": plan.steps, "batch_size": plan.batch_size, "dataset": plan.dataset,
+                                            "images": plan.images, "data_seed": plan.seed, "protocol": "original",
+                                            "synthetic": True}, "isa": settings.isa, "overrides": overrides, "rows": []}
+    for tag in tags:
+        for split in splits:
+            row: dict = {"model": tag, "split": split, "seeds": list(settings.seeds)}
+            per_seed = {}
+            for seed in settings.seeds:
+                (record,) = [e for e in done[f"{tag} seed {seed}"].records if e.split == split]
+                per_seed[seed] = results.load_record(record.path).metrics
+            for k in GRES_KEYS:
+                vals = [per_seed[s][k] for s in settings.seeds if per_seed[s][k] is not None]
+                row[k] = {"mean": statistics.fmean(vals) if vals else None,
+                          "sd": statistics.stdev(vals) if len(vals) > 1 else 0.0,
+                          "values": {str(s): per_seed[s][k] for s in settings.seeds}}
+            table["rows"].append(row)
+    table["seconds"] = round(time.perf_counter() - t0, 1)
+    lines = gres_table_lines(table)
+    console.print("\n".join(lines))
+    atomic_write_json(workdir / "seeds-gres.json", table)
+    atomic_write_text(workdir / "seeds-gres.md", "\n".join(lines) + "\n")
+    return table
+
+
+def gres_table_lines(table: dict) -> list[str]:
+    """The gRefCOCO seed table as markdown lines: mean +- sample sd in % over seeds."""
+    plan = table["plan"]
+    lines = [f"refbench bench seeds --task gres: tiny models, {plan['steps']} steps, synthetic {plan['dataset']} "
+             f"(gRefCOCO protocol {plan['protocol']}), ISA {table['isa']}; % over seeds {table['rows'][0]['seeds'] if table['rows'] else []}: "
+             "mean +- sample sd", "",
+             "| model (no-target rule) | split | " + " | ".join(GRES_KEYS) + " |", "|---|---|" + "---:|" * len(GRES_KEYS)]
+    for r in table["rows"]:
+        cells = ["n/a" if r[k]["mean"] is None else f"{100 * r[k]['mean']:.2f} +- {100 * r[k]['sd']:.2f}" for k in GRES_KEYS]
+        lines.append(f"| {r['model']} | {r['split']} | " + " | ".join(cells) + " |")
+    lines.append(f"time: {table['seconds']:.0f} s")
+    return lines

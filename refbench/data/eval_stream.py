@@ -10,7 +10,7 @@ eval_loader (every sentence of every ref of a split exactly once, fixed order):
      "tokens": int64[B,L], "swap_tokens": int64[B,L] and "has_swap": bool[B] (a sentence of
      another ref of the same image, for refbench.eval.sensitivity: `swap_tokens`),
      "gt": uint8[B,max H,max W] (the GT masks, zero-padded)} + lists:
-    sent_id, ref_id, image_id, category_id, sent, height, width, letterbox
+    sent_id, ref_id, image_id, category_id, sent, height, width, letterbox, n_targets
     (transforms.Letterbox), warp (cvwarp.CrisWarp under CRIS's preprocessing, else None),
     gt_mask (uint8 [H,W], views of "gt")
 
@@ -35,6 +35,7 @@ import webdataset as wds
 from torch.utils.data import IterableDataset
 
 from refbench.data import transforms
+from refbench.data.sources.grefer import n_targets
 from refbench.data.shards import (
     EVAL_INPUTS,
     REPREPARE,
@@ -114,7 +115,7 @@ def _piece_sentences(pieces: list[Piece], by_url: dict[str, dict], verify: bool,
                                 "sent_id": s["sent_id"], "ref_id": ref["ref_id"],
                                 "image_id": meta["image_id"], "category_id": ref["category_id"], "sent": s["sent"],
                                 "height": meta["height"], "width": meta["width"], "letterbox": box, "warp": warp,
-                                "gt_mask": gt,
+                                "gt_mask": gt, "n_targets": n_targets(ref),
                             }
                         i += 1
             else:  # read to the end: the shard holds what its manifest says
@@ -135,7 +136,8 @@ def swap_tokens(refs: list[dict], r: int, j: int) -> list[int] | None:
     return None
 
 
-EVAL_LISTS = ("sent_id", "ref_id", "image_id", "category_id", "sent", "height", "width", "letterbox", "warp", "gt_mask")
+EVAL_LISTS = ("sent_id", "ref_id", "image_id", "category_id", "sent", "height", "width", "letterbox", "warp", "gt_mask",
+              "n_targets")  # n_targets: the ref's target count (gRefCOCO: 0 = no target; RefCOCO: 1)
 
 
 def _stack(tensors: list[torch.Tensor]) -> torch.Tensor:

@@ -417,7 +417,7 @@ def to_device(batch: dict, device: Any, *, non_blocking: bool = True, channels_l
 
     Returns a new dict: "image" float32 [B,3,S,S] CLIP-normalised with exact-0 padding
     (`transforms.normalize_batch`), "tokens" int64 [B,L], and for train batches "mask" float32
-    [B,1,S,S] of 0/1; list fields (eval) are passed through. `non_blocking` overlaps the copy
+    [B,1,S,S] of 0/1 and "no_target" bool [B]; list fields (eval) are passed through. `non_blocking` overlaps the copy
     with compute when the batch is in pinned memory; `channels_last` lays the image out NHWC.
     """
     import torch
@@ -433,6 +433,8 @@ def to_device(batch: dict, device: Any, *, non_blocking: bool = True, channels_l
     out["tokens"] = batch["tokens"].to(device, non_blocking=non_blocking)
     if "mask" in batch:
         out["mask"] = batch["mask"].to(device, non_blocking=non_blocking).float()
+    if "no_target" in batch:  # train batches: bool [B], gRefCOCO's no-target flag
+        out["no_target"] = batch["no_target"].to(device, non_blocking=non_blocking)
     return out
 
 

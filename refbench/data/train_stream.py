@@ -8,7 +8,9 @@ underneath, cut at its last batch of the epoch):
     ->  [the part again, forever]  ->  batches of refs  ->  [skip the first k on resume]
     ->  decode + letterbox + collate  ->  [stop after this worker's batches of the epoch]
     {"image": uint8[B,3,S,S], "content": int64[B,4], "tokens": int64[B,L], "mask": uint8[B,1,S,S],
-     "sent_id": int64[B], "ref_id": int64[B]}
+     "sent_id": int64[B], "ref_id": int64[B], "no_target": bool[B]}
+    ("no_target": the ref names nothing, gRefCOCO's shard field (refbench.data.sources.grefer.shard_fields);
+    its mask is empty. False for every RefCOCO ref.)
 
 Worker processes. A training run streams every epoch through one `TrainLoader`: one
 DataLoader with persistent workers, forked once per run and restarted on each epoch's stream
@@ -190,6 +192,7 @@ def _collate_train(refs: list[_TrainRef], size: int) -> dict:
         "mask": masks,
         "sent_id": torch.tensor([r.sentence["sent_id"] for r in refs], dtype=torch.int64),  # [B]
         "ref_id": torch.tensor([r.ref["ref_id"] for r in refs], dtype=torch.int64),  # [B]
+        "no_target": torch.tensor([bool(r.ref.get("no_target", False)) for r in refs], dtype=torch.bool),  # [B]
     }
 
 

@@ -48,10 +48,11 @@ from refbench import remote
 from refbench.data import cvwarp, eval_stream
 from refbench.data import shards as data
 from refbench.data import transforms
+from refbench.data.datasets import is_gres
 from refbench.data.prepare import cap_workers
 from refbench.distributed import all_gather_object, exact_float32, setup_distributed
 from refbench.errors import RefbenchError
-from refbench.eval import diversity, metrics
+from refbench.eval import diversity, gres_eval, metrics
 from refbench.eval import results as results_mod
 from refbench.eval import sensitivity as sensitivity_mod
 from refbench.eval.metrics import checkpoint_protocol
@@ -153,19 +154,24 @@ def split_loader(net, dataset_dir: Path, manifest: dict, split: str, d, *, batch
 
 def score_split(net, dataset_dir: Path, manifest: dict, split: str, d, *, batch_size: int = 16,
                 workers: int = 0, protocol: str = "original", max_batches: int | None = None,
-                loader: data.Loader | None = None, sensitivity: bool = False) -> SplitScores:
+                loader: data.Loader | None = None, sensitivity: bool = False, gres: bool = False) -> SplitScores:
     """I/U of every sentence of `split` (this rank's part; gathered on every rank when distributed).
 
     `loader`: a `split_loader` of the same split, batch size, workers and protocol to read from
     (training's persistent one), else one is made for this call. `sensitivity`: also run each
     batch with every sentence swapped for one of another ref of its image and measure how much
-    the output moves (refbench.eval.sensitivity; a second forward per batch, which I/U never reads)."""
+    the output moves (refbench.eval.sensitivity; a second forward per batch, which I/U never reads).
+    `gres` (gRefCOCO): also keep per sentence "n_targets" and "pred_no_target", the no-target
+    decision (refbench.eval.gres_eval.no_target_decision: nt_logit > 0 for a model with a
+    no-target head, else an empty binarised mask)."""
     if loader is None:
         loader = split_loader(net, dataset_dir, manifest, split, d, batch_size=batch_size, workers=workers,
                               protocol=protocol)
     was_training = net.training
     net.eval()
     scores = SplitScores()
+    if gres:
+        scores.columns.update(n_targets=[], pred_no_target=[])
     meter = diversity.DiversityMeter()
     sens = sensitivity_mod.SensitivityMeter() if sensitivity else None
     start = time.perf_counter()
@@ -188,6 +194,9 @@ def score_split(net, dataset_dir: Path, manifest: dict, split: str, d, *, batch_
                 scores.columns[k].extend(batch[k])
             scores.columns["I"].extend(inter.tolist())
             scores.columns["U"].extend(union.tolist())
+            if gres:
+                scores.columns["n_targets"].extend(batch["n_targets"])
+                scores.columns["pred_no_target"].extend(gres_eval.no_target_decision(out, inter, union, batch).tolist())
     except RefbenchError as e:
         if d.world == 1:
             raise
@@ -285,6 +294,9 @@ def evaluate_checkpoint(checkpoint: Path, *, dataset: str | None = None, splits:
     ckpt = ckpt_mod.load(checkpoint)
     protocol = protocol or checkpoint_protocol(ckpt)
     net, dataset, dataset_dir, manifest = load_scoring_inputs(ckpt, checkpoint, dataset, shards, d.device)
+    gres = is_gres(dataset)
+    if gres:
+        gres_eval.check_protocol(protocol, dataset)
     if list(splits) == ["all"]:
         splits = [s for s in manifest["splits"] if s not in EVAL_SPLITS_EXCLUDE]
     for s in splits:
@@ -301,12 +313,17 @@ def evaluate_checkpoint(checkpoint: Path, *, dataset: str | None = None, splits:
     # every split is scored before any record is published, and a refusal of any split's record
     # withdraws those of this call already written: `--split all` publishes all splits or none
     scored = [(s, score_split(net, dataset_dir, manifest, s, d, batch_size=batch_size, workers=workers,
-                              protocol=protocol, sensitivity=True)) for s in splits]
+                              protocol=protocol, sensitivity=not gres, gres=gres)) for s in splits]
     if d.rank != 0:
         return []
     done: list[Evaluated] = []
     try:
         for s, scores in scored:
+            if gres:  # a gRefCOCO record (task "gres", refbench.eval.gres_records), protocol original
+                path = gres_eval.write_record(results, dataset=dataset, split=s, model=model_info,
+                                              manifest=manifest, manifest_sha=manifest_sha, columns=scores.columns)
+                done.append(Evaluated(dataset=dataset, split=s, protocol=protocol, model=model_info, path=path, scores=scores))
+                continue
             path = results_mod.write_record(
                 results, dataset=dataset, split=s, protocol=protocol, threshold=net.threshold, model=model_info,
                 data=results_mod.DataInfo(manifest_sha256=manifest_sha, sentences_expected=manifest["splits"][s]["sentences"],
@@ -340,7 +357,11 @@ def results_dir_for(record_path: Path) -> Path:
 
 
 def print_scores(done: list[Evaluated]) -> None:
-    """The rich table of `refbench eval`: one row per record, every number named."""
+    """The rich table of `refbench eval`: one row per record, every number named (gRefCOCO records:
+    refbench.eval.gres_eval.print_scores)."""
+    if done and results_mod.load_record(done[0].path).meta.get("task") == gres_eval.TASK:
+        gres_eval.print_scores(done)
+        return
     console = Console()
     first = done[0]
     table = Table(title=f"{first.model.name}/{first.model.variant} ({first.model.run}): "

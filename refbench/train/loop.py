@@ -53,6 +53,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from refbench import __version__, checkpoint, remote
+from refbench.models.api import loss_terms
 from refbench.data import shards as data
 from refbench.data import train_stream
 from refbench.distributed import Dist, all_gather_object, autocast_dtype, barrier, setup_distributed
@@ -428,7 +429,7 @@ def _optimizer_step(ddp, net, optimizer, scaler, it, rec: Recipe, d: Dist, amp_d
                 with _phase("forward"):
                     out = ddp(image, tokens)
                 with _phase("loss"):
-                    terms = net.loss(out, mask)
+                    terms = loss_terms(net, out, mask, on_device.get("no_target"))  # the flag, where the loss takes it
             with _phase("backward"):
                 scaler.scale(terms["loss"] / rec.grad_accum).backward()
         if figures:
