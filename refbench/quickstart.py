@@ -1,7 +1,7 @@
 """`refbench quickstart`: the whole benchmark on the embedded synthetic dataset, offline, on CPU.
 
     synth          WORKDIR/data              the raw REFER-format synthetic dataset
-    prepare --all  WORKDIR/shards            all four dataset/partition pairs as webdataset shards
+    prepare --all  WORKDIR/shards            every dataset/partition pair as webdataset shards (RefCOCO, +, G-Ref x2, gRefCOCO)
     train          WORKDIR/runs/<model>      tiny eavl, cris, blind on synthetic refcoco_unc: same steps, side by side
     eval           WORKDIR/results           val, testA, testB of refcoco_unc (original protocol), each
                                              model as soon as it is trained
@@ -82,7 +82,7 @@ def main(workdir: Path, fast: bool = False, plan: QuickstartPlan | None = None, 
 
     with stage("1/6 synth: the embedded synthetic dataset"):
         synth_data(data, plan, console)
-    with stage("2/6 prepare: raw REFER files -> webdataset shards (all four dataset/partitions)"):
+    with stage("2/6 prepare: raw REFER files -> webdataset shards (every dataset/partition)"):
         prepare.main(all_=True, data=data, out=shards, shard_size=plan.shard_size)
     lanes, threads, workers = side_by_side(len(plan.models), prepare.usable_cores(), plan.workers)
     scored: dict[str, list] = {}
