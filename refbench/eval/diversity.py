@@ -33,6 +33,8 @@ from __future__ import annotations
 import math
 from typing import Any, Mapping
 
+from refbench.eval.meter import MeanMeter
+
 KEYS = ("query_mask_corr", "query_weight_entropy", "word_attention_spread", "sos_attention")
 LABELS = {  # what each figure is, for printed lines
     "query_mask_corr": "mask correlation (mean pairwise Pearson of the query mask logits; 1 = identical)",
@@ -90,33 +92,17 @@ def batch_stats(out: Mapping[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in batch_means(out).items()}
 
 
-class DiversityMeter:
+class DiversityMeter(MeanMeter):
     """Sums of the per-sample figures over a split; `result()` gives the means."""
 
-    def __init__(self) -> None:
-        self.sums: dict[str, float] = {}
-        self.counts: dict[str, int] = {}
-
     def update(self, out: Mapping[str, Any]) -> None:
-        for k, v in sample_stats(out).items():
-            self.sums[k] = self.sums.get(k, 0.0) + float(v.double().sum())
-            self.counts[k] = self.counts.get(k, 0) + int(v.numel())
-
-    def state(self) -> dict:
-        """Picklable sums and counts (for gathering over ranks)."""
-        return {"sums": dict(self.sums), "counts": dict(self.counts)}
-
-    def merge(self, state: dict) -> None:
-        for k, v in state["sums"].items():
-            self.sums[k] = self.sums.get(k, 0.0) + v
-            self.counts[k] = self.counts.get(k, 0) + state["counts"][k]
+        self.add(sample_stats(out))
 
     def result(self) -> dict[str, Any] | None:
         """{key: mean, ..., "n": samples} or None when nothing had queries."""
         if not self.counts:
             return None
-        means = {k: self.sums[k] / self.counts[k] for k in KEYS if self.counts.get(k)}
-        return {**means, "n": max(self.counts.values())}
+        return {**self.means(KEYS), "n": max(self.counts.values())}
 
 
 def describe(stats: Mapping[str, Any]) -> list[str]:

@@ -28,6 +28,8 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
+from refbench.eval.meter import MeanMeter
+
 KEYS = ("mask_sensitivity", "kernel_sensitivity")
 LABELS = {
     "mask_sensitivity": "mask sensitivity (1 - IoU of the masks for two sentences of the same image; 0 = ignores the sentence)",
@@ -53,36 +55,18 @@ def sample_stats(out_a: Mapping[str, Any], out_b: Mapping[str, Any], threshold: 
     return stats
 
 
-class SensitivityMeter:
+class SensitivityMeter(MeanMeter):
     """Sums of the per-sample figures over a split; `result()` gives the means."""
-
-    def __init__(self) -> None:
-        self.sums: dict[str, float] = {}
-        self.counts: dict[str, int] = {}
 
     def update(self, out_a: Mapping[str, Any], out_b: Mapping[str, Any], threshold: float, keep=None) -> None:
         """Add a batch; `keep` (bool [B]) marks the samples that count (those with a swap)."""
-        for k, v in sample_stats(out_a, out_b, threshold).items():
-            if keep is not None:
-                v = v[keep.to(v.device)]
-            self.sums[k] = self.sums.get(k, 0.0) + float(v.double().sum())
-            self.counts[k] = self.counts.get(k, 0) + int(v.numel())
-
-    def state(self) -> dict:
-        """Picklable sums and counts (for gathering over ranks)."""
-        return {"sums": dict(self.sums), "counts": dict(self.counts)}
-
-    def merge(self, state: dict) -> None:
-        for k, v in state["sums"].items():
-            self.sums[k] = self.sums.get(k, 0.0) + v
-            self.counts[k] = self.counts.get(k, 0) + state["counts"][k]
+        self.add(sample_stats(out_a, out_b, threshold), keep)
 
     def result(self) -> dict[str, Any] | None:
         """{key: mean, ..., "n": sentences counted} or None when no sentence had a swap."""
         if not self.counts.get("mask_sensitivity"):
             return None
-        means = {k: self.sums[k] / self.counts[k] for k in KEYS if self.counts.get(k)}
-        return {**means, "n": self.counts["mask_sensitivity"]}
+        return {**self.means(KEYS), "n": self.counts["mask_sensitivity"]}
 
 
 def describe(stats: Mapping[str, Any]) -> list[str]:
