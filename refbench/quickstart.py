@@ -31,11 +31,12 @@ stays under 0.35.
 that every stage connects, not for quality.
 
 `--task gres` (plans `gres`, `gres-fast` with `--fast`): the same side-by-side demo on the
-synthetic gRefCOCO (`grefcoco_unc`: sentences with several or no targets): tiny EAVL and CRIS
-(with the no-target head of `plans.GRES_NT_HEAD`) and blind (the empty-mask rule; its N-acc is
-the chance reference), the same steps for all, each scored on val, testA, testB under the
-gRefCOCO protocol original (gIoU, cIoU, N-acc, T-acc; refbench.eval.gres_eval). The leaderboard
-and the overlays are left out: the leaderboard has no gRefCOCO columns yet.
+synthetic gRefCOCO (`grefcoco_unc`: sentences with several or no targets): tiny EAVL, CRIS and
+blind, every one deciding "no target" by the empty-mask rule (`plans.GRES_NT_HEAD`: it beat the
+no-target head over seeds 0-3; blind's N-acc is the reference of a model that reads no
+sentence), the same steps for all, each scored on val, testA, testB under the
+gRefCOCO protocol original (gIoU, cIoU, N-acc, T-acc; refbench.eval.gres_eval). The overlays are
+left out.
 """
 
 from __future__ import annotations

@@ -24,8 +24,8 @@ def test_gres_fast_plan_runs_end_to_end(tmp_path, capsys, monkeypatch):
         assert rec.meta["task"] == "gres" and rec.meta["dataset"] == "grefcoco_unc" and rec.meta["data"]["synthetic"]
     out = capsys.readouterr().out
     assert "gRefCOCO protocol original" in out and "val N-acc %" in out and "testB gIoU %" in out
-    assert "eavl (nt_logit > 0)" in out and "blind (empty mask)" in out
-    assert not (tmp_path / "leaderboard.md").exists()  # no gRefCOCO leaderboard columns yet
+    assert "eavl (empty mask)" in out and "blind (empty mask)" in out  # the plans' rule (plans.GRES_NT_HEAD)
+    assert not (tmp_path / "leaderboard.md").exists()  # the gRefCOCO demo writes no leaderboard
 
 
 def test_unknown_task_is_refused(tmp_path):
@@ -34,7 +34,10 @@ def test_unknown_task_is_refused(tmp_path):
 
 
 def test_plan_overrides_reach_the_run_and_set_wins(tmp_path):
-    plan = plans.PLANS["gres"]
+    import dataclasses
+
+    assert plans.PLANS["gres"].model_overrides == plans.GRES_NT_HEAD == {}  # the empty-mask rule (measured)
+    plan = dataclasses.replace(plans.PLANS["gres"], model_overrides={"eavl": {"nt_head": True}})
     assert plans.train_config("eavl", 2, plan, tmp_path, tmp_path).model_overrides == {"nt_head": True}
     assert plans.train_config("eavl", 2, plan, tmp_path, tmp_path, overrides={"nt_head": False}).model_overrides == {"nt_head": False}
     assert plans.train_config("blind", 2, plan, tmp_path, tmp_path).model_overrides == {}
