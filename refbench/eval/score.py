@@ -219,16 +219,22 @@ def count_iu(pred: list[dict], gt: list[dict]) -> tuple[np.ndarray, np.ndarray]:
 
     I = area(pred AND gt) from pycocotools' RLE intersection, U = area(pred) + area(gt) - I.
     """
+    inter, union, _ = count_iu_areas(pred, gt)
+    return inter, union
+
+
+def count_iu_areas(pred: list[dict], gt: list[dict]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`count_iu` and area(pred) (int64 [N]) from the same pass (the gRefCOCO scorer's empty-mask rule)."""
     from pycocotools import mask as mask_utils
 
     if len(pred) != len(gt):
         raise RefbenchError(f"{len(pred)} predicted masks for {len(gt)} GT masks")
     if not pred:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64)
     inter = [mask_utils.merge([p, g], intersect=True) for p, g in zip(pred, gt)]
     i = _areas(inter)  # [N]
-    u = _areas(pred) + _areas(gt) - i  # [N]
-    return i, u
+    area = _areas(pred)  # [N]
+    return i, area + _areas(gt) - i, area
 
 
 _AREA_CHUNK = 255  # pycocotools 2.0.11's mask.area overflows on lists of more than 255 RLEs (numpy 2)

@@ -117,3 +117,27 @@ def test_agrees_with_an_independent_implementation(seed):
     for k in gm.CI_KEYS:
         lo, hi = ci[k]
         assert 0 <= lo <= gm.summarize(*arrays)[k] <= hi <= 1 or lo <= hi
+
+
+@pytest.mark.parametrize("protocol", ["original", "rela"])
+def test_bootstrap_equals_summarize_on_every_resample(protocol):
+    """The bootstrap's packed case counts and gathers give, per resample, exactly what `summarize`
+    computes on that resample's sentences (same seeded draws), so the interval is theirs."""
+    rng = np.random.default_rng(7)
+    n = 300
+    union = rng.integers(0, 400, n)
+    inter = (union * rng.random(n)).astype(np.int64)
+    gt_nt = rng.random(n) < 0.15
+    inter[gt_nt] = 0
+    pred_nt = gt_nt ^ (rng.random(n) < 0.1)
+    samples, level = 40, 0.9
+    stats = {k: [] for k in gm.CI_KEYS}
+    for idx in np.random.default_rng(3).integers(0, n, size=(samples, n)):  # metrics._resamples' draws (one chunk)
+        s = gm.summarize(inter[idx], union[idx], gt_nt[idx], pred_nt[idx], protocol)
+        for k in gm.CI_KEYS:
+            if s[k] is not None:
+                stats[k].append(s[k])
+    ci = gm.bootstrap_ci(inter, union, gt_nt, pred_nt, protocol, samples=samples, seed=3, level=level)
+    for k in gm.CI_KEYS:
+        lo, hi = np.quantile(stats[k], [(1 - level) / 2, (1 + level) / 2])
+        assert ci[k] == pytest.approx([lo, hi], rel=1e-12, abs=1e-15), k
