@@ -52,7 +52,7 @@ from refbench.data.datasets import is_gres
 from refbench.data.prepare import cap_workers
 from refbench.distributed import all_gather_object, exact_float32, setup_distributed
 from refbench.errors import RefbenchError
-from refbench.eval import diversity, gres_eval, metrics
+from refbench.eval import diversity, gres_eval, gres_metrics, metrics
 from refbench.eval import results as results_mod
 from refbench.eval import sensitivity as sensitivity_mod
 from refbench.eval.metrics import checkpoint_protocol
@@ -226,15 +226,45 @@ def score_split(net, dataset_dir: Path, manifest: dict, split: str, d, *, batch_
 
 def validate(net, dataset_dir: Path, manifest: dict, d, *, batch_size: int, workers: int,
              max_batches: int | None = None, protocol: str = "original", loader: data.Loader | None = None) -> dict:
-    """Training-time validation: mIoU, oIoU, Pr@X on the val split (the recipe's protocol,
-    default original; float32), and the query diversity figures on val for models with queries
-    (`query_diversity`). `loader`: as `score_split`'s."""
-    scores = score_split(net, dataset_dir, manifest, "val", d, batch_size=batch_size, workers=workers,
-                         max_batches=max_batches, protocol=protocol, loader=loader)
-    summary = metrics.summarize(scores.columns["I"], scores.columns["U"], strict=metrics.get_protocol(protocol).pr_strict)
+    """Training-time validation on the val split (float32), and the query diversity figures on val
+    for models with queries (`query_diversity`). `loader`: as `score_split`'s.
+
+    RefCOCO-style datasets: mIoU, oIoU, Pr@X under the recipe's protocol (default original).
+    gRefCOCO (`grefcoco_*`): gIoU, cIoU, N-acc, T-acc, Pr@0.7..0.9 under the gRefCOCO protocol
+    original (refbench.eval.gres_metrics), whatever the recipe's protocol: I and U at the image's
+    size, the no-target decision as `refbench eval` takes it (refbench.eval.gres_eval)."""
+    gres = is_gres(manifest["name"])
+    scores = score_split(net, dataset_dir, manifest, "val", d, batch_size=batch_size, workers=workers, max_batches=max_batches,
+                         protocol=validation_protocol(manifest["name"], protocol), loader=loader, gres=gres)
+    c = scores.columns
+    if gres:
+        summary = gres_metrics.summarize(c["I"], c["U"], np.asarray(c["n_targets"]) == 0,
+                                         np.asarray(c["pred_no_target"], dtype=bool), gres_eval.PROTOCOL)
+    else:
+        summary = metrics.summarize(c["I"], c["U"], strict=metrics.get_protocol(protocol).pr_strict)
     if scores.diversity is not None:
         summary["query_diversity"] = scores.diversity
     return summary
+
+
+def validation_protocol(dataset: str, protocol: str) -> str:
+    """The protocol `validate` counts I and U under: the recipe's, or gRefCOCO's original."""
+    return gres_eval.PROTOCOL if is_gres(dataset) else protocol
+
+
+def selection_metric(dataset: str, protocol: str) -> tuple[str, str]:
+    """(key of `validate`'s summary, its name) that picks best.pt: val mIoU, or gIoU on gRefCOCO."""
+    if is_gres(dataset):
+        return "gIoU", f"val gIoU (gRefCOCO {gres_eval.PROTOCOL} protocol)"
+    return "mIoU", f"val mIoU ({protocol} protocol)"
+
+
+def validation_line(summary: dict) -> str:
+    """The progress note of one validation: mIoU and oIoU, or gIoU, cIoU, N-acc and T-acc on gRefCOCO."""
+    if "gIoU" in summary:
+        acc = ", ".join(f"{k} {'n/a' if summary[k] is None else f'{summary[k]:.4f}'}" for k in ("cIoU", "N-acc", "T-acc"))
+        return f"val gIoU {summary['gIoU']:.4f}, {acc}"
+    return f"val mIoU {summary['mIoU']:.4f}, oIoU {summary['oIoU']:.4f}"
 
 
 # ------------------------------------------------------------------------------ `refbench eval`

@@ -22,7 +22,8 @@ def read_log(path: str | Path) -> tuple[list[dict], list[dict]]:
 
 
 def plot_curves(log_path: str | Path, out: str | Path, title: str = "") -> Path:
-    """Write a two-panel PNG: train loss per step, and val mIoU / oIoU per step (atomic)."""
+    """Write a two-panel PNG: train loss per step, and val mIoU / oIoU per step (gIoU / cIoU for a
+    gRefCOCO run, whose validations carry those) (atomic)."""
     import io
 
     import matplotlib
@@ -39,10 +40,11 @@ def plot_curves(log_path: str | Path, out: str | Path, title: str = "") -> Path:
     ax_loss.set(xlabel="step", ylabel="train loss", title="training loss")
     if val:
         steps = [r["step"] for r in val]
-        ax_val.plot(steps, [r["val"]["mIoU"] for r in val], "o-", label="val mIoU")
-        ax_val.plot(steps, [r["val"]["oIoU"] for r in val], "s--", label="val oIoU")
+        keys = ("gIoU", "cIoU") if "gIoU" in val[-1]["val"] else ("mIoU", "oIoU")
+        for key, style in zip(keys, ("o-", "s--")):
+            ax_val.plot(steps, [r["val"].get(key) for r in val], style, label=f"val {key}")
         ax_val.legend()
-    ax_val.set(xlabel="step", ylabel="IoU (original protocol)", title="validation", ylim=(0, 1))
+    ax_val.set(xlabel="step", ylabel="IoU", title="validation", ylim=(0, 1))
     fig.suptitle(title)
     fig.tight_layout()
     buf = io.BytesIO()

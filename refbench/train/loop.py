@@ -15,7 +15,8 @@ Read top to bottom, a run is:
         step                       lr = get_lr(step) (pure), autocast, grad accumulation, clip
         every ckpt_every steps     last.pt (atomic)
         validate                   refbench.eval.evaluate.score_split on val, every sentence, the same
-                                   metric code as `refbench eval` (float32); best.pt chosen on val mIoU only;
+                                   metric code as `refbench eval` (float32); best.pt chosen on val mIoU only
+                                   (gIoU on gRefCOCO);
                                    one val loader for the run, its workers live across validations
         log                        rich progress, log.jsonl (loss terms and, for models with
                                    queries, refbench.eval.diversity's figures), curves.png
@@ -102,7 +103,8 @@ def train(cfg: TrainConfig) -> Path:
     scaler = torch.amp.GradScaler(d.device.type, enabled=amp_dtype == torch.float16)
 
     step, epoch, step_in_epoch = 0, 0, 0
-    best = {"metric": f"val mIoU ({rec.protocol} protocol)", "value": None, "step": None}
+    select, select_name = evaluate.selection_metric(cfg.dataset, rec.protocol)  # val mIoU, or gIoU on gRefCOCO
+    best = {"metric": select_name, "value": None, "step": None}
     notes: list[str] = []  # said once at the start, and logged
     if ckpt is not None:
         if ckpt["step"] >= total_steps:
@@ -117,7 +119,10 @@ def train(cfg: TrainConfig) -> Path:
         if note:
             notes.append(note)
             _seed_rank(cfg.seed, d, step)
-        best = ckpt["best"]
+        if ckpt["best"].get("metric") == select_name:
+            best = ckpt["best"]
+        else:  # written before gRefCOCO runs picked best.pt on gIoU: the next validation starts the choice afresh
+            notes.append(f"best.pt was chosen on {ckpt['best'].get('metric')}; from here on it is chosen on {select_name}")
         del ckpt
 
     ddp = net
@@ -193,17 +198,18 @@ def train(cfg: TrainConfig) -> Path:
                 if validate_now:
                     health.check(step)
                     if val_loader is None:
-                        val_loader = evaluate.split_loader(net, dataset_dir, manifest, "val", d, batch_size=micro * 2,
-                                                           workers=rec.workers, protocol=rec.protocol, persistent=True)
+                        val_loader = evaluate.split_loader(net, dataset_dir, manifest, "val", d, batch_size=micro * 2, workers=rec.workers,
+                                                           protocol=evaluate.validation_protocol(cfg.dataset, rec.protocol),
+                                                           persistent=True)
                     metrics = evaluate.validate(net, dataset_dir, manifest, d, batch_size=micro * 2,
                                                 workers=rec.workers, max_batches=rec.val_max_batches,
                                                 protocol=rec.protocol, loader=val_loader)
                     log.write({"step": step, "epoch": epoch, "val": metrics, "val_precision": evaluate.EVAL_PRECISION})
                     window.reset()  # throughput counts training only
-                    progress.note(f"step {step}: val mIoU {metrics['mIoU']:.4f}, oIoU {metrics['oIoU']:.4f} "
-                                  f"({cfg.dataset} val, {rec.protocol} protocol, n={metrics['n']})")
-                    if best["value"] is None or metrics["mIoU"] > best["value"]:
-                        best = {**best, "value": metrics["mIoU"], "step": step}
+                    progress.note(f"step {step}: {evaluate.validation_line(metrics)} ({cfg.dataset} val, "
+                                  f"{evaluate.validation_protocol(cfg.dataset, rec.protocol)} protocol, n={metrics['n']})")
+                    if best["value"] is None or metrics[select] > best["value"]:
+                        best = {**best, "value": metrics[select], "step": step}
                         if d.main:
                             checkpoint.save(best_path, _payload(net, None, None, cfg, manifest, step, epoch,
                                                                 step_in_epoch, best, metrics, None))

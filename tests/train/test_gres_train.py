@@ -77,3 +77,21 @@ def test_two_steps_on_grefcoco(shards_root, tmp_path, name, nt_head):
     steps = [r for r in read_log(run) if "loss" in r]
     assert steps and all(torch.isfinite(torch.tensor(r["loss"])) for r in steps)
     assert ("no_target" in steps[-1]) == nt_head
+
+
+def test_best_checkpoint_is_chosen_on_val_giou(shards_root, tmp_path):
+    """A gRefCOCO run validates with gRefCOCO's metrics (gIoU, cIoU, N-acc, T-acc under its protocol
+    original) and keeps as best.pt the validation with the highest gIoU, not mIoU."""
+    from refbench import checkpoint
+
+    cfg = train_config(shards_root, tmp_path / "run", model="eavl", steps=3, val_every=1, val_max_batches=2)
+    run = train(dataclasses.replace(cfg, dataset=GRES))
+    vals = [r for r in read_log(run) if "val" in r]
+    assert [r["step"] for r in vals] == [1, 2, 3]
+    for r in vals:
+        assert {"gIoU", "cIoU", "N-acc", "T-acc", "TP", "FN", "FP", "TN"} <= r["val"].keys()
+        assert "mIoU" not in r["val"]
+    top = max(vals, key=lambda r: r["val"]["gIoU"])  # the first of equal ones, as the loop keeps it (strict >)
+    best = checkpoint.load(run / "best.pt")["best"]
+    assert best == {"metric": "val gIoU (gRefCOCO original protocol)", "value": top["val"]["gIoU"], "step": top["step"]}
+    assert (run / "curves.png").stat().st_size > 0
