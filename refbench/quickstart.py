@@ -35,8 +35,9 @@ synthetic gRefCOCO (`grefcoco_unc`: sentences with several or no targets): tiny 
 blind, every one deciding "no target" by the empty-mask rule (`plans.GRES_NT_HEAD`: it beat the
 no-target head over seeds 0-3; blind's N-acc is the reference of a model that reads no
 sentence), the same steps for all, each scored on val, testA, testB under the
-gRefCOCO protocol original (gIoU, cIoU, N-acc, T-acc; refbench.eval.gres_eval). The overlays are
-left out.
+gRefCOCO protocol original (gIoU, cIoU, N-acc, T-acc; refbench.eval.gres_eval), and the
+leaderboard of grefcoco_unc written with its gRefCOCO columns beside ReLA's reported row. The
+overlays are left out.
 """
 
 from __future__ import annotations
@@ -106,15 +107,16 @@ def main(workdir: Path, fast: bool = False, plan: QuickstartPlan | None = None, 
             done = scored[model] if model in scored else _score(ckpt, model, plan, shards, results, plan.workers)
             evaluated += done
             evaluate.print_scores(done)
-    if gres:  # no gRefCOCO leaderboard columns yet, no overlays
-        summary = _gres_summary(plan, workdir, checkpoints, evaluated, timings, time.perf_counter() - t_start)
-        _print_gres_summary(console, summary)
-        return summary
-    with stage("5/6 leaderboard: measured records beside the papers' reported rows"):
+    with stage(f"5/6 leaderboard: measured records beside the papers' reported rows"
+               f"{' (gRefCOCO columns: gIoU, cIoU, N-acc, T-acc, Pr@0.7-0.9)' if gres else ''}"):
         exports = {}
         for fmt in ("md", "html"):
             exports[fmt] = workdir / f"leaderboard.{fmt}"
             leaderboard.main(dataset=plan.dataset, fmt=fmt, out=exports[fmt], results=results, reported=None)
+    if gres:  # no overlays: a no-target sentence has nothing to draw
+        summary = _gres_summary(plan, workdir, checkpoints, evaluated, exports, timings, time.perf_counter() - t_start)
+        _print_gres_summary(console, summary)
+        return summary
     with stage("6/6 pictures: EAVL overlays"):
         pics = _collect_pictures(evaluated, pictures)
 
@@ -242,7 +244,7 @@ def _print_summary(console, s: dict) -> None:
 GRES_KEYS = ("gIoU", "cIoU", "N-acc", "T-acc")  # the gRefCOCO summary's metrics (refbench.eval.gres_metrics)
 
 
-def _gres_summary(plan, workdir, checkpoints, evaluated, timings, seconds) -> dict:
+def _gres_summary(plan, workdir, checkpoints, evaluated, exports, timings, seconds) -> dict:
     scores: dict = {}
     for e in evaluated:
         m = results.load_record(e.path).metrics
@@ -253,6 +255,7 @@ def _gres_summary(plan, workdir, checkpoints, evaluated, timings, seconds) -> di
         "workdir": str(workdir), "plan": dataclasses.asdict(plan), "seconds": round(seconds, 1), "timings": timings,
         "checkpoints": {k: str(v) for k, v in checkpoints.items()}, "records": [str(e.path) for e in evaluated],
         "scores": scores, "dataset": plan.dataset, "protocol": "original", "task": "gres",
+        "leaderboard": {k: str(v) for k, v in exports.items()},
     }
 
 
@@ -275,5 +278,6 @@ def _print_gres_summary(console, s: dict) -> None:
     for model, ckpt in s["checkpoints"].items():
         console.print(f"checkpoint:  {model}: {ckpt}")
     console.print(f"records:     {s['workdir']}/results ({len(s['records'])} gRefCOCO result records + per-sentence parquet)")
+    console.print(f"leaderboard: {s['leaderboard'].get('md')}  {s['leaderboard'].get('html')}")
     atomic_write_json(Path(s["workdir"]) / "summary.json", s)
     console.print(f"summary:     {s['workdir']}/summary.json")

@@ -25,7 +25,19 @@ def test_gres_fast_plan_runs_end_to_end(tmp_path, capsys, monkeypatch):
     out = capsys.readouterr().out
     assert "gRefCOCO protocol original" in out and "val N-acc %" in out and "testB gIoU %" in out
     assert "eavl (empty mask)" in out and "blind (empty mask)" in out  # the plans' rule (plans.GRES_NT_HEAD)
-    assert not (tmp_path / "leaderboard.md").exists()  # the gRefCOCO demo writes no leaderboard
+    # the leaderboard: gRefCOCO's columns, every model measured on the synthetic set, ReLA's reported row
+    assert summary["leaderboard"]["md"] == str(tmp_path / "leaderboard.md") and (tmp_path / "leaderboard.html").is_file()
+    rows = [line for line in (tmp_path / "leaderboard.md").read_text().splitlines() if line.startswith("| ")]
+    header = [c.strip() for c in rows[0].strip("|").split("|")]
+    assert {"testB gIoU (%, original)", "val N-acc (%, original)", "val Pr@0.9 (%, original)", "val gIoU (%, rela)"} <= set(header)
+    assert not any("mIoU" in c for c in header)
+    cells = [dict(zip(header, (c.strip() for c in r.strip("|").split("|")))) for r in rows[1:]]  # (the |---| line starts "|-")
+    measured = {c["method"]: c for c in cells if c["source"] == "measured (synthetic)"}
+    assert set(measured) == set(plan.models)
+    for model, per in summary["scores"].items():
+        assert measured[model]["testB gIoU (%, original)"] == f"{100 * per['testB']['gIoU']:.2f}"
+    assert [c["method"] for c in cells if c["source"] == "reported"] == ["ReLA"]
+    assert f"leaderboard: {tmp_path / 'leaderboard.md'}" in out
 
 
 def test_unknown_task_is_refused(tmp_path):
