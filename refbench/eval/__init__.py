@@ -2,6 +2,7 @@
 
     metrics         the metric protocols (PROTOCOLS), I/U, mIoU/oIoU/Pr@X, bootstrap intervals, breakdowns
     evaluate        `refbench eval`: score a checkpoint on a split, every sentence (evaluate_checkpoint)
+    truth           the ground truth of a split from the shards (sentences, ids, GT RLEs) for the scorers
     score           `refbench score` / `refbench sentences`: submitted masks against the ground truth
     predictions     `refbench predictions`: a checkpoint's masks in the submission format
     results         result records (schema v2) and their per-sentence parquet sidecars
@@ -34,7 +35,7 @@ _EXPORTS = {  # public name -> the module of this package that defines it
     "Evaluated": "evaluate",
     "score_submission": "score",
     "read_submission": "score",
-    "ground_truth": "score",
+    "ground_truth": "truth",
     "Record": "results",
     "write_record": "results",
     "load_record": "results",

@@ -16,8 +16,9 @@ The record is a refbench result record (schema v2, docs/results.md) with `"task"
 metrics are gRefCOCO's (`gIoU`, `cIoU`, `N-acc`, `T-acc`, `Pr@0.7..0.9`, the case counts, ci95),
 its breakdowns by GT target count (`n_targets`: "0", "1", "2", "3+"), and its sidecar keeps per
 sentence I, U (raw, before the rules), the GT target count and the no-target decision
-(`GRES_COLUMNS`); refbench.eval.gres_records recomputes all of it from the sidecar on load. The leaderboard leaves
-such records out for now, so RefCOCO and gRefCOCO numbers never share a column.
+(`GRES_COLUMNS`); refbench.eval.gres_records recomputes all of it from the sidecar on load. The
+leaderboard shows such records in gRefCOCO columns of their own (refbench.report.gres_board), so
+RefCOCO and gRefCOCO numbers never share a column.
 
 `refbench sentences` lists every sentence, no-target ones included, with the fields
 `SENTENCE_FIELDS` only (no ann_id, category_id or ref_id, which would tell a no-target sentence),
@@ -34,38 +35,27 @@ import sys
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import polars as pl
 
 from refbench import fsutil, remote
 from refbench.errors import RefbenchError
-from refbench.eval import gres_metrics
+from refbench.eval import gres_metrics, score
+from refbench.eval.truth import SentenceColumns, check_sentence_count, split_refs
 from refbench.eval.gres_records import GRES_COLUMNS, TASK, record_body
 
 SENTENCE_FIELDS = ("sent_id", "image_id", "file_name", "height", "width", "sentence")
 
 
 @dataclass
-class GresTruth:
-    """Every sentence of one gRefCOCO split, in the shards' order."""
+class GresTruth(SentenceColumns):
+    """Every sentence of one gRefCOCO split, in the shards' order; `rle` is the merged GT at the
+    image's size (empty for a no-target ref)."""
 
-    sent_id: list[int] = field(default_factory=list)
-    ref_id: list[int] = field(default_factory=list)
-    image_id: list[int] = field(default_factory=list)
-    file_name: list[Any] = field(default_factory=list)
-    height: list[int] = field(default_factory=list)
-    width: list[int] = field(default_factory=list)
     n_targets: list[int] = field(default_factory=list)
     no_target: list[bool] = field(default_factory=list)
-    sentence: list[str] = field(default_factory=list)
-    sent: list[str] = field(default_factory=list)
-    rle: list[dict] = field(default_factory=list)  # the merged GT at the image's size, pycocotools RLE (counts bytes)
     ref: list[dict] = field(default_factory=list)  # the shard ref (targets with polygons), shared by its sentences
-
-    def __len__(self) -> int:
-        return len(self.sent_id)
 
 
 def ground_truth(dataset_dir, manifest: dict | None = None, *, split: str) -> GresTruth:
@@ -76,32 +66,14 @@ def ground_truth(dataset_dir, manifest: dict | None = None, *, split: str) -> Gr
     dataset_dir = dataset_dir if remote.is_url(dataset_dir) else Path(dataset_dir)
     manifest = data.load_manifest(dataset_dir) if manifest is None else manifest
     t = GresTruth()
-    for meta in data.split_images(dataset_dir, manifest, split=split):
-        h, w = meta["height"], meta["width"]
-        for ref in meta["refs"]:
-            m = ref["mask"]
-            if "targets" not in ref or list(m.get("size", ())) != [h, w] or not isinstance(m.get("counts"), str):
-                raise RefbenchError(f"{dataset_dir}: image {meta['image_id']} ref {ref['ref_id']} is not a gRefCOCO ref "
-                                    f"with a [{h}, {w}] mask", hint="re-run `refbench prepare` for this dataset")
-            gt = {"size": [h, w], "counts": m["counts"].encode()}
-            k = grefer.n_targets(ref)
-            for s in ref["sentences"]:
-                t.sent_id.append(int(s["sent_id"]))
-                t.ref_id.append(int(ref["ref_id"]))
-                t.image_id.append(int(meta["image_id"]))
-                t.file_name.append(meta.get("file_name"))
-                t.height.append(h)
-                t.width.append(w)
-                t.n_targets.append(k)
-                t.no_target.append(bool(ref["no_target"]))
-                t.sentence.append(s.get("raw") or s["sent"])
-                t.sent.append(s["sent"])
-                t.rle.append(gt)
-                t.ref.append(ref)
-    expected = manifest["splits"][split]["sentences"]
-    if len(t) != expected:
-        raise RefbenchError(f"{dataset_dir}/{split}: the shards hold {len(t)} sentences, the manifest lists {expected}",
-                            hint="re-run `refbench prepare` for this dataset")
+    for meta, ref, gt in split_refs(dataset_dir, manifest, split, lambda r: None if "targets" in r else "is not a gRefCOCO ref"):
+        k, nt = grefer.n_targets(ref), bool(ref["no_target"])
+        for s in ref["sentences"]:
+            t.add(meta, ref, s, gt)
+            t.n_targets.append(k)
+            t.no_target.append(nt)
+            t.ref.append(ref)
+    check_sentence_count(dataset_dir, manifest, split, len(t))
     return t
 
 
@@ -115,13 +87,11 @@ def sentence_lines(truth: GresTruth):
 
 def main_sentences(dataset: str, split: str, shards, out: Path | None) -> int:
     """`refbench sentences` for a gRefCOCO dataset."""
-    from refbench.eval.score import write_jsonl
-
     truth = ground_truth(remote.join(shards, dataset), split=split)
     if out is None:
         sys.stdout.writelines(sentence_lines(truth))
     else:
-        write_jsonl(out, sentence_lines(truth))
+        score.write_jsonl(out, sentence_lines(truth))
         print(f"{len(truth)} sentences of {dataset}/{split} (gRefCOCO: no-target ones included, not marked) written to {out}",
               file=sys.stderr)
     return len(truth)
@@ -174,8 +144,6 @@ def _gt_for(truth: GresTruth, protocol: str) -> list[dict]:
 
 def count(sub, truth: GresTruth, protocol: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(I, U, predicted no-target) per sentence of `truth`, the submission validated first."""
-    from refbench.eval import score
-
     gres_metrics.get_protocol(protocol)
     sized = truth
     if protocol == "rela":
@@ -243,8 +211,6 @@ def score_submission(predictions, *, dataset: str, split: str, method: str, vari
     """Validate a gRefCOCO submission, count I/U and decisions, publish the record; a refbench.eval.score.Scored."""
     from refbench.data import shards as data
     from refbench.eval import results as results_mod
-    from refbench.eval import score
-
     gres_metrics.get_protocol(protocol)
     if not method or not method.strip():
         raise RefbenchError("--method must name the method (e.g. ReLA)")

@@ -42,7 +42,7 @@ import hashlib
 import io
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -51,6 +51,7 @@ import numpy as np
 from refbench import fsutil, remote
 from refbench.errors import RefbenchError
 from refbench.eval import metrics
+from refbench.eval.truth import Truth, ground_truth
 
 # The fields of one line of `refbench sentences`, in order.
 SENTENCE_FIELDS = ("sent_id", "ref_id", "ann_id", "image_id", "file_name", "height", "width", "category_id", "sentence")
@@ -62,72 +63,6 @@ FORMAT_HINT = (
     '(pycocotools mask.encode, counts as a str) or {"sent_id": 123, "png": "path.png"}; '
     "or a folder of <sent_id>.png"
 )
-
-
-# --------------------------------------------------------------------------- ground truth
-
-
-@dataclass
-class Truth:
-    """Every sentence of one split, in the stable order of the shards (columns of equal length)."""
-
-    sent_id: list[int] = field(default_factory=list)
-    ref_id: list[int] = field(default_factory=list)
-    ann_id: list[Any] = field(default_factory=list)
-    image_id: list[int] = field(default_factory=list)
-    file_name: list[Any] = field(default_factory=list)
-    height: list[int] = field(default_factory=list)
-    width: list[int] = field(default_factory=list)
-    category_id: list[int] = field(default_factory=list)
-    sentence: list[str] = field(default_factory=list)  # the raw text (the refs pickle's `raw`)
-    sent: list[str] = field(default_factory=list)  # the cleaned text refbench tokenizes (the records' `sent`)
-    rle: list[dict] = field(default_factory=list)  # GT mask as pycocotools RLE {"size", "counts": bytes}
-
-    def __len__(self) -> int:
-        return len(self.sent_id)
-
-
-def ground_truth(dataset_dir: str | Path, manifest: dict | None = None, *, split: str) -> Truth:
-    """The sentences of `split` with their GT masks, read from the shards (no JPEG decoded).
-
-    Shards are checked against the manifest (sha256, sample count) as they are read; the
-    sentence count must equal the manifest's.
-    """
-    from refbench.data import shards as data
-
-    dataset_dir = dataset_dir if remote.is_url(dataset_dir) else Path(dataset_dir)  # a folder or a URL
-    manifest = data.load_manifest(dataset_dir) if manifest is None else manifest
-    truth = Truth()
-    for meta in data.split_images(dataset_dir, manifest, split=split):
-        h, w = meta["height"], meta["width"]
-        for ref in meta["refs"]:
-            m = ref["mask"]
-            if list(m.get("size", ())) != [h, w] or not isinstance(m.get("counts"), str):
-                raise RefbenchError(
-                    f"{dataset_dir}: image {meta['image_id']} ref {ref['ref_id']} has a GT mask of size "
-                    f"{m.get('size')}, the image is [{h}, {w}]",
-                    hint="re-run `refbench prepare` for this dataset",
-                )
-            gt = {"size": [h, w], "counts": m["counts"].encode()}
-            for s in ref["sentences"]:
-                truth.sent_id.append(int(s["sent_id"]))
-                truth.ref_id.append(int(ref["ref_id"]))
-                truth.ann_id.append(ref.get("ann_id"))
-                truth.image_id.append(int(meta["image_id"]))
-                truth.file_name.append(meta.get("file_name"))
-                truth.height.append(h)
-                truth.width.append(w)
-                truth.category_id.append(int(ref["category_id"]))
-                truth.sentence.append(s.get("raw") or s["sent"])
-                truth.sent.append(s["sent"])
-                truth.rle.append(gt)
-    expected = manifest["splits"][split]["sentences"]
-    if len(truth) != expected:
-        raise RefbenchError(
-            f"{dataset_dir}/{split}: the shards hold {len(truth)} sentences, the manifest lists {expected}",
-            hint="re-run `refbench prepare` for this dataset",
-        )
-    return truth
 
 
 def sentence_lines(truth: Truth) -> Iterator[str]:
