@@ -170,10 +170,10 @@ def target_bucket(n_targets: int) -> str:
 def breakdown(inter, union, gt_nt, pred_nt, n_targets, protocol: str = DEFAULT_PROTOCOL) -> dict[str, dict]:
     """gIoU, cIoU and the accuracies per GT target count bucket ("0", "1", "2", "3+"; empty ones left out)."""
     i, u, g, p = check_inputs(inter, union, gt_nt, pred_nt)
-    labels = np.asarray([target_bucket(k) for k in n_targets], dtype=object)
+    bucket = np.minimum(np.asarray(n_targets, dtype=np.int64), len(TARGET_BUCKETS) - 1)  # index into TARGET_BUCKETS
     out = {}
-    for label in TARGET_BUCKETS:
-        sel = labels == label
+    for k, label in enumerate(TARGET_BUCKETS):
+        sel = bucket == k
         if sel.any():
             s = summarize(i[sel], u[sel], g[sel], p[sel], protocol)
             out[label] = {k: s[k] for k in ("n", "gIoU", "cIoU", "N-acc", "T-acc", *CASES)}

@@ -141,6 +141,60 @@ def check_rle(counts: bytes | str, height: int, width: int) -> None:
         raise ValueError(f"its runs cover {total} pixels, not {height}x{width} = {height * width}")
 
 
+def rles_ok(counts: list[bytes], areas: list[int]) -> np.ndarray:
+    """bool [N]: which COCO compressed RLE strings parse to non-negative runs covering exactly
+    `areas[i]` (= H x W) pixels: `check_rle` for many strings in one vectorised pass.
+
+    The strings are parsed as one buffer; each one's last character is taken to end its last number
+    (a string that ends inside a number is marked bad), so a bad string never shifts its neighbours.
+    """
+    n = len(counts)
+    if n == 0:
+        return np.zeros(0, bool)
+    sizes = np.fromiter(map(len, counts), dtype=np.int64, count=n)
+    ok = sizes > 0
+    buf = np.frombuffer(b"".join(counts), dtype=np.uint8).astype(np.int64) - 48  # [chars]
+    if buf.size == 0:
+        return ok
+    first = np.zeros(n, np.int64)
+    first[1:] = np.cumsum(sizes)[:-1]  # [N] offset of each string
+    owner = np.repeat(np.arange(n), sizes)  # [chars] string of each character
+    bad_char = (buf < 0) | (buf > 63)
+    ok &= np.bincount(owner, weights=bad_char, minlength=n) == 0
+    x = np.where(bad_char, 0, buf)
+    more = (x & 0x20) != 0
+    last = (first + sizes - 1)[sizes > 0]
+    ok[sizes > 0] &= ~more[last]  # truncated inside a number
+    more[last] = False
+    ends = np.flatnonzero(~more)  # last character of each number
+    starts = np.empty_like(ends)
+    starts[0] = 0
+    starts[1:] = ends[:-1] + 1
+    length = ends - starts + 1
+    num_owner = owner[starts]  # [numbers] string of each number
+    ok &= np.bincount(num_owner, weights=length > 12, minlength=n) == 0
+    length = np.minimum(length, 12)
+    pos = np.arange(x.size) - np.repeat(starts, ends - starts + 1)
+    vals = np.add.reduceat((x & 0x1F) << np.minimum(5 * pos, 60), starts)
+    negative = (x[ends] & 0x10) != 0
+    vals = np.where(negative, vals - (np.int64(1) << (5 * length)), vals)
+    first_num = np.searchsorted(num_owner, np.arange(n))  # [N] index of each string's first number
+    j = np.arange(vals.size) - first_num[num_owner]  # index of each number within its string
+    for parity, low in ((1, 1), (0, 2)):  # runs 3, 5, ... add run j-2 (from run 1); runs 4, 6, ... (from run 2)
+        idx = np.flatnonzero((j % 2 == parity) & (j >= low))
+        if idx.size:
+            c = np.cumsum(vals[idx])
+            seg = np.flatnonzero(np.r_[True, num_owner[idx][1:] != num_owner[idx][:-1]])  # each string's first
+            base = np.repeat(np.r_[0, c[seg[1:] - 1]], np.diff(np.r_[seg, idx.size]))
+            vals[idx] = c - base
+    has = np.bincount(num_owner, minlength=n) > 0
+    ok &= has
+    ok &= np.bincount(num_owner, weights=vals < 0, minlength=n) == 0
+    totals = np.bincount(num_owner, weights=vals.astype(np.float64), minlength=n)  # exact below 2**53
+    ok &= totals == np.asarray(areas, dtype=np.float64)
+    return ok
+
+
 def encode_mask(mask: np.ndarray) -> dict:
     """A binary mask [H, W] (nonzero = foreground) as a submission RLE {"size", "counts": str}."""
     from pycocotools import mask as mask_utils
@@ -375,8 +429,16 @@ def match(sub: Submission, truth: Truth) -> list[dict]:
     for sid in missing:
         problems.add("have no mask in the submission", f"sent_id {sid}", out_of=len(truth))
 
+    encoded: dict[int, bytes] = {}  # slot -> counts of every RLE entry of the right size, checked at once
+    for i, (e, h, w) in enumerate(zip(slot, truth.height, truth.width)):
+        if e is not None and "rle" in e and list(e["rle"]["size"]) == [h, w]:
+            try:
+                encoded[i] = e["rle"]["counts"].encode("ascii")
+            except UnicodeEncodeError:
+                pass
+    decodes = dict(zip(encoded, rles_ok(list(encoded.values()), [truth.height[i] * truth.width[i] for i in encoded])))
     rles: list[dict] = []
-    for e, h, w in zip(slot, truth.height, truth.width):
+    for i, (e, h, w) in enumerate(zip(slot, truth.height, truth.width)):
         if e is None:
             continue
         if "rle" in e:
@@ -384,13 +446,10 @@ def match(sub: Submission, truth: Truth) -> list[dict]:
             if list(rle["size"]) != [h, w]:
                 problems.add("have a mask whose size is not its image's [H, W]", f"{e['where']}: {rle['size']} vs [{h}, {w}]")
                 continue
-            counts = rle["counts"].encode()
-            try:
-                check_rle(counts, h, w)
-            except (ValueError, UnicodeEncodeError):
+            if not decodes.get(i, False):
                 problems.add("have an RLE that does not decode to an H x W mask", e["where"])
                 continue
-            rles.append({"size": [h, w], "counts": counts})
+            rles.append({"size": [h, w], "counts": encoded[i]})
         else:
             rle, wrong = _png_rle(e["png"], h, w)
             if wrong is None:

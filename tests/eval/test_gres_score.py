@@ -137,6 +137,28 @@ def test_tampered_record_is_refused(shards_root, gt, tmp_path):
         results.load_record(out.record)
 
 
+@pytest.mark.parametrize("ci,match", [([0.2, 1.5], "not an interval"), ([0.9, 0.1], "not an interval"), ("wide", "not an interval"),
+                                      (None, None)])
+def test_intervals_are_checked_for_shape_on_load(shards_root, gt, tmp_path, ci, match):
+    """As RefCOCO records' are: a stored interval outside [0, 1] or upside down is refused; the
+    bootstrap is not redrawn on load (a null interval of a defined value is allowed, as written
+    where no resample defines it)."""
+    sub = _write(tmp_path / "s.jsonl", [_entry(sid, m) for sid, _, _, m, _, _ in gt])
+    out = gres_score.score_submission(sub, dataset=DS, split=SPLIT, method="m", shards=shards_root, results=tmp_path / "r")
+    meta = json.loads(out.record.read_text())
+    meta["metrics"]["ci95"]["gIoU"] = ci
+    out.record.write_text(json.dumps(meta))
+    if match is None:
+        assert results.load_record(out.record).meta["metrics"]["ci95"]["gIoU"] is None
+    else:
+        with pytest.raises(RefbenchError, match=match):
+            results.load_record(out.record)
+    del meta["metrics"]["bootstrap"]
+    out.record.write_text(json.dumps(meta))
+    with pytest.raises(RefbenchError, match="bootstrap is missing" if match is None else match):
+        results.load_record(out.record)
+
+
 def test_cli_score_prints_what_it_is(shards_root, gt, tmp_path):
     from click.testing import CliRunner
 

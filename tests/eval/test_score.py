@@ -379,3 +379,38 @@ def test_torchrun_predictions_write_the_single_process_file(init_run, shards_roo
     assert len(single.read_text().splitlines()) == n
     assert ddp.read_bytes() == single.read_bytes()
     assert sorted(p.name for p in out.iterdir()) == ["ddp.jsonl", "single.jsonl"]  # nothing else left behind
+
+
+def test_batched_rle_check_agrees_with_the_per_string_check():
+    """`rles_ok` (one vectorised pass over every string, as `match` runs it) says exactly what
+    `check_rle` says of each string: truncated, stray bytes, extra runs, empty, wrong area."""
+    from pycocotools import mask as mask_utils
+
+    rng = np.random.default_rng(0)
+    counts, areas, expected = [], [], []
+    for _ in range(2000):
+        h, w = int(rng.integers(1, 40)), int(rng.integers(1, 40))
+        c = mask_utils.encode(np.asfortranarray((rng.random((h, w)) < rng.random()).astype(np.uint8)))["counts"]
+        r = rng.random()
+        if r < 0.1:
+            c = c[:-1]
+        elif r < 0.2:
+            b = bytearray(c)
+            b[int(rng.integers(len(b)))] = int(rng.integers(0, 256))
+            c = bytes(b)
+        elif r < 0.25:
+            c = c + c[-1:]
+        elif r < 0.27:
+            c = b""
+        elif r < 0.3:
+            h += 1
+        try:
+            score.check_rle(c, h, w)
+            expected.append(True)
+        except ValueError:
+            expected.append(False)
+        counts.append(c)
+        areas.append(h * w)
+    assert 300 < expected.count(False) < 1000
+    assert score.rles_ok(counts, areas).tolist() == expected
+    assert score.rles_ok([], []).tolist() == [] and score.rles_ok([b""], [1]).tolist() == [False]
