@@ -33,11 +33,12 @@ class QuickstartPlan:
 
 # The no-target rule of the gRefCOCO plans: the empty-mask rule (no head: a sentence is no-target
 # when its binarised mask is empty), chosen by the seed table (`refbench bench seeds eavl cris blind
-# --task gres --seeds 0-3 --steps 300`, 2 AVX-512 cores, synthetic grefcoco_unc testB, % mean +- sd):
-# EAVL gIoU 50.99 +- 2.50 without the head against 35.66 +- 2.18 with it (cIoU 52.46 vs 38.35),
-# CRIS 57.62 +- 2.55 against 42.14 +- 4.14 (cIoU 58.06 vs 43.27). The head recognises more
-# no-target sentences (N-acc 91.7 / 87.5 against 53.0 / 56.9) but loses more targeted ones
-# (T-acc 93.3 / 94.0 against 98.2 / 99.0) and its loss costs the masks. `--set nt_head=true` turns it on.
+# --task gres --seeds 0-3`, the plan's 600 steps, 2 AVX-512 cores, synthetic grefcoco_unc testB, %
+# mean +- sd): EAVL gIoU 59.81 +- 1.97 without the head against 38.74 +- 5.54 with it (cIoU 60.21
+# vs 41.35), CRIS 62.29 +- 2.09 against 52.79 +- 1.20 (cIoU 62.98 vs 52.54); 300 steps agreed. The
+# head recognises more no-target sentences (N-acc 88.9 / 88.2 against 65.7 / 58.3) but loses more
+# targeted ones (T-acc 93.9 / 94.2 against 98.1 / 99.2) and its loss costs the masks.
+# `--set nt_head=true` turns it on.
 GRES_NT_HEAD: dict[str, dict] = {}
 
 
