@@ -38,14 +38,13 @@ from typing import Any
 from refbench.data.sources.refer import (
     BadInput,
     Instances,
-    _unique_sentences,
     check_refs,
     check_segmentation,
     load_instances,
     load_pickle,
     mask_rle,
-    split_order,
 )
+from refbench.data.sources.refer import join as refer_join
 from refbench.errors import RefbenchError
 
 DATASET = "grefcoco"
@@ -163,40 +162,23 @@ def _union_box(boxes: list[list[float]]) -> list[float] | None:
 
 
 def join(refs: list[dict], inst: Instances, refs_file: Path, skip_bad: bool = False):
-    """Join grefs to instances.json, grouped per split and image, as `refbench.data.sources.refer.join` does.
+    """Join grefs to instances.json, grouped per split and image: `refbench.data.sources.refer.join`
+    with gRefCOCO's `_join_one`.
 
-    Returns (splits, skipped, disagreements): `disagreements` lists the ref_ids whose `no_target`
-    key contradicts their `ann_id` (ann_id wins).
+    Returns (splits, skipped, disagreements): `disagreements` lists, in file order, the ref_ids whose
+    `no_target` key contradicts their `ann_id` (ann_id wins), among the refs joined.
     """
-    skipped: list[dict] = []
-    disagree: list[int] = []
-    grouped: dict[tuple[str, int], list[dict]] = {}
-    seen: set = set()
-    owner: dict[int, int] = {}
+    splits, skipped = refer_join(refs, inst, refs_file, skip_bad=skip_bad, join_one=_join_one)
+    joined = {r["ref_id"]: r["no_target"] for images in splits.values() for im in images for r in im["refs"]}
+    disagree, seen = [], set()
     for ref in refs:
         rid = ref["ref_id"]
-        try:
-            if rid in seen:
-                raise BadInput("ref", rid, refs_file, "duplicate ref_id")
-            seen.add(rid)
-            entry = _join_one(ref, inst, refs_file)
-            entry["sentences"] = _unique_sentences(entry, owner, refs_file, skip_bad, skipped)
-        except BadInput as e:
-            if not skip_bad:
-                raise
-            skipped.append(e.record())
+        if rid in seen:  # a repeated ref_id is a bad ref of its own, never joined
             continue
-        if "no_target" in ref and bool(ref["no_target"]) != entry["no_target"]:
-            disagree.append(entry["ref_id"])
-        grouped.setdefault((entry["split"], int(ref["image_id"])), []).append(entry)
-    splits: dict[str, list[dict]] = {}
-    for (split, image_id), entries in sorted(grouped.items(), key=lambda kv: kv[0][1]):
-        im = inst.images[image_id]
-        splits.setdefault(split, []).append({
-            "image_id": image_id, "file_name": str(im["file_name"]), "height": int(im["height"]),
-            "width": int(im["width"]), "refs": sorted(entries, key=lambda r: r["ref_id"]),
-        })
-    return dict(sorted(splits.items(), key=lambda kv: split_order(kv[0]))), skipped, disagree
+        seen.add(rid)
+        if "no_target" in ref and rid in joined and bool(ref["no_target"]) != joined[rid]:
+            disagree.append(rid)
+    return splits, skipped, disagree
 
 
 def read(data: Path, split_by: str, images: Path, skip_bad: bool, cache: dict):

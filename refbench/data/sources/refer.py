@@ -237,11 +237,13 @@ def decode_mask(rle: dict):
 
 
 def join(refs: list[dict], inst: Instances, refs_path: str | Path, skip_bad: bool = False,
-         files: dict[int, str] | None = None):
+         files: dict[int, str] | None = None, join_one=None):
     """Join refs to instances.json and group them per split and image.
 
     `files` (ref_id -> file) names the file each ref came from in error lines when the refs were
     read from several files (a parquet snapshot, refbench.data.sources.hf); otherwise `refs_path` is named.
+    `join_one(ref, inst, where)` makes one ref's entry (default: a RefCOCO ref's, `_join_one`;
+    refbench.data.sources.grefer passes gRefCOCO's) or raises `BadInput`.
 
     Returns (splits, skipped): `splits` maps split name -> image entries sorted by image id, each
     {image_id, file_name, height, width, refs: [{ref_id, ann_id, category_id, bbox, split,
@@ -259,7 +261,7 @@ def join(refs: list[dict], inst: Instances, refs_path: str | Path, skip_bad: boo
             if rid in seen_ref_ids:
                 raise BadInput("ref", rid, where, "duplicate ref_id")
             seen_ref_ids.add(rid)
-            entry = _join_one(ref, inst, where)
+            entry = (join_one or _join_one)(ref, inst, where)
             entry["sentences"] = _unique_sentences(entry, sent_owner, where, skip_bad, skipped)
         except BadInput as e:
             if not skip_bad:
