@@ -120,6 +120,24 @@ def _figures(record_path: Path) -> dict:
     return out
 
 
+def _prepared(settings, plan_name: str, dataset: str, console, **changes):
+    """The quickstart plan `plan_name` with the settings' steps and splits (no overlays, `changes`
+    applied), its synthetic data written and `dataset` (unc) prepared: (plan, workdir, shards,
+    results folder, start time)."""
+    from refbench.train import plans
+
+    plan = plans.PLANS[plan_name]
+    if settings.steps:
+        plan = dataclasses.replace(plan, steps=settings.steps)
+    plan = dataclasses.replace(plan, eval_splits=tuple(settings.splits or plan.eval_splits), vis=0, **changes)
+    workdir = Path(settings.workdir)
+    data, shards = workdir / "data", workdir / "shards"
+    t0 = time.perf_counter()
+    plans.synth_data(data, plan, console)
+    prepare.main(dataset=dataset, split_by="unc", data=data, out=shards, shard_size=plan.shard_size)
+    return plan, workdir, shards, workdir / "results", t0
+
+
 def main(settings: SeedSettings, console: Console | None = None) -> dict:
     """Train and score every (model, seed), print the table, write seeds.md / seeds.json; returns the table."""
     from refbench import models
@@ -134,16 +152,7 @@ def main(settings: SeedSettings, console: Console | None = None) -> dict:
         models.make_config(m, "tiny", **overrides)  # an unknown model or field, a bad value: one line, before any work
     if settings.task == "gres":
         return main_gres(settings, overrides, console)
-    plan = plans.PLANS["full"]
-    if settings.steps:
-        plan = dataclasses.replace(plan, steps=settings.steps)
-    splits = tuple(settings.splits or plan.eval_splits)
-    plan = dataclasses.replace(plan, eval_splits=splits, vis=0)
-    workdir = Path(settings.workdir)
-    data, shards, res = workdir / "data", workdir / "shards", workdir / "results"
-    t0 = time.perf_counter()
-    plans.synth_data(data, plan, console)
-    prepare.main(dataset="refcoco", split_by="unc", data=data, out=shards, shard_size=plan.shard_size)
+    plan, workdir, shards, res, t0 = _prepared(settings, "full", "refcoco", console)
     cores = prepare.usable_cores()
     jobs = []
     for m in settings.models:
@@ -152,7 +161,7 @@ def main(settings: SeedSettings, console: Console | None = None) -> dict:
             out = workdir / "runs" / settings.isa / tag / f"seed{seed}"
             cfg = plans.train_config(m, plan.steps, plan, shards, out, seed=seed, overrides=overrides)
             cfg = dataclasses.replace(cfg, quiet=True, recipe=dataclasses.replace(cfg.recipe, workers=0))
-            score = dict(dataset=plan.dataset, splits=list(splits), shards=shards, results=res,
+            score = dict(dataset=plan.dataset, splits=list(plan.eval_splits), shards=shards, results=res,
                          run_name=f"seeds-{tag}-{settings.isa}-seed{seed}", batch_size=64, workers=0)
             jobs.append(Job(f"{tag} seed {seed}", cfg, score))
     lanes = settings.lanes or max(1, cores)
@@ -162,7 +171,7 @@ def main(settings: SeedSettings, console: Console | None = None) -> dict:
                    "isa": settings.isa, "overrides": overrides, "rows": []}
     for m in settings.models:
         tag = run_tag(m, overrides)
-        for split in splits:
+        for split in plan.eval_splits:
             per_seed = {}
             for seed in settings.seeds:
                 result = done[f"{tag} seed {seed}"]
@@ -248,17 +257,8 @@ def main_gres(settings: SeedSettings, overrides: dict, console: Console) -> dict
     quickstart's gRefCOCO plan, scored, and the table of gIoU / cIoU / N-acc / T-acc over seeds."""
     from refbench.train import plans
 
-    plan = plans.PLANS["gres"]
-    if settings.steps:
-        plan = dataclasses.replace(plan, steps=settings.steps)
-    splits = tuple(settings.splits or plan.eval_splits)
     # the runs carry their rule explicitly: the plan's own choice must not decide what is compared
-    plan = dataclasses.replace(plan, eval_splits=splits, vis=0, model_overrides={})
-    workdir = Path(settings.workdir)
-    data, shards, res = workdir / "data", workdir / "shards", workdir / "results"
-    t0 = time.perf_counter()
-    plans.synth_data(data, plan, console)
-    prepare.main(dataset="grefcoco", split_by="unc", data=data, out=shards, shard_size=plan.shard_size)
+    plan, workdir, shards, res, t0 = _prepared(settings, "gres", "grefcoco", console, model_overrides={})
     cores = prepare.usable_cores()
     jobs, tags = [], []
     for m in settings.models:
@@ -269,7 +269,7 @@ def main_gres(settings: SeedSettings, overrides: dict, console: Console) -> dict
                 out = workdir / "runs" / settings.isa / "gres" / tag / f"seed{seed}"
                 cfg = plans.train_config(m, plan.steps, plan, shards, out, seed=seed, overrides=variant)
                 cfg = dataclasses.replace(cfg, quiet=True, recipe=dataclasses.replace(cfg.recipe, workers=0))
-                score = dict(dataset=plan.dataset, splits=list(splits), shards=shards, results=res,
+                score = dict(dataset=plan.dataset, splits=list(plan.eval_splits), shards=shards, results=res,
                              run_name=f"seeds-gres-{tag}-{settings.isa}-seed{seed}", batch_size=64, workers=0)
                 jobs.append(Job(f"{tag} seed {seed}", cfg, score))
     done = run_jobs(jobs, lanes=settings.lanes or max(1, cores), threads=1, console=console, cores=cores,
@@ -278,7 +278,7 @@ def main_gres(settings: SeedSettings, overrides: dict, console: Console) -> dict
                                             "images": plan.images, "data_seed": plan.seed, "protocol": "original",
                                             "synthetic": True}, "isa": settings.isa, "overrides": overrides, "rows": []}
     for tag in tags:
-        for split in splits:
+        for split in plan.eval_splits:
             row: dict = {"model": tag, "split": split, "seeds": list(settings.seeds)}
             per_seed = {}
             for seed in settings.seeds:
