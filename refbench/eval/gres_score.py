@@ -42,8 +42,8 @@ import polars as pl
 from refbench import fsutil, remote
 from refbench.errors import RefbenchError
 from refbench.eval import gres_metrics, score
-from refbench.eval.truth import SentenceColumns, check_sentence_count, split_refs
 from refbench.eval.gres_records import GRES_COLUMNS, TASK, record_body
+from refbench.eval.truth import SentenceColumns, check_sentence_count, split_refs
 
 SENTENCE_FIELDS = ("sent_id", "image_id", "file_name", "height", "width", "sentence")
 

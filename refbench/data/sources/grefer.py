@@ -40,11 +40,9 @@ from refbench.data.sources.refer import (
     Instances,
     check_refs,
     check_segmentation,
-    load_instances,
-    load_pickle,
-    mask_rle,
 )
 from refbench.data.sources.refer import join as refer_join
+from refbench.data.sources.refer import load_instances, load_pickle, mask_rle
 from refbench.errors import RefbenchError
 
 DATASET = "grefcoco"
