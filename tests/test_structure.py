@@ -87,7 +87,7 @@ def test_no_import_cycle():
 STAGES = (
     ("models", ("refbench.models",)),
     ("root", ("refbench", "refbench.errors", "refbench.fsutil", "refbench.progress", "refbench.distributed",
-              "refbench.remote", "refbench.checkpoint")),
+              "refbench.remote", "refbench.checkpoint", "refbench.memory")),
     ("data", ("refbench.data",)),
     ("eval", ("refbench.eval",)),
     ("train", ("refbench.train",)),

@@ -52,8 +52,6 @@ process may use and at the number of shards (with a note).
 
 from __future__ import annotations
 
-import contextlib
-import gc
 import os
 from pathlib import Path
 
@@ -71,6 +69,7 @@ from refbench.data.datasets import (
 from refbench.data.shard_writer import SHARD_NAME, init_worker, write_shard
 from refbench.errors import RefbenchError
 from refbench.fsutil import atomic_write_json, check_output_folder, remove_stale_temps, sha256_file
+from refbench.memory import collector_paused
 
 DEFAULT_SHARD_SIZE = 500  # images per shard: ~80 MB of COCO JPEGs
 
@@ -340,30 +339,13 @@ def prepare_all(targets: list[tuple[str, str]], data: Path, images: Path, out: P
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-@contextlib.contextmanager
-def _collector_paused():
-    """Python's cyclic garbage collector paused for the block (reference counting still frees).
-
-    Reading and joining the raw files allocates the annotations, refs and sentences as millions of
-    small objects that stay alive; each full collection would walk all of them again (about a tenth of
-    gRefCOCO's prepare time on the synthetic set). The block makes no reference cycles worth collecting.
-    """
-    was = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was:
-            gc.enable()
-
-
 def _prepare_all(targets, data, images, out, skip_bad, shard_size, pool, queue, progress, source=None) -> dict[str, dict]:
     from concurrent.futures import FIRST_EXCEPTION, wait
 
     jobs, created, cache = [], [], {}
     try:
         for dataset, split_by in targets:
-            with _collector_paused():  # planning builds millions of objects and frees few: no cyclic GC passes over them
+            with collector_paused():  # planning builds millions of objects and frees few: no cyclic GC passes over them
                 tasks, manifest, n_images = _plan(dataset, split_by, data, images, out, skip_bad, shard_size, cache, source)
             out_dir = out / manifest["name"]
             for d in [out_dir] + sorted({Path(t["folder"]) for t in tasks}):

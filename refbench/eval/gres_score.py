@@ -44,6 +44,7 @@ from refbench.errors import RefbenchError
 from refbench.eval import gres_metrics, score
 from refbench.eval.gres_records import GRES_COLUMNS, TASK, record_body
 from refbench.eval.truth import SentenceColumns, check_sentence_count, split_refs
+from refbench.memory import collector_paused
 
 SENTENCE_FIELDS = ("sent_id", "image_id", "file_name", "height", "width", "sentence")
 
@@ -51,28 +52,35 @@ SENTENCE_FIELDS = ("sent_id", "image_id", "file_name", "height", "width", "sente
 @dataclass
 class GresTruth(SentenceColumns):
     """Every sentence of one gRefCOCO split, in the shards' order; `rle` is the merged GT at the
-    image's size (empty for a no-target ref)."""
+    image's size (empty for a no-target ref).
+
+    Only these columns outlive the read: the shard refs (targets, polygons, tokens) are dropped as
+    each image is read, so scoring a split never keeps its JSON alive."""
 
     n_targets: list[int] = field(default_factory=list)
     no_target: list[bool] = field(default_factory=list)
-    ref: list[dict] = field(default_factory=list)  # the shard ref (targets with polygons), shared by its sentences
+    rela_rle: list[dict] = field(default_factory=list)  # GT at 480x480 as ReLA makes it; read with protocol="rela" only
 
 
-def ground_truth(dataset_dir, manifest: dict | None = None, *, split: str) -> GresTruth:
-    """The sentences of a gRefCOCO split with their GT, read from the shards (no JPEG decoded)."""
+def ground_truth(dataset_dir, manifest: dict | None = None, *, split: str, protocol: str = gres_metrics.DEFAULT_PROTOCOL) -> GresTruth:
+    """The sentences of a gRefCOCO split with their GT, read from the shards (no JPEG decoded);
+    under `protocol` "rela" also each ref's GT rasterised at 480x480 (`rela_gt_rle`)."""
     from refbench.data import shards as data
     from refbench.data.sources import grefer
 
+    rela = gres_metrics.get_protocol(protocol).name == "rela"
     dataset_dir = dataset_dir if remote.is_url(dataset_dir) else Path(dataset_dir)
     manifest = data.load_manifest(dataset_dir) if manifest is None else manifest
     t = GresTruth()
     for meta, ref, gt in split_refs(dataset_dir, manifest, split, lambda r: None if "targets" in r else "is not a gRefCOCO ref"):
         k, nt = grefer.n_targets(ref), bool(ref["no_target"])
+        at480 = rela_gt_rle(ref, meta["height"], meta["width"]) if rela else None  # one per ref, shared by its sentences
         for s in ref["sentences"]:
             t.add(meta, ref, s, gt)
             t.n_targets.append(k)
             t.no_target.append(nt)
-            t.ref.append(ref)
+            if rela:
+                t.rela_rle.append(at480)
     check_sentence_count(dataset_dir, manifest, split, len(t))
     return t
 
@@ -129,14 +137,9 @@ def rela_gt_rle(ref: dict, height: int, width: int, size: int = gres_metrics.REL
 def _gt_for(truth: GresTruth, protocol: str) -> list[dict]:
     if protocol != "rela":
         return truth.rle
-    cache: dict[int, dict] = {}
-    out = []
-    for ref, h, w in zip(truth.ref, truth.height, truth.width):
-        rid = ref["ref_id"]
-        if rid not in cache:
-            cache[rid] = rela_gt_rle(ref, h, w)
-        out.append(cache[rid])
-    return out
+    if len(truth.rela_rle) != len(truth):
+        raise ValueError("the truth was read without protocol='rela': ground_truth(..., protocol='rela') rasterises its 480x480 GT")
+    return truth.rela_rle
 
 
 # --------------------------------------------------------------------------- scoring
@@ -216,9 +219,10 @@ def score_submission(predictions, *, dataset: str, split: str, method: str, vari
         raise RefbenchError("--method must name the method (e.g. ReLA)")
     dataset_dir = remote.join(shards, dataset)
     manifest = data.load_manifest(dataset_dir)
-    sub = score.read_submission(predictions)
-    truth = ground_truth(dataset_dir, manifest, split=split)
-    inter, union, pred_nt = count(sub, truth, protocol)
+    with collector_paused():  # the submission and the split's GT: many small objects kept alive, no cycles
+        sub = score.read_submission(predictions)
+        truth = ground_truth(dataset_dir, manifest, split=split, protocol=protocol)
+        inter, union, pred_nt = count(sub, truth, protocol)
     columns = {"sent_id": truth.sent_id, "ref_id": truth.ref_id, "image_id": truth.image_id, "n_targets": truth.n_targets,
                "sent": truth.sent, "I": inter, "U": union, "pred_no_target": pred_nt}
     path = write_record(

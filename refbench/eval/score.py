@@ -52,6 +52,7 @@ from refbench import fsutil, remote
 from refbench.errors import RefbenchError
 from refbench.eval import metrics
 from refbench.eval.truth import Truth, ground_truth
+from refbench.memory import collector_paused
 
 # The fields of one line of `refbench sentences`, in order.
 SENTENCE_FIELDS = ("sent_id", "ref_id", "ann_id", "image_id", "file_name", "height", "width", "category_id", "sentence")
@@ -512,10 +513,11 @@ def score_submission(
         raise RefbenchError("--method must name the method (e.g. LAVT)")
     dataset_dir = remote.join(shards, dataset)  # a folder or a URL
     manifest = data.load_manifest(dataset_dir)
-    sub = read_submission(predictions)
-    truth = ground_truth(dataset_dir, manifest, split=split)
-    pred = match(sub, truth)
-    inter, union = count_iu(pred, truth.rle)
+    with collector_paused():  # the submission and the split's GT: many small objects kept alive, no cycles
+        sub = read_submission(predictions)
+        truth = ground_truth(dataset_dir, manifest, split=split)
+        pred = match(sub, truth)
+        inter, union = count_iu(pred, truth.rle)
     columns = {
         "sent_id": truth.sent_id, "ref_id": truth.ref_id, "image_id": truth.image_id,
         "category_id": truth.category_id, "sent": truth.sent, "I": inter, "U": union,
