@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 import numpy as np
+import orjson
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import group_by_keys, tar_file_iterator
@@ -229,7 +230,7 @@ def _parse_meta(sample: dict, context_length: int) -> dict:
         has = sorted(k for k in sample if not k.startswith("__"))
         raise RefbenchError(f"{where} lacks its .jpg or .json member (has {has})", hint=REPREPARE)
     try:
-        meta = json.loads(sample["json"])
+        meta = orjson.loads(sample["json"])  # as json.loads, about 3x faster on the shards' JSON
         _require(meta, "image")
         meta["height"], meta["width"] = int(meta["height"]), int(meta["width"])
         if not isinstance(meta["refs"], list):

@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 import numpy as np
+import orjson
 
 from refbench import fsutil, remote
 from refbench.errors import RefbenchError
@@ -316,7 +317,7 @@ def read_submission(path: str | Path) -> Submission:
             continue
         where = f"line {number}"
         try:
-            obj = json.loads(line)
+            obj = orjson.loads(line)
         except (ValueError, UnicodeDecodeError):
             problems.add("are not valid JSON", where)
             continue

@@ -586,3 +586,21 @@ def test_pipelines_on_prepared_synthetic_data(shards_root, synth_root):
         for b in train:
             assert b["tokens"].shape == (4, L) and torch.all((b["tokens"] == EOT).sum(1) == 1)
             assert gres or torch.all(b["mask"].flatten(1).sum(1) > 0)
+
+
+def test_shard_json_reads_as_the_standard_library_reads_it(shards_root):
+    """The readers parse the shards' JSON with orjson (refbench.data.shards._parse_meta): on every
+    sample of every prepared synthetic dataset it gives exactly json.loads's objects (floats included)."""
+    import tarfile
+
+    import orjson
+
+    n = 0
+    for tar in sorted(Path(shards_root).rglob("*.tar")):
+        with tarfile.open(tar) as t:
+            for member in t.getmembers():
+                if member.name.endswith(".json"):
+                    raw = t.extractfile(member).read()
+                    assert orjson.loads(raw) == json.loads(raw), (tar, member.name)
+                    n += 1
+    assert n > 100
