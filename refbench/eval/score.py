@@ -155,43 +155,61 @@ def rles_ok(counts: list[bytes], areas: list[int]) -> np.ndarray:
         return np.zeros(0, bool)
     sizes = np.fromiter(map(len, counts), dtype=np.int64, count=n)
     ok = sizes > 0
-    buf = np.frombuffer(b"".join(counts), dtype=np.uint8).astype(np.int64) - 48  # [chars]
+    buf = np.frombuffer(b"".join(counts), dtype=np.uint8)  # [chars]
     if buf.size == 0:
         return ok
-    first = np.zeros(n, np.int64)
-    first[1:] = np.cumsum(sizes)[:-1]  # [N] offset of each string
-    owner = np.repeat(np.arange(n), sizes)  # [chars] string of each character
-    bad_char = (buf < 0) | (buf > 63)
-    ok &= np.bincount(owner, weights=bad_char, minlength=n) == 0
-    x = np.where(bad_char, 0, buf)
-    more = (x & 0x20) != 0
-    last = (first + sizes - 1)[sizes > 0]
-    ok[sizes > 0] &= ~more[last]  # truncated inside a number
-    more[last] = False
-    ends = np.flatnonzero(~more)  # last character of each number
+    ends_of = np.cumsum(sizes)  # [N] one past each string's last character
+    x = buf - np.uint8(48)  # uint8: a character below '0' wraps above 63
+    bad_char = x > 63
+    if bad_char.any():  # rare: mark the strings, and read their characters as 0
+        owner = np.repeat(np.arange(n), sizes)
+        ok &= np.bincount(owner[bad_char], minlength=n) == 0
+        x = np.where(bad_char, np.uint8(0), x)
+    more = (x & 0x20) != 0  # [chars] a continuation bit: the number goes on
+    nonempty = sizes > 0
+    last = ends_of[nonempty] - 1
+    ok[nonempty] &= ~more[last]  # a string ending inside a number is bad ...
+    more[last] = False  # ... and its last character ends it, so its neighbours are read as they are
+    ends = np.flatnonzero(~more)  # [numbers] last character of each number
     starts = np.empty_like(ends)
     starts[0] = 0
     starts[1:] = ends[:-1] + 1
-    length = ends - starts + 1
-    num_owner = owner[starts]  # [numbers] string of each number
-    ok &= np.bincount(num_owner, weights=length > 12, minlength=n) == 0
-    length = np.minimum(length, 12)
-    pos = np.arange(x.size) - np.repeat(starts, ends - starts + 1)
-    vals = np.add.reduceat((x & 0x1F) << np.minimum(5 * pos, 60), starts)
-    negative = (x[ends] & 0x10) != 0
-    vals = np.where(negative, vals - (np.int64(1) << (5 * length)), vals)
-    first_num = np.searchsorted(num_owner, np.arange(n))  # [N] index of each string's first number
-    j = np.arange(vals.size) - first_num[num_owner]  # index of each number within its string
-    for parity, low in ((1, 1), (0, 2)):  # runs 3, 5, ... add run j-2 (from run 1); runs 4, 6, ... (from run 2)
-        idx = np.flatnonzero((j % 2 == parity) & (j >= low))
-        if idx.size:
-            c = np.cumsum(vals[idx])
-            seg = np.flatnonzero(np.r_[True, num_owner[idx][1:] != num_owner[idx][:-1]])  # each string's first
-            base = np.repeat(np.r_[0, c[seg[1:] - 1]], np.diff(np.r_[seg, idx.size]))
-            vals[idx] = c - base
-    has = np.bincount(num_owner, minlength=n) > 0
-    ok &= has
-    ok &= np.bincount(num_owner, weights=vals < 0, minlength=n) == 0
+    length = ends - starts + 1  # [numbers] characters of each
+    per_string = np.diff(np.searchsorted(ends, ends_of - 1, side="right"), prepend=0)  # [N] numbers in each string
+    num_owner = np.repeat(np.arange(n), per_string)  # [numbers]
+    too_long = length > 12
+    if too_long.any():
+        ok &= np.bincount(num_owner[too_long], minlength=n) == 0
+        length = np.minimum(length, 12)
+    vals = (x[starts] & 0x1F).astype(np.int64)  # [numbers] the first 5 bits; most numbers are one character
+    idx = np.flatnonzero(length > 1)
+    k = 1
+    while idx.size:  # the k-th 5 bits of the numbers that long
+        vals[idx] |= (x[starts[idx] + k] & 0x1F).astype(np.int64) << (5 * k)
+        k += 1
+        idx = idx[length[idx] > k]
+    neg = np.flatnonzero(x[ends] & 0x10)  # sign bit of the last 5 bits: two's complement of 5 * length bits
+    vals[neg] -= np.int64(1) << (5 * length[neg])
+    # From the fourth run on, each run is stored as the difference to the run two before (pycocotools'
+    # rleFrString: runs 4, 6, ... add run 2; runs 5, 7, ... add run 3): running sums along every other run.
+    # The numbers at even global positions hold one such chain of each string, those at odd ones the other.
+    first_num = np.cumsum(per_string) - per_string  # [N] global index of each string's first number
+    firsts = first_num[per_string > 0]
+    first_runs = vals[firsts]
+    vals[firsts] = 0  # a string's first run is in no chain (its third run does not add it)
+    for p in (0, 1):
+        begin = (first_num - p + 1) // 2  # [N] each string's first index in vals[p::2]
+        end = (first_num + per_string - p + 1) // 2  # [N] one past its last
+        cum = np.cumsum(vals[p::2])
+        if cum.size == 0:
+            continue
+        before = np.where(begin > 0, cum[np.maximum(begin - 1, 0)], 0)  # [N] the sum before the string
+        vals[p::2] = cum - np.repeat(before, end - begin)
+    vals[firsts] = first_runs
+    ok &= per_string > 0
+    negative = vals < 0
+    if negative.any():
+        ok &= np.bincount(num_owner[negative], minlength=n) == 0
     totals = np.bincount(num_owner, weights=vals.astype(np.float64), minlength=n)  # exact below 2**53
     ok &= totals == np.asarray(areas, dtype=np.float64)
     return ok

@@ -411,6 +411,20 @@ def test_batched_rle_check_agrees_with_the_per_string_check():
             expected.append(False)
         counts.append(c)
         areas.append(h * w)
-    assert 300 < expected.count(False) < 1000
+    # hand-made edge cases: a 13-character number, negative runs (sign bit, difference below zero), 2-12 characters
+    for c in (b"`" * 12 + b"0", b"`" * 11 + b"0", b"O", b"3O", b"35O", b"354O", b"3a0", b"ooooo1", b"0", b"1", b"?",
+              b"351@", b"3510@", b"3510A5"):
+        try:
+            total = int(score.rle_counts(c).sum())
+        except ValueError:
+            total = 1
+        try:
+            score.check_rle(c, total, 1)
+            expected.append(True)
+        except ValueError:
+            expected.append(False)
+        counts.append(c)
+        areas.append(total)
+    assert 300 < expected.count(False) < 1000 and True in expected[-14:] and False in expected[-14:]
     assert score.rles_ok(counts, areas).tolist() == expected
     assert score.rles_ok([], []).tolist() == [] and score.rles_ok([b""], [1]).tolist() == [False]
